@@ -1,0 +1,11 @@
+"""Losses of MLB-Seg: the meta-reweighted per-pixel BCE and the two regularisers."""
+
+from .consistency import MeanTeacherLoss, ViewConsistencyLoss
+from .reweight import MetaReweightLoss, pixel_bce
+
+__all__ = [
+    "MeanTeacherLoss",
+    "ViewConsistencyLoss",
+    "MetaReweightLoss",
+    "pixel_bce",
+]

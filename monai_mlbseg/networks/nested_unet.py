@@ -1,0 +1,95 @@
+"""Nested U-Net (UNet++) as used by MLB-Seg, for 2D and 3D."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Pool
+from monai.networks.nets.basic_unet import TwoConv
+from torch import nn
+
+__all__ = ["NestedUNet"]
+
+
+class NestedUNet(nn.Module):
+    """
+    Nested U-Net (Zhou et al., UNet++, 2018) in the configuration of the MLB-Seg reference: ``len(features)``
+    resolution levels, every node two ``conv3x3 - BatchNorm - ReLU`` layers (MONAI's ``TwoConv``), 2x max-pooling
+    down, bilinear (trilinear in 3D) upsampling with ``align_corners=True``, dense skip connections, a 1x1
+    convolution out, no deep supervision. Node ``x[i][j]`` is attribute ``conv{i}_{j}`` as in the reference.
+
+    The 2D defaults (features 64/128/256/512/1024, 1 in and 1 out channel) have 36,628,481 parameters.
+    Upsampled maps are resized to their skip connection, so any input size works (the reference needs multiples
+    of 16).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels (logits; 1 for binary segmentation).
+        features: channels of the resolution levels, finest first.
+        act: activation (MONAI name or ``(name, args)``).
+        norm: normalisation (MONAI name or ``(name, args)``).
+        bias: convolution bias (the reference uses it).
+        dropout: dropout ratio inside the nodes.
+
+    Raises:
+        ValueError: when ``spatial_dims`` is not 2 or 3 or fewer than two levels are given.
+
+    Example::
+
+        net = NestedUNet(spatial_dims=2, in_channels=1, out_channels=1)
+        logits = net(torch.rand(4, 1, 144, 144))      # [4, 1, 144, 144]
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        features: Sequence[int] = (64, 128, 256, 512, 1024),
+        act: str | tuple = ("relu", {"inplace": True}),
+        norm: str | tuple = ("batch", {"affine": True}),
+        bias: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if len(features) < 2:
+            raise ValueError(f"features needs at least two levels, got {tuple(features)}.")
+        self.spatial_dims = spatial_dims
+        self.features = tuple(int(f) for f in features)
+        self.levels = len(self.features)
+        self.interp = "bilinear" if spatial_dims == 2 else "trilinear"
+        self.pool = Pool["max", spatial_dims](kernel_size=2, stride=2)
+        for j in range(self.levels):
+            for i in range(self.levels - j):
+                in_ch = in_channels if (i, j) == (0, 0) else self.features[i - 1] if j == 0 else 0
+                if j > 0:
+                    in_ch = self.features[i] * j + self.features[i + 1]
+                block = TwoConv(spatial_dims, in_ch, self.features[i], act=act, norm=norm, bias=bias, dropout=dropout)
+                self.add_module(f"conv{i}_{j}", block)
+        self.final = Conv["conv", spatial_dims](self.features[0], out_channels, kernel_size=1)
+
+    def _up(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=like.shape[2:], mode=self.interp, align_corners=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[N, in_channels, *S]``.
+
+        Returns:
+            ``[N, out_channels, *S]`` logits.
+        """
+        nodes: list[list[torch.Tensor]] = [[] for _ in range(self.levels)]
+        for i in range(self.levels):
+            inp = x if i == 0 else self.pool(nodes[i - 1][0])
+            nodes[i].append(getattr(self, f"conv{i}_0")(inp))
+            for j in range(1, i + 1):
+                level = i - j
+                cat = torch.cat([*nodes[level], self._up(nodes[level + 1][j - 1], nodes[level][0])], dim=1)
+                nodes[level].append(getattr(self, f"conv{level}_{j}")(cat))
+        return self.final(nodes[0][-1])

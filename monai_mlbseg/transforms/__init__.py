@@ -1,0 +1,43 @@
+"""PLE view set: MONAI array and dictionary transforms, and the batched functional core they share."""
+
+from .array import (
+    DEFAULT_ZOOM_IN_RANGE,
+    DEFAULT_ZOOM_OUT_RANGE,
+    PLEViews,
+    RandFlipView,
+    RandZoomInView,
+    RandZoomOutView,
+    ViewTransform,
+)
+from .dictionary import PLEViewsd, RandFlipViewd, RandZoomInViewd, RandZoomOutViewd, ViewTransformd
+from .functional import (
+    PLEResult,
+    ViewParams,
+    map_view_pairs,
+    ple_pseudo_labels,
+    view_pairs,
+    warp_from_views,
+    warp_to_views,
+)
+
+__all__ = [
+    "DEFAULT_ZOOM_IN_RANGE",
+    "DEFAULT_ZOOM_OUT_RANGE",
+    "PLEViews",
+    "RandFlipView",
+    "RandZoomInView",
+    "RandZoomOutView",
+    "ViewTransform",
+    "PLEViewsd",
+    "RandFlipViewd",
+    "RandZoomInViewd",
+    "RandZoomOutViewd",
+    "ViewTransformd",
+    "PLEResult",
+    "ViewParams",
+    "map_view_pairs",
+    "ple_pseudo_labels",
+    "view_pairs",
+    "warp_from_views",
+    "warp_to_views",
+]

@@ -1,0 +1,319 @@
+"""
+The PLE view set as MONAI array transforms.
+
+Each transform draws view parameters with MONAI's :py:class:`~monai.transforms.Randomizable` contract
+(``set_random_state``, ``randomize``) and applies them with the functional core of
+:py:mod:`monai_mlbseg.transforms.functional`. Inputs are either one channel-first image ``[C, *S]`` (MONAI's usual
+contract; a MetaTensor keeps its meta data and records the views in its trace) or a batch ``[B, C, *S]`` (the
+training hot path; views are stacked in the batch dimension, ``[B * K, C, *S]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.config import NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.data.meta_obj import get_track_meta
+from monai.transforms import InvertibleTransform, Randomizable, Transform
+from monai.utils import TraceKeys, TransformBackends, convert_to_tensor
+
+from .functional import ViewParams, warp_from_views, warp_to_views
+
+__all__ = [
+    "DEFAULT_ZOOM_IN_RANGE",
+    "DEFAULT_ZOOM_OUT_RANGE",
+    "ViewTransform",
+    "RandZoomInView",
+    "RandZoomOutView",
+    "RandFlipView",
+    "PLEViews",
+]
+
+#: zoom-in scales of the reference: pads p of 4..30 pixels at 144 px, scale (S + 2p) / S.
+DEFAULT_ZOOM_IN_RANGE = (1.0 + 8.0 / 144.0, 1.0 + 60.0 / 144.0)
+#: zoom-out scales of the reference: scale (S - 2p) / S.
+DEFAULT_ZOOM_OUT_RANGE = (1.0 - 60.0 / 144.0, 1.0 - 8.0 / 144.0)
+
+
+def _check_range(scale_range: Sequence[float], name: str, zoom_in: bool) -> tuple[float, float]:
+    lo, hi = (float(v) for v in scale_range)
+    if not 0 < lo <= hi:
+        raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {tuple(scale_range)}.")
+    if zoom_in and lo <= 1.0:
+        raise ValueError(f"{name} must lie above 1 (zoom-in), got {tuple(scale_range)}.")
+    if not zoom_in and hi >= 1.0:
+        raise ValueError(f"{name} must lie below 1 (zoom-out), got {tuple(scale_range)}.")
+    return lo, hi
+
+
+def _check_axes(spatial_dims: int, spatial_axes: Sequence[int] | None) -> tuple[int, ...]:
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+    axes = tuple(range(spatial_dims)) if spatial_axes is None else tuple(int(a) for a in spatial_axes)
+    if not axes or any(not 0 <= a < spatial_dims for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"spatial_axes must be distinct axes in [0, {spatial_dims}), got {spatial_axes}.")
+    return axes
+
+
+class ViewTransform(Randomizable, InvertibleTransform, Transform):
+    """
+    Base of the view transforms: draws ``K`` views per image and maps images into the views and back.
+
+    Subclasses implement :py:meth:`draw` (the random view parameters of ``n`` images). ``__call__`` draws new
+    parameters (unless ``randomize=False``) and returns the views; :py:meth:`warp` maps further original-frame
+    maps (labels, probabilities) into the *same* views; :py:meth:`inverse` maps views back to the original frame.
+
+    Args:
+        spatial_dims: number of spatial dimensions of the images (2 or 3; 1 is accepted for tests).
+        mode: interpolation of the zooms, ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
+    """
+
+    backend = [TransformBackends.TORCH]
+    num_views: int = 1
+
+    def __init__(self, spatial_dims: int = 2, mode: str = "bilinear") -> None:
+        _check_axes(spatial_dims, None)
+        if mode not in ("bilinear", "nearest"):
+            raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
+        self.spatial_dims = spatial_dims
+        self.mode = mode
+        self._params: ViewParams | None = None
+
+    @property
+    def params(self) -> ViewParams:
+        """The most recently drawn view parameters.
+
+        Raises:
+            RuntimeError: when no parameters have been drawn yet.
+        """
+        if self._params is None:
+            raise RuntimeError(f"{type(self).__name__}: no views drawn yet; call the transform or randomize() first.")
+        return self._params
+
+    def draw(self, n: int) -> ViewParams:
+        """Draw the view parameters of ``n`` images from ``self.R``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement draw().")
+
+    def randomize(self, data: int | NdarrayOrTensor | None = None) -> None:
+        """
+        Draw new view parameters.
+
+        Args:
+            data: the number of images, or the image / batch the views are for (its batch size is used).
+        """
+        if data is None or isinstance(data, int):
+            n = 1 if data is None else int(data)
+        else:
+            n = self._batch_size(data)
+        self._params = self.draw(n)
+
+    def _batch_size(self, img: NdarrayOrTensor) -> int:
+        if img.ndim == self.spatial_dims + 1:
+            return 1
+        if img.ndim == self.spatial_dims + 2:
+            return int(img.shape[0])
+        raise ValueError(
+            f"{type(self).__name__} expects [C, *spatial] or [B, C, *spatial] with {self.spatial_dims} spatial dims, "
+            f"got shape {tuple(img.shape)}."
+        )
+
+    def _apply(self, img: NdarrayOrTensor, params: ViewParams, threshold: float | None) -> torch.Tensor:
+        single = img.ndim == self.spatial_dims + 1
+        data = convert_to_tensor(img, track_meta=False)
+        out = warp_to_views(data[None] if single else data, params, mode=self.mode, threshold=threshold)
+        if not single:
+            return out
+        out = out if self.num_views > 1 else out[0]
+        if isinstance(img, MetaTensor) and get_track_meta():
+            out = MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations))
+            self.push_transform(out, orig_size=tuple(img.shape[1:]), extra_info=params.to_dict())
+        return out
+
+    def __call__(self, img: NdarrayOrTensor, randomize: bool = True, threshold: float | None = None) -> torch.Tensor:
+        """
+        Args:
+            img: ``[C, *S]`` one image, or ``[B, C, *S]`` a batch.
+            randomize: draw new view parameters first (``False`` reuses the last ones, like :py:meth:`warp`).
+            threshold: re-binarise the views at this value (for label maps).
+
+        Returns:
+            ``[C, *S]`` (one view of one image), ``[K, C, *S]`` (``K`` views of one image) or ``[B * K, C, *S]``.
+        """
+        n = self._batch_size(img)
+        if randomize:
+            self.randomize(n)
+        params = self.params
+        if params.batch_size != n:
+            raise ValueError(f"the drawn views are for {params.batch_size} images, got {n}; call with randomize=True.")
+        return self._apply(img, params, threshold)
+
+    def warp(self, img: NdarrayOrTensor, threshold: float | None = None) -> torch.Tensor:
+        """Map an original-frame map into the most recently drawn views (e.g. a label, with ``threshold=0.5``)."""
+        return self(img, randomize=False, threshold=threshold)
+
+    def inverse(self, data: NdarrayOrTensor) -> torch.Tensor:
+        """
+        Map views back to the original frame (each view separately; zoom-in borders become 0).
+
+        A MetaTensor produced by this transform is inverted with the parameters in its trace; other inputs with the
+        most recently drawn parameters.
+
+        Args:
+            data: ``[C, *S]`` / ``[K, C, *S]`` views of one image, or ``[B * K, C, *S]``.
+
+        Returns:
+            the views in the original frame, same shape as ``data``.
+        """
+        if isinstance(data, MetaTensor) and data.applied_operations:
+            params = ViewParams.from_dict(self.pop_transform(data)[TraceKeys.EXTRA_INFO])
+        else:
+            params = self.params
+        tensor = convert_to_tensor(data, track_meta=False)
+        squeeze = tensor.ndim == self.spatial_dims + 1
+        out = warp_from_views(tensor[None] if squeeze else tensor, params, mode=self.mode)
+        out = out[0] if squeeze else out
+        if isinstance(data, MetaTensor):
+            out = MetaTensor(out, meta=data.meta, applied_operations=data.applied_operations)
+        return out
+
+
+def draw_scales(R: np.random.RandomState, n: int, scale_range: tuple[float, float]) -> np.ndarray:
+    """``n`` scales drawn uniformly from ``scale_range``."""
+    return R.uniform(scale_range[0], scale_range[1], size=n)
+
+
+def draw_flips(R: np.random.RandomState, n: int, spatial_dims: int, axes: tuple[int, ...]) -> np.ndarray:
+    """``[n, spatial_dims]`` flip flags: a uniformly drawn non-empty subset of ``axes`` for every image."""
+    subsets = 2 ** len(axes) - 1
+    codes = R.randint(1, subsets + 1, size=n)
+    flips = np.zeros((n, spatial_dims), dtype=bool)
+    for i, axis in enumerate(axes):
+        flips[:, axis] = (codes >> i) & 1 == 1
+    return flips
+
+
+class RandZoomInView(ViewTransform):
+    """
+    Zoom-in view: zoom about the centre by a random scale ``s > 1`` and crop the centre back to the input size.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        scale_range: the scale is drawn uniformly from this range; the default is the reference's
+            pads of 4 to 30 pixels at 144 px (``(144 + 2p) / 144``), about 1.06 to 1.42.
+        mode: interpolation.
+
+    Example::
+
+        zoom = RandZoomInView(spatial_dims=2).set_random_state(0)
+        view = zoom(image)             # [C, H, W]
+        back = zoom.inverse(view)      # original frame, border outside the view is 0
+    """
+
+    def __init__(
+        self, spatial_dims: int = 2, scale_range: Sequence[float] = DEFAULT_ZOOM_IN_RANGE, mode: str = "bilinear"
+    ) -> None:
+        super().__init__(spatial_dims, mode)
+        self.scale_range = _check_range(scale_range, "scale_range", zoom_in=True)
+
+    def draw(self, n: int) -> ViewParams:
+        scales = draw_scales(self.R, n, self.scale_range)[:, None]
+        return ViewParams(torch.as_tensor(scales), torch.zeros(n, 1, self.spatial_dims, dtype=torch.bool))
+
+
+class RandZoomOutView(ViewTransform):
+    """
+    Zoom-out view: shrink about the centre by a random scale ``s < 1`` into a zero canvas of the input size.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        scale_range: the scale is drawn uniformly from this range; the default is the reference's
+            ``(144 - 2p) / 144`` for pads of 4 to 30 pixels, about 0.58 to 0.94.
+        mode: interpolation.
+    """
+
+    def __init__(
+        self, spatial_dims: int = 2, scale_range: Sequence[float] = DEFAULT_ZOOM_OUT_RANGE, mode: str = "bilinear"
+    ) -> None:
+        super().__init__(spatial_dims, mode)
+        self.scale_range = _check_range(scale_range, "scale_range", zoom_in=False)
+
+    def draw(self, n: int) -> ViewParams:
+        scales = draw_scales(self.R, n, self.scale_range)[:, None]
+        return ViewParams(torch.as_tensor(scales), torch.zeros(n, 1, self.spatial_dims, dtype=torch.bool))
+
+
+class RandFlipView(ViewTransform):
+    """
+    Flip view: flip along a random non-empty subset of ``spatial_axes`` (uniform over the subsets; in 2D one of
+    "axis 0", "axis 1", "both"). Exact, its own inverse.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        spatial_axes: the axes that may be flipped (default: all).
+    """
+
+    def __init__(self, spatial_dims: int = 2, spatial_axes: Sequence[int] | None = None) -> None:
+        super().__init__(spatial_dims)
+        self.spatial_axes = _check_axes(spatial_dims, spatial_axes)
+
+    def draw(self, n: int) -> ViewParams:
+        flips = draw_flips(self.R, n, self.spatial_dims, self.spatial_axes)[:, None]
+        return ViewParams(torch.ones(n, 1, dtype=torch.float64), torch.as_tensor(flips))
+
+
+class PLEViews(ViewTransform):
+    """
+    The ``K = 5`` views of PLE: original, zoom-in, two distinct zoom-outs and a flip, in that order.
+
+    For a batch ``[B, C, *S]`` the output is ``[B * 5, C, *S]`` with view ``k`` of image ``b`` at row ``5 b + k``;
+    every image gets its own random scales and flip axes.
+
+    Args:
+        spatial_dims: number of spatial dimensions (2 or 3).
+        zoom_in_range: range of the zoom-in scale (default: the reference's, see :py:class:`RandZoomInView`).
+        zoom_out_range: range of the two zoom-out scales (default: the reference's, see
+            :py:class:`RandZoomOutView`); the two are drawn until they differ.
+        flip_axes: axes the flip view may flip (default: all spatial axes).
+        mode: interpolation of the zooms.
+
+    Example::
+
+        views = PLEViews(spatial_dims=2).set_random_state(seed=0)
+        v = views(images)                          # [B*5, C, H, W]
+        y = views.warp(labels, threshold=0.5)      # the same views of the labels
+        back = views.inverse(torch.sigmoid(net(v)))  # every view's prediction in the original frame
+    """
+
+    num_views = 5
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        zoom_in_range: Sequence[float] = DEFAULT_ZOOM_IN_RANGE,
+        zoom_out_range: Sequence[float] = DEFAULT_ZOOM_OUT_RANGE,
+        flip_axes: Sequence[int] | None = None,
+        mode: str = "bilinear",
+    ) -> None:
+        super().__init__(spatial_dims, mode)
+        self.zoom_in_range = _check_range(zoom_in_range, "zoom_in_range", zoom_in=True)
+        self.zoom_out_range = _check_range(zoom_out_range, "zoom_out_range", zoom_in=False)
+        if self.zoom_out_range[0] == self.zoom_out_range[1]:
+            raise ValueError(
+                f"zoom_out_range must not be a single value (two distinct zoom-outs are drawn), got {zoom_out_range}."
+            )
+        self.flip_axes = _check_axes(spatial_dims, flip_axes)
+
+    def draw(self, n: int) -> ViewParams:
+        zoom_in = draw_scales(self.R, n, self.zoom_in_range)
+        out_a = draw_scales(self.R, n, self.zoom_out_range)
+        out_b = draw_scales(self.R, n, self.zoom_out_range)
+        while np.any(same := out_a == out_b):
+            out_b[same] = draw_scales(self.R, int(same.sum()), self.zoom_out_range)
+        ones = np.ones(n)
+        scales = np.stack([ones, zoom_in, out_a, out_b, ones], axis=1)
+        flips = np.zeros((n, 5, self.spatial_dims), dtype=bool)
+        flips[:, 4] = draw_flips(self.R, n, self.spatial_dims, self.flip_axes)
+        return ViewParams(torch.as_tensor(scales), torch.as_tensor(flips))
