@@ -1,0 +1,68 @@
+"""Atomic file output: write to a temporary file in the target folder, then rename over the target.
+
+A reader never sees a half-written file: after a crash the target is either absent, its previous version, or
+complete. Temporary files keep the target's name as suffix (so format detection by extension still works) and are
+removed when the writer fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "TEMP_MARKER"]
+
+#: part of every temporary file name, so leftovers of a killed process can be recognised (and ignored).
+TEMP_MARKER = ".partial-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """
+    Context manager yielding a temporary path next to ``path``; on success it is renamed to ``path``.
+
+    Args:
+        path: the final file.
+
+    Example::
+
+        with atomic_path("out/mask.nii.gz") as tmp:
+            nibabel.save(img, tmp)
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{uuid.uuid4().hex[:12]}{TEMP_MARKER}{target.name}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8). Returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically. Returns the path."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically. Returns the path."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
