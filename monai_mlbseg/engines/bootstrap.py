@@ -1,0 +1,139 @@
+"""Stage orchestration: run a training stage once (resumable), and bootstrap initial labels for unlabeled images."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.data.image_writer import NibabelWriter
+from monai.inferers import Inferer
+from torch import nn
+from tqdm.auto import tqdm
+
+from monai_mlbseg.utils import atomic_path
+
+from .checkpoint import load_weights, save_weights
+
+__all__ = ["run_stage", "bootstrap_labels", "initial_label_items"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_stage(
+    trainer: Any,
+    model_path: str | os.PathLike,
+    network: nn.Module | None = None,
+    skip_if_done: bool = True,
+) -> bool:
+    """
+    Run a training stage and save its final weights (a plain state dict) atomically to ``model_path``.
+
+    With ``skip_if_done`` and an existing ``model_path`` the stage is not run again; its weights are loaded into
+    ``network`` instead. An interrupted stage continues from its last checkpoint when the trainer carries a
+    :py:class:`~monai_mlbseg.engines.ResumeFromCheckpoint` handler.
+
+    Args:
+        trainer: a MONAI trainer (``run()``, ``network``); an empty one (no data) is skipped.
+        model_path: where the final weights go.
+        network: the network to save/load (default ``trainer.network``).
+        skip_if_done: skip when ``model_path`` exists.
+
+    Returns:
+        whether the trainer ran.
+    """
+    network = network if network is not None else trainer.network
+    if skip_if_done and Path(model_path).is_file():
+        load_weights(network, model_path)
+        logger.info(f"{model_path} exists: stage skipped, weights loaded")
+        return False
+    trainer.run()
+    save_weights(network, model_path)
+    logger.info(f"stage finished at iteration {trainer.state.iteration}; weights saved to {model_path}")
+    return True
+
+
+def initial_label_items(
+    items: Sequence[dict], output_dir: str | os.PathLike, label_key: str = "label", suffix: str = ".nii.gz"
+) -> list[dict]:
+    """
+    The unlabeled items with ``label_key`` pointing at their (future) initial label file
+    ``output_dir/<case_id><suffix>``; any ground truth already under ``label_key`` moves to ``"gt"``.
+
+    Raises:
+        ValueError: when an item has no ``case_id`` or two items share one.
+    """
+    out, seen = [], set()
+    for item in items:
+        case_id = item.get("case_id")
+        if not case_id:
+            raise ValueError(f"unlabeled item without a case_id: {item}")
+        if case_id in seen:
+            raise ValueError(f"duplicate case_id among the unlabeled items: {case_id}")
+        seen.add(case_id)
+        new = dict(item)
+        if label_key in new and "gt" not in new:
+            new["gt"] = new[label_key]
+        new[label_key] = str(Path(output_dir) / f"{case_id}{suffix}")
+        out.append(new)
+    return out
+
+
+@torch.no_grad()
+def bootstrap_labels(
+    network: nn.Module,
+    inferer: Inferer,
+    items: Sequence[dict],
+    load: Callable[[dict], dict],
+    device: str | torch.device = "cpu",
+    image_key: str = "image",
+    label_key: str = "label",
+    threshold: float = 0.5,
+    progress: bool = True,
+) -> list[dict]:
+    """
+    Stage-1 bootstrap: predict every unlabeled image and write the thresholded prediction as its initial label,
+    to the new file named by the item's ``label_key`` (see :py:func:`initial_label_items`), with the image's
+    affine. Files are written atomically; existing ones are kept (a rerun continues where it stopped). The input
+    data are never modified.
+
+    Args:
+        network: the stage-1 network (put in eval mode for the predictions, restored afterwards).
+        inferer: volume inferer (e.g. :py:class:`~monai_mlbseg.inferers.SliceResizeInferer`).
+        items: unlabeled items with ``image``, ``case_id`` and the target ``label`` path.
+        load: loads an item's image (``{"image": [C, *S] MetaTensor}``), e.g. the bundle's volume transforms.
+        device: inference device.
+        image_key, label_key: keys.
+        threshold: binarisation threshold.
+        progress: show a progress bar.
+
+    Returns:
+        the items (unchanged), for chaining in configs.
+    """
+    todo = [item for item in items if not Path(item[label_key]).is_file()]
+    if not todo:
+        return list(items)
+    was_training = network.training
+    network.eval()
+    writer_cls = NibabelWriter
+    try:
+        for item in tqdm(todo, desc="initial labels", disable=not progress):
+            data = load({k: v for k, v in item.items() if k != label_key and k != "gt"})
+            image = data[image_key]
+            batch = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))[None].to(device)
+            mask = (torch.sigmoid(inferer(batch, network)) > threshold)[0].to(torch.uint8).cpu()
+            writer = writer_cls(output_dtype=torch.uint8)
+            writer.set_data_array(mask, channel_dim=0)
+            meta = image.meta if isinstance(image, MetaTensor) else {}
+            affine = meta.get("affine", torch.eye(4))
+            writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+            with atomic_path(item[label_key]) as tmp:
+                writer.write(str(tmp), verbose=False)
+    finally:
+        network.train(was_training)
+    logger.info(f"wrote {len(todo)} initial labels")
+    return list(items)

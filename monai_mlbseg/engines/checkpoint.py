@@ -1,0 +1,165 @@
+"""Crash-safe checkpoints: atomic saving, resuming from the latest checkpoint, and checked model loading."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch import nn
+
+from monai_mlbseg.meta import unwrap_network
+from monai_mlbseg.utils import InputError, Problem, atomic_torch_save
+
+__all__ = ["AtomicCheckpointSaver", "ResumeFromCheckpoint", "latest_checkpoint", "load_weights", "save_weights"]
+
+_STEP = re.compile(r"(?:^|_)(?:final_)?iteration=(\d+)\.pt$")
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """
+    MONAI's :py:class:`~monai.handlers.CheckpointSaver` with every file written atomically (temporary file, then
+    rename), so a process killed while saving never leaves a truncated checkpoint that a resume would read.
+    MONAI turns atomic saving off for file permissions; current Ignite restores group/other read access after the
+    rename. The engine the saver is attached to is saved too, under ``engine_key`` (its iteration and epoch are what
+    a resume needs; a bundle config cannot reference the trainer from the trainer's own handlers).
+
+    Args:
+        args: positional arguments of ``CheckpointSaver`` (``save_dir``, ``save_dict``, ...).
+        engine_key: key of the attached engine's state in the checkpoint (``None``: not saved).
+        kwargs: keyword arguments of ``CheckpointSaver``.
+    """
+
+    def __init__(self, *args: Any, engine_key: str | None = "trainer", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine_key = engine_key
+        for checkpoint in self._checkpoints():
+            checkpoint.save_handler._atomic = True
+
+    def _checkpoints(self) -> list:
+        found = (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint)
+        return [c for c in found if c is not None]
+
+    def attach(self, engine: Engine) -> None:
+        if self.engine_key is not None:
+            for checkpoint in self._checkpoints():
+                checkpoint.to_save[self.engine_key] = engine
+        super().attach(engine)
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """
+    The checkpoint of the highest iteration in ``checkpoint_dir`` (files ``*iteration=N.pt`` or
+    ``*final_iteration=N.pt`` as written by :py:class:`AtomicCheckpointSaver`), or ``None``.
+    """
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP.search(p.name)) and p.is_file()]
+    return max(found, key=lambda x: (x[0], "final" in x[1].name))[1] if found else None
+
+
+class ResumeFromCheckpoint:
+    """
+    At ``Events.STARTED``, restore ``load_dict`` (network, teacher, optimizer, scheduler, trainer state...) from the
+    latest checkpoint in ``checkpoint_dir``, if there is one: rerunning an interrupted command continues the run.
+    Attach it before handlers that look at the iteration count at start (MONAI registers ``train_handlers`` in
+    order).
+
+    Args:
+        checkpoint_dir: where :py:class:`AtomicCheckpointSaver` writes.
+        load_dict: objects to restore, as for :py:class:`~monai.handlers.CheckpointLoader`.
+        map_location: passed to ``torch.load``.
+        strict: strict state-dict loading.
+        engine_key: the attached engine's state is restored from this key (``None``: not restored).
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike,
+        load_dict: Mapping[str, Any],
+        map_location: Any = None,
+        strict: bool = True,
+        engine_key: str | None = "trainer",
+    ) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.engine_key = engine_key
+        self.load_dict = dict(load_dict)
+        self.map_location = map_location
+        self.strict = strict
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return
+        load_dict = dict(self.load_dict)
+        if self.engine_key is not None:
+            load_dict[self.engine_key] = engine
+        CheckpointLoader(str(path), load_dict, map_location=self.map_location, strict=self.strict)(engine)
+        self.logger.info(f"resumed from {path} at iteration {engine.state.iteration} (epoch {engine.state.epoch})")
+
+
+def save_weights(network: nn.Module, path: str | os.PathLike) -> Path:
+    """Save the (DDP-unwrapped) network's state dict to ``path`` atomically: the bundle's ``models/model.pt``."""
+    return atomic_torch_save(unwrap_network(network).state_dict(), path)
+
+
+def load_weights(
+    network: nn.Module, path: str | os.PathLike, map_location: Any = "cpu", key: str = "network"
+) -> nn.Module:
+    """
+    Load weights into ``network`` from a plain state dict or a checkpoint holding one under ``key``
+    (``torch.load(..., weights_only=True)``: no code in the file is executed).
+
+    Raises:
+        InputError: the file is missing, unreadable, not a state dict, or from another network (the message lists
+            missing/unexpected keys and shape mismatches).
+    """
+    where = str(path)
+    if not Path(path).is_file():
+        raise InputError([Problem(where, "checkpoint file not found")], "cannot load weights")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise InputError(
+            [Problem(where, f"not a readable weights-only torch checkpoint ({e})")], "cannot load weights"
+        ) from None
+    if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+        state = state[key]
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise InputError(
+            [Problem(where, "is not a state dict (a mapping of parameter names to tensors)")], "cannot load weights"
+        )
+    module = unwrap_network(network)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+        raise InputError(
+            [Problem(where, f"does not match the network {type(module).__name__}: " + ", ".join(parts))],
+            "cannot load weights",
+        )
+    module.load_state_dict(state)
+    return network
