@@ -1,0 +1,101 @@
+"""Inference of a 2D network on whole 3D volumes, slice by slice, as the MLB-Seg reference does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+
+__all__ = ["SliceResizeInferer", "minmax_slices"]
+
+
+def minmax_slices(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Min-max scale every item of ``x`` (``[N, C, *S]``) to [0, 1] over all its channels and pixels (constant
+    items become 0), like MONAI's ``ScaleIntensity(minv=0, maxv=1)`` applied to each slice."""
+    flat = x.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
+    hi = flat.max(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
+    span = hi - lo
+    return torch.where(span > eps, (x - lo) / span.clamp_min(eps), torch.zeros_like(x))
+
+
+class SliceResizeInferer(Inferer):
+    """
+    Runs a 2D network on every slice of ``[B, C, *S3]`` volumes: each slice is min-max scaled to [0, 1]
+    (optional), resized to ``roi_size``, predicted, and the prediction is resized back to the slice size.
+    The resize back is done on probabilities (sigmoid), as in the reference, and the result is returned as logits
+    again (``logit`` of the resized probability), so the usual ``sigmoid > 0.5`` post-processing applies.
+
+    Args:
+        roi_size: the network's input size, e.g. ``(144, 144)``.
+        axis: the spatial axis the slices are taken along (default: the last).
+        sw_batch_size: slices per network call.
+        normalize: per-slice min-max scaling (the training slices must be prepared the same way).
+        mode: interpolation of the resizes.
+        eps: probability clamp before the logit.
+
+    Example::
+
+        inferer = SliceResizeInferer(roi_size=(144, 144))
+        logits = inferer(volume[None], net)        # volume [1, H, W, D] -> logits [1, 1, H, W, D]
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] = (144, 144),
+        axis: int = -1,
+        sw_batch_size: int = 32,
+        normalize: bool = True,
+        mode: str = "bilinear",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if len(roi_size) != 2:
+            raise ValueError(f"roi_size must have 2 entries, got {roi_size}.")
+        if sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be positive, got {sw_batch_size}.")
+        self.roi_size = tuple(int(s) for s in roi_size)
+        self.axis = axis
+        self.sw_batch_size = sw_batch_size
+        self.normalize = normalize
+        self.mode = mode
+        self.eps = eps
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """
+        Args:
+            inputs: ``[B, C, *S]`` volumes with 3 spatial dims.
+            network: 2D network, ``[N, C, H', W'] -> [N, K, H', W']`` logits.
+
+        Returns:
+            ``[B, K, *S]`` logits.
+
+        Raises:
+            ValueError: when the input is not ``[B, C, X, Y, Z]``.
+        """
+        if inputs.ndim != 5:
+            raise ValueError(f"SliceResizeInferer expects [B, C, X, Y, Z] volumes, got shape {tuple(inputs.shape)}.")
+        axis = self.axis % 3 + 2
+        vol = inputs.movedim(axis, 1)  # [B, D, C, H, W]
+        batch, depth = vol.shape[:2]
+        slices = vol.reshape(batch * depth, *vol.shape[2:])
+        size = tuple(slices.shape[2:])
+        outputs = []
+        for start in range(0, slices.shape[0], self.sw_batch_size):
+            chunk = slices[start : start + self.sw_batch_size].float()
+            if self.normalize:
+                chunk = minmax_slices(chunk)
+            if size != self.roi_size:
+                chunk = F.interpolate(chunk, size=self.roi_size, mode=self.mode, align_corners=False)
+            logits = network(chunk, *args, **kwargs)
+            if size != self.roi_size:
+                probs = F.interpolate(torch.sigmoid(logits.float()), size=size, mode=self.mode, align_corners=False)
+                logits = torch.logit(probs, eps=self.eps)
+            outputs.append(logits)
+        out = torch.cat(outputs, dim=0)
+        return out.reshape(batch, depth, *out.shape[1:]).movedim(1, axis)
