@@ -1,0 +1,36 @@
+"""
+Data: readers for the real formats, the format registry, synthetic data, datalists and their checks, ``prepare``,
+and 2D slice datasets of 3D volumes.
+"""
+
+from .datalist import PATH_KEYS, REQUIRED_SPLITS, SPLITS, build_datalist, check_datalist, load_datalist, read_case_list
+from .formats import FORMATS, VolumeFormat, first_channel, get_format, load_volume_transforms
+from .prepare import prepare
+from .readers import H5_SUFFIXES, H5ImageReader
+from .slices import SliceDataset, available_memory
+from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, write_case
+
+__all__ = [
+    "ANATOMIES",
+    "AnatomyParams",
+    "FORMATS",
+    "H5ImageReader",
+    "H5_SUFFIXES",
+    "PATH_KEYS",
+    "REQUIRED_SPLITS",
+    "SPLITS",
+    "SliceDataset",
+    "VolumeFormat",
+    "available_memory",
+    "build_datalist",
+    "check_datalist",
+    "first_channel",
+    "get_format",
+    "load_datalist",
+    "load_volume_transforms",
+    "make_synthetic_dataset",
+    "prepare",
+    "read_case_list",
+    "synthetic_case",
+    "write_case",
+]

@@ -1,0 +1,548 @@
+"""
+Datalists (MONAI decathlon style) for semi-supervised segmentation, their splits, and a thorough input check.
+
+A datalist is a JSON object with the lists ``labeled`` (the clean set), ``unlabeled``, ``test`` and optionally
+``validation``; each item is ``{"case_id": ..., "image": path, "label": path}`` with paths relative to the data
+folder. Unlabeled items carry their ground truth (when the files have one) under ``"gt"`` instead of ``"label"``:
+it is used for monitoring only, never for training. The datalist also records its ``format``.
+
+Example::
+
+    {"format": "uamt_h5",
+     "labeled":   [{"case_id": "case000", "image": "case000/mri_norm2.h5", "label": "case000/mri_norm2.h5"}],
+     "unlabeled": [{"case_id": "case001", "image": "case001/mri_norm2.h5", "gt": "case001/mri_norm2.h5"}],
+     "test":      [{"case_id": "case009", "image": "case009/mri_norm2.h5", "label": "case009/mri_norm2.h5"}]}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from monai.transforms import LoadImage
+from tqdm.auto import tqdm
+
+from ..utils.errors import InputError, Problem
+from .formats import VolumeFormat, get_format
+
+__all__ = [
+    "SPLITS",
+    "REQUIRED_SPLITS",
+    "PATH_KEYS",
+    "read_case_list",
+    "build_datalist",
+    "load_datalist",
+    "check_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the splits of a datalist, in order.
+SPLITS = ("labeled", "unlabeled", "test", "validation")
+#: the splits every datalist must have (possibly empty, see :py:func:`check_datalist`).
+REQUIRED_SPLITS = ("labeled", "unlabeled", "test")
+#: item keys holding file paths.
+PATH_KEYS = ("image", "label", "gt")
+#: splits whose items need a ``"label"``.
+_LABELED_SPLITS = ("labeled", "test", "validation")
+
+
+def read_case_list(path: str | os.PathLike) -> list[str]:
+    """
+    Case ids of a UA-MT style list file (``train.list``, ``test.list``): one id per line; blank lines and lines
+    starting with ``#`` are skipped, surrounding white space is removed.
+
+    Raises:
+        InputError: when the file cannot be read.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError([Problem(str(path), f"cannot read the case list ({e.strerror or e})")], "case list") from e
+    return [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+
+
+def _resolve_list_file(path: str | os.PathLike, data_dir: Path) -> Path:
+    """A list file as given if it exists (absolute, or relative to the working folder), else inside ``data_dir``."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not (data_dir / p).exists():
+        return p
+    return data_dir / p
+
+
+def _ids(value: Any, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, int)):
+        value = [value]
+    if not isinstance(value, Iterable):
+        raise InputError([Problem(name, f"expected case ids, got {value!r}")], "case selection")
+    out: list[str] = []
+    for v in value:
+        out.extend(s.strip() for s in str(v).split(",") if s.strip())
+    return out
+
+
+def build_datalist(
+    data_dir: str | os.PathLike,
+    format: str | VolumeFormat,
+    *,
+    labeled: Sequence[str] | str | None = None,
+    unlabeled: Sequence[str] | str | None = None,
+    test: Sequence[str] | str | None = None,
+    validation: Sequence[str] | str | None = None,
+    train_list: str | os.PathLike | None = None,
+    test_list: str | os.PathLike | None = None,
+    num_labeled: int | None = None,
+) -> dict:
+    """
+    Build a datalist of the cases in ``data_dir`` (no files are read; see :py:func:`check_datalist`).
+
+    Cases are chosen either by explicit case ids, or UA-MT style: the first ``num_labeled`` ids of ``train_list``
+    are labeled and the rest of it unlabeled, ``test_list`` holds the test cases. Explicit ids take precedence over
+    the lists. Without either, ``unlabeled`` is every discovered case not in another split. Case ids may be
+    sequences or comma-separated strings. A requested case that is not found on disk gets the format's canonical
+    paths, so that the check reports the missing file.
+
+    Args:
+        data_dir: the data folder.
+        format: a key of :py:data:`~monai_mlbseg.data.formats.FORMATS` or a ``VolumeFormat``.
+        labeled: ids of the labeled (clean) cases.
+        unlabeled: ids of the unlabeled cases.
+        test: ids of the test cases.
+        validation: ids of validation cases (labeled, never trained on).
+        train_list: UA-MT ``train.list`` (absolute, relative to the working folder, or inside ``data_dir``).
+        test_list: UA-MT ``test.list``.
+        num_labeled: how many of the first ``train_list`` ids are labeled (or the first of ``labeled``).
+
+    Returns:
+        ``{"format", "labeled", "unlabeled", "test", "validation"}`` with paths relative to ``data_dir``;
+        unlabeled items carry ``"gt"`` where the case has a label file.
+
+    Raises:
+        InputError: for an unknown format, a missing data folder or list file, or an inconsistent selection
+            (e.g. ``test`` together with ``test_list``, ``num_labeled`` larger than the list).
+
+    Example::
+
+        dl = build_datalist("/data/LA", "uamt_h5", train_list="train.list", test_list="test.list", num_labeled=8)
+        len(dl["labeled"]), len(dl["unlabeled"]), len(dl["test"])  # 8, 72, 20
+    """
+    try:
+        spec = get_format(format)
+    except ValueError as e:
+        raise InputError([Problem("format", str(e))], "datalist") from e
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError([Problem(str(root), "data folder not found")], "datalist")
+    found = spec.discover(root)
+    sel = {
+        "labeled": _ids(labeled, "labeled"),
+        "unlabeled": _ids(unlabeled, "unlabeled"),
+        "test": _ids(test, "test"),
+        "validation": _ids(validation, "validation"),
+    }
+    problems: list[Problem] = []
+    if num_labeled is not None:
+        try:
+            num_labeled = int(num_labeled)
+            if num_labeled < 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise InputError([Problem("num_labeled", f"must be a non-negative integer, got {num_labeled!r}")]) from None
+    if test_list is not None:
+        if sel["test"] is not None:
+            problems.append(Problem("test", "give the test cases either as ids or as test_list, not both"))
+        else:
+            sel["test"] = read_case_list(_resolve_list_file(test_list, root))
+    if train_list is not None and sel["labeled"] is None:
+        list_path = _resolve_list_file(train_list, root)
+        train_ids = read_case_list(list_path)
+        if num_labeled is None:
+            problems.append(Problem("num_labeled", "train_list needs num_labeled (its first N cases are labeled)"))
+        elif num_labeled > len(train_ids):
+            problems.append(
+                Problem(str(list_path), f"num_labeled={num_labeled} but the list has only {len(train_ids)} cases")
+            )
+        sel["labeled"] = train_ids[: num_labeled or 0]
+    elif num_labeled is not None:
+        if sel["labeled"] is None:
+            problems.append(Problem("num_labeled", "num_labeled needs train_list or labeled (the first N are used)"))
+        elif num_labeled > len(sel["labeled"]):
+            problems.append(Problem("num_labeled", f"num_labeled={num_labeled} but only {len(sel['labeled'])} given"))
+        else:
+            sel["labeled"] = sel["labeled"][:num_labeled]
+    if train_list is not None and sel["unlabeled"] is None:
+        chosen = set(sel["labeled"] or ())
+        sel["unlabeled"] = [c for c in read_case_list(_resolve_list_file(train_list, root)) if c not in chosen]
+    if problems:
+        raise InputError(problems, "datalist: inconsistent case selection")
+    if sel["unlabeled"] is None:
+        taken = {c for k in ("labeled", "test", "validation") for c in sel[k] or ()}
+        sel["unlabeled"] = [c for c in found if c not in taken]
+
+    def item(case: str, split: str) -> dict:
+        image, label = found.get(case, (spec.image_path(case, True), spec.label_path(case)))
+        out = {"case_id": case, "image": image}
+        if split == "unlabeled":
+            if label is not None:
+                out["gt"] = label
+        else:
+            out["label"] = label if label is not None else spec.label_path(case)
+        return out
+
+    datalist: dict = {"format": spec.name}
+    for split in SPLITS:
+        datalist[split] = [item(c, split) for c in sel[split] or ()]
+    return datalist
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # different drives
+        return False
+
+
+def _resolve(value: str, root: str) -> str:
+    return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+
+
+def load_datalist(
+    path: str | os.PathLike, data_dir: str | os.PathLike | None = None, allow_outside: bool = False
+) -> dict:
+    """
+    Read a datalist JSON and resolve its paths (``image``, ``label``, ``gt`` of every item) to absolute paths.
+
+    Paths are resolved lexically (``..`` is collapsed, symbolic links are not followed), so a data folder may hold
+    links to files elsewhere.
+
+    Args:
+        path: the JSON file.
+        data_dir: the folder relative paths refer to; ``None``: the folder of the JSON file.
+        allow_outside: accept paths that resolve outside ``data_dir``.
+
+    Returns:
+        a copy of the datalist with absolute paths.
+
+    Raises:
+        InputError: when the file is missing or not valid JSON, or a path lies outside ``data_dir`` (each problem
+            names the file and case).
+
+    Example::
+
+        dl = load_datalist("/data/LA/datalist.json")  # data_dir: /data/LA
+        dl["labeled"][0]["image"]  # "/data/LA/case000/mri_norm2.h5"
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise InputError([Problem(str(path), "datalist file not found")], "load_datalist") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError([Problem(str(path), f"not a readable JSON file ({e})")], "load_datalist") from e
+    root = os.path.abspath(os.fspath(path.parent if data_dir is None else data_dir))
+    if not isinstance(raw, dict):
+        raise InputError([Problem(str(path), f"must hold a JSON object, got {type(raw).__name__}")], "load_datalist")
+    out = copy.deepcopy(raw)
+    problems = []
+    for split, items in out.items():
+        if not isinstance(items, list):
+            continue
+        for i, it in enumerate(items):
+            if not isinstance(it, dict):
+                continue
+            for key in PATH_KEYS:
+                if isinstance(it.get(key), str):
+                    it[key] = _resolve(it[key], root)
+                    if not allow_outside and not _inside(it[key], root):
+                        problems.append(
+                            Problem(it[key], f"{_where(split, i, it)} {key}: outside the data folder {root}")
+                        )
+    if problems:
+        raise InputError(problems, f"load_datalist: {path}")
+    return out
+
+
+def _where(split: str, index: int, item: Any) -> str:
+    case = item.get("case_id") if isinstance(item, dict) else None
+    return f"{split}[{index}]" + (f" (case {case})" if case is not None else "")
+
+
+def _structure(datalist: Any, spec: VolumeFormat, require_unlabeled: bool) -> list[Problem]:
+    if not isinstance(datalist, dict):
+        return [
+            Problem(
+                "datalist",
+                f"must be a JSON object with the lists {', '.join(REQUIRED_SPLITS)}, got {type(datalist).__name__}",
+            )
+        ]
+    problems = []
+    if datalist.get("format", spec.name) != spec.name:
+        problems.append(Problem("datalist", f"was made for format {datalist['format']!r}, checked as {spec.name!r}"))
+    for split in SPLITS:
+        if split not in datalist:
+            if split in REQUIRED_SPLITS:
+                problems.append(Problem("datalist", f"missing the list {split!r}"))
+            continue
+        items = datalist[split]
+        if not isinstance(items, list):
+            problems.append(Problem("datalist", f"{split!r} must be a list of items, got {type(items).__name__}"))
+            continue
+        for i, it in enumerate(items):
+            where = f"datalist {_where(split, i, it)}"
+            if not isinstance(it, dict):
+                problems.append(Problem(where, f"an item must be an object with 'image', got {it!r}"))
+                continue
+            for key in PATH_KEYS:
+                if key in it and (not isinstance(it[key], str) or not it[key]):
+                    problems.append(Problem(where, f"{key!r} must be a file path, got {it[key]!r}"))
+            if "image" not in it:
+                problems.append(Problem(where, "item without 'image'"))
+            if split in _LABELED_SPLITS and "label" not in it:
+                problems.append(Problem(where, f"{split} items need a 'label'"))
+            if split == "unlabeled" and "label" in it:
+                problems.append(Problem(where, "unlabeled items carry their ground truth under 'gt', not 'label'"))
+    labeled = datalist.get("labeled")
+    if isinstance(labeled, list) and not labeled:
+        problems.append(Problem("datalist", "no labeled cases (the clean set is empty)"))
+    unlabeled = datalist.get("unlabeled")
+    if require_unlabeled and isinstance(unlabeled, list) and not unlabeled:
+        problems.append(Problem("datalist", "no unlabeled cases (allow them explicitly if that is intended)"))
+    return problems
+
+
+def _duplicates(entries: list[tuple[str, int, dict]], paths: dict[tuple[str, int, str], str]) -> list[Problem]:
+    problems = []
+    seen_case: dict[str, list[str]] = {}
+    seen_image: dict[str, list[tuple[str, int, dict]]] = {}
+    for split, i, it in entries:
+        if "case_id" in it:
+            seen_case.setdefault(str(it["case_id"]), []).append(f"{split}[{i}]")
+        image = paths.get((split, i, "image"))
+        if image is not None:
+            seen_image.setdefault(image, []).append((split, i, it))
+    for case, places in seen_case.items():
+        if len(places) > 1:
+            splits = {p.split("[")[0] for p in places}
+            kind = "across splits" if len(splits) > 1 else "within a split"
+            problems.append(Problem(f"case {case}", f"listed more than once ({kind}): {', '.join(places)}"))
+    for image, items in seen_image.items():
+        cases = {it.get("case_id") for _, _, it in items}
+        if len(items) > 1 and (len(cases) > 1 or None in cases):  # the same case twice is reported above
+            places = [_where(split, i, it) for split, i, it in items]
+            problems.append(Problem(image, f"image used by several cases: {', '.join(places)}"))
+    return problems
+
+
+def _short_error(e: BaseException) -> str:
+    """One line of an exception: ITK's ``ITK ERROR: Class(0x..): text`` line, else the first meaningful line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        m = re.search(r"ITK ERROR: \w+\(0x[0-9a-fA-F]+\): (.*)", line)
+        if m:
+            return f"ITK: {m.group(1)}"
+    lines = [line for line in lines if not re.fullmatch(r"\S+:\d+:", line)]  # C++ source locations
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _metaimage_data_file(path: str) -> str | None:
+    """The data file a MetaImage header names, when it is missing (``None``: present, inline or unparsable)."""
+    try:
+        with open(path, encoding="latin-1") as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "ElementDataFile":
+                    value = value.strip()
+                    if value.upper() in ("LOCAL", "LIST") or "%" in value:
+                        return None
+                    data = os.path.join(os.path.dirname(path), value)
+                    return None if os.path.isfile(data) else data
+    except OSError:
+        return None
+    return None
+
+
+class _Volume(NamedTuple):
+    """What the cross-file checks need of a file that was read and checked."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    has_foreground: bool
+
+
+class _VolumeChecker:
+    """Reads a file and checks it on its own; the summary feeds the image/label comparisons."""
+
+    def __init__(self, spec: VolumeFormat) -> None:
+        self.spec = spec
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+        self.readers = {role: spec.reader(role) for role in ("image", "label")}
+
+    def __call__(self, path: str, role: str, what: str, problems: list[Problem]) -> _Volume | None:
+        """Load and check one file; ``None`` (problems appended) when it is unusable."""
+        if path.lower().endswith(".mhd"):
+            missing = _metaimage_data_file(path)
+            if missing is not None:
+                problems.append(Problem(path, f"{what}: the data file {missing} named in the header is missing"))
+                return None
+        try:
+            img = self.loader(path, reader=self.readers[role])
+        except Exception as e:  # every reader error is a problem with the file
+            problems.append(Problem(path, f"{what}: unreadable or corrupt file ({_short_error(e)})"))
+            return None
+        spatial = tuple(int(s) for s in img.shape[1:])
+        if len(spatial) != self.spec.spatial_dims:
+            problems.append(Problem(path, f"{what}: {len(spatial)}D array of shape {spatial}, expected a 3D volume"))
+            return None
+        channels = self.spec.image_channels if role == "image" else 1
+        if img.shape[0] != channels:
+            expect = "a 3D single-channel volume" if channels == 1 else f"{channels} channels"
+            problems.append(
+                Problem(path, f"{what}: {img.shape[0]} channels (shape {tuple(img.shape)}), expected {expect}")
+            )
+            return None
+        data = img.as_tensor()
+        has_foreground = True
+        if role == "image":
+            bad = int((~torch.isfinite(data)).sum()) if data.dtype.is_floating_point else 0
+            if bad:
+                problems.append(Problem(path, f"{what}: {bad} NaN/inf intensities"))
+        else:
+            values = torch.unique(data)
+            expected = torch.tensor(self.spec.label_values, dtype=values.dtype)
+            unexpected = values[~torch.isin(values, expected)]
+            if unexpected.numel():
+                shown = ", ".join(f"{v:g}" for v in unexpected[:5].tolist())
+                problems.append(
+                    Problem(
+                        path,
+                        f"{what}: label values {shown}{', ...' if unexpected.numel() > 5 else ''} "
+                        f"(format {self.spec.name} expects {', '.join(map(str, self.spec.label_values))})",
+                    )
+                )
+            has_foreground = bool((values > 0).any())
+        return _Volume(spatial, np.asarray(img.affine, dtype=float), has_foreground)
+
+
+def _geometry(img: _Volume, lab: _Volume, img_path: str, lab_path: str, what: str) -> Problem | None:
+    if img.shape != lab.shape:
+        return Problem(lab_path, f"{what}: label shape {lab.shape} differs from image shape {img.shape} ({img_path})")
+    a, b = img.affine, lab.affine
+    if a.shape != b.shape or np.allclose(a, b, rtol=1e-4, atol=1e-3):
+        return None
+    sa, sb = np.linalg.norm(a[:-1, :-1], axis=0), np.linalg.norm(b[:-1, :-1], axis=0)
+    if not np.allclose(sa, sb, rtol=1e-4, atol=1e-4):
+        msg = f"label spacing {np.round(sb, 4).tolist()} differs from image spacing {np.round(sa, 4).tolist()}"
+    else:
+        msg = "label affine (origin/orientation) differs from the image's"
+    return Problem(lab_path, f"{what}: {msg} ({img_path})")
+
+
+def check_datalist(
+    datalist: Any,
+    data_dir: str | os.PathLike,
+    format: str | VolumeFormat,
+    allow_outside: bool = False,
+    require_unlabeled: bool = True,
+    progress: bool = False,
+) -> list[Problem]:
+    """
+    Check a datalist and every file it names before any work starts. Every problem names the file or case.
+
+    Checked: the structure (an object with the lists ``labeled``, ``unlabeled``, ``test``; items with ``image``;
+    ``label`` in labeled/test/validation items, ``gt`` not ``label`` in unlabeled ones); at least one labeled case
+    and (with ``require_unlabeled``) one unlabeled case; case ids (and images) listed twice, within a split or
+    across splits; paths outside ``data_dir``; missing files; unreadable or corrupt files (truncated NIfTI, HDF5
+    without ``image``/``label``, bad MetaImage header or missing ``.raw``); 2D files, or extra channels where a 3D
+    single-channel volume is expected (MSD prostate images have 2); NaN/inf intensities; label values other than
+    the format's; empty labels in the labeled set; image/label shape, spacing or affine mismatches.
+
+    Each file is read once (a file used by several items is checked once per role).
+
+    Args:
+        datalist: the datalist, with paths relative to ``data_dir`` or absolute (as from :py:func:`load_datalist`).
+        data_dir: the data folder.
+        format: a key of :py:data:`~monai_mlbseg.data.formats.FORMATS` or a ``VolumeFormat``.
+        allow_outside: accept files outside ``data_dir``.
+        require_unlabeled: an empty ``unlabeled`` list is a problem.
+        progress: show a progress bar while reading the files.
+
+    Returns:
+        the problems found (empty when the datalist is usable).
+
+    Example::
+
+        problems = check_datalist(build_datalist("/data/LA", "uamt_h5", labeled="a,b"), "/data/LA", "uamt_h5")
+        if problems:
+            raise InputError(problems, "datalist check failed")
+    """
+    try:
+        spec = get_format(format)
+    except ValueError as e:
+        return [Problem("format", str(e))]
+    problems = _structure(datalist, spec, require_unlabeled)
+    if not isinstance(datalist, dict):
+        return problems
+    root = os.path.abspath(os.fspath(data_dir))
+    entries = [
+        (split, i, it)
+        for split in SPLITS
+        if isinstance(datalist.get(split), list)
+        for i, it in enumerate(datalist[split])
+        if isinstance(it, dict) and isinstance(it.get("image"), str) and it["image"]
+    ]
+    # resolve paths, refuse those outside the data folder, find missing files
+    paths: dict[tuple[str, int, str], str] = {}
+    for split, i, it in entries:
+        for key in PATH_KEYS:
+            value = it.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            path = _resolve(value, root)
+            what = f"{_where(split, i, it)} {key}"
+            if not allow_outside and not _inside(path, root):
+                problems.append(Problem(path, f"{what}: outside the data folder {root}"))
+            elif not os.path.isfile(path):
+                problems.append(Problem(path, f"{what}: file not found"))
+            else:
+                paths[(split, i, key)] = path
+    problems.extend(_duplicates(entries, paths))
+    check = _VolumeChecker(spec)
+    volumes: dict[tuple[str, str], _Volume | None] = {}
+    n_files = len({(p, k == "image") for (_, _, k), p in paths.items()})
+    with tqdm(total=n_files, desc="checking files", unit="file", disable=not progress) as bar:
+        for split, i, it in entries:
+            loaded = {}
+            for key in PATH_KEYS:
+                path = paths.get((split, i, key))
+                if path is None:
+                    continue
+                role = "image" if key == "image" else "label"
+                if (path, role) not in volumes:
+                    volumes[(path, role)] = check(path, role, f"{_where(split, i, it)} {key}", problems)
+                    bar.update()
+                loaded[key] = volumes[(path, role)]
+            img = loaded.get("image")
+            for key in ("label", "gt"):
+                lab = loaded.get(key)
+                if lab is None:
+                    continue
+                what = f"{_where(split, i, it)} {key}"
+                if split == "labeled" and not lab.has_foreground:
+                    problems.append(Problem(paths[(split, i, key)], f"{what}: empty label (no foreground voxel)"))
+                if img is not None:
+                    p = _geometry(img, lab, paths[(split, i, "image")], paths[(split, i, key)], what)
+                    if p is not None:
+                        problems.append(p)
+    return problems

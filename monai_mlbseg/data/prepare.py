@@ -1,0 +1,111 @@
+"""``python -m monai_mlbseg prepare``: build a datalist of a data folder, check every file, write it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..utils.errors import InputError, Problem
+from ..utils.io import atomic_write_text
+from .datalist import SPLITS, build_datalist, check_datalist
+
+__all__ = ["prepare"]
+
+
+def prepare(
+    data_dir: str,
+    format: str = "uamt_h5",
+    output: str | None = None,
+    labeled: Sequence[str] | str | None = None,
+    unlabeled: Sequence[str] | str | None = None,
+    test: Sequence[str] | str | None = None,
+    validation: Sequence[str] | str | None = None,
+    train_list: str | None = None,
+    test_list: str | None = None,
+    num_labeled: int | None = None,
+    allow_outside: bool = False,
+    allow_no_unlabeled: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
+    """
+    Build the datalist of ``data_dir`` (see :py:func:`~monai_mlbseg.data.datalist.build_datalist`), check it and
+    every file it names (see :py:func:`~monai_mlbseg.data.datalist.check_datalist`), and write it as JSON.
+
+    Nothing is written when anything is wrong: all problems are reported at once. An existing output with the
+    same content is left as is; a different one is only replaced with ``overwrite``.
+
+    Args:
+        data_dir: the data folder.
+        format: the on-disk layout (``uamt_h5``, ``la_raw``, ``msd_heart``, ``promise12``, ``msd_prostate``).
+        output: the datalist file; default ``<data_dir>/datalist.json``.
+        labeled: labeled (clean) case ids: a list or a comma-separated string.
+        unlabeled: unlabeled case ids; default: the rest of ``train_list``, else every case in no other split.
+        test: test case ids.
+        validation: validation case ids.
+        train_list: UA-MT ``train.list``; its first ``num_labeled`` cases are labeled, the rest unlabeled.
+        test_list: UA-MT ``test.list``.
+        num_labeled: number of labeled cases taken from ``train_list`` (or from ``labeled``).
+        allow_outside: accept files outside ``data_dir``.
+        allow_no_unlabeled: accept an empty unlabeled set (supervised training only).
+        overwrite: replace an existing, different output file.
+        progress: show progress while checking the files.
+
+    Returns:
+        the path of the datalist file.
+
+    Raises:
+        InputError: listing every problem found (each names the file or case); nothing has been written.
+
+    Example::
+
+        python -m monai_mlbseg prepare /data/LA --format uamt_h5 --train_list train.list --test_list test.list \\
+            --num_labeled 8
+        python -m monai_mlbseg prepare /data/PROMISE12 --format promise12 --labeled Case29,Case14,Case05 \\
+            --test Case16,Case35,Case34
+    """
+    data_path = Path(os.path.expanduser(str(data_dir)))
+    out = data_path / "datalist.json" if output is None else Path(os.path.expanduser(str(output)))
+    try:
+        datalist = build_datalist(
+            data_path,
+            format,
+            labeled=labeled,
+            unlabeled=unlabeled,
+            test=test,
+            validation=validation,
+            train_list=train_list,
+            test_list=test_list,
+            num_labeled=num_labeled,
+        )
+    except InputError as e:
+        raise InputError(e.problems, f"prepare: cannot build the datalist of {data_path}") from None
+    text = json.dumps(datalist, indent=2) + "\n"
+    existing = None
+    if out.exists():
+        try:
+            existing = out.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            existing = ""
+    problems = []
+    if existing is not None and existing != text and not overwrite:
+        problems.append(Problem(str(out), "exists with a different datalist; pass overwrite=True to replace it"))
+    problems += check_datalist(
+        datalist,
+        data_path,
+        format,
+        allow_outside=allow_outside,
+        require_unlabeled=not allow_no_unlabeled,
+        progress=progress,
+    )
+    if problems:
+        raise InputError(problems, f"prepare: {data_path} failed the datalist check, nothing written")
+    if existing != text:
+        atomic_write_text(out, text)
+    counts = ", ".join(f"{len(datalist[s])} {s}" for s in SPLITS if datalist[s] or s != "validation")
+    with_gt = sum("gt" in it for it in datalist["unlabeled"])
+    gt_note = f" ({with_gt} of the unlabeled with ground truth for monitoring)" if with_gt else ""
+    print(f"prepare: wrote {out} [{datalist['format']}]: {counts}{gt_note}")
+    return str(out)

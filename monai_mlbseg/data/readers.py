@@ -1,0 +1,183 @@
+"""A MONAI image reader for HDF5 volumes (the UA-MT left-atrium layout ``<case>/mri_norm2.h5``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from monai.config import PathLike
+from monai.data import ImageReader
+from monai.data.utils import is_supported_format
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+__all__ = ["H5ImageReader", "H5_SUFFIXES"]
+
+#: file name endings :py:class:`H5ImageReader` claims in :py:meth:`~H5ImageReader.verify_suffix`.
+H5_SUFFIXES = ("h5", "hdf5")
+
+
+class _DeferredError:
+    """A read error that :py:meth:`H5ImageReader.get_data` raises."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class H5ImageReader(ImageReader):
+    """
+    Load one dataset of an HDF5 file as an image, e.g. the ``image`` or the ``label`` of a UA-MT
+    ``mri_norm2.h5`` (float32 ``image`` and uint8 ``label``, both ``H x W x D``).
+
+    The arrays are returned as stored (no axis reordering). HDF5 files of this layout store no geometry, so the
+    affine is ``diag(spacing)`` (identity when ``spacing`` is ``None``). The meta data hold ``affine``,
+    ``original_affine``, ``spatial_shape``, ``original_channel_dim`` (``nan`` = no channel, unless ``channel_dim``
+    is given) and ``space`` (RAS), like MONAI's own readers; ``LoadImage`` adds ``filename_or_obj``.
+
+    ``read`` checks the file content, not its name, and raises for files that are not HDF5, so the reader also
+    works inside a reader list of ``LoadImage`` (which tries the registered readers in turn). A missing dataset or a
+    corrupt HDF5 file raises a ``ValueError`` naming the file and the dataset.
+
+    Args:
+        dataset: name (or ``/``-separated path) of the HDF5 dataset to read.
+        spacing: voxel spacing along the spatial axes, used for the affine; ``None`` for unit spacing.
+        channel_dim: the channel axis of the stored array, ``None`` (or ``"no_channel"``) when it has none.
+
+    Raises:
+        ValueError: when ``dataset`` is empty or ``spacing`` has a non-positive entry.
+
+    Example::
+
+        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+        load = Compose([
+            LoadImaged(keys="image", reader=H5ImageReader(dataset="image")),
+            LoadImaged(keys="label", reader=H5ImageReader(dataset="label")),
+            EnsureChannelFirstd(keys=["image", "label"]),
+        ])
+        item = load({"image": "LA/case0/mri_norm2.h5", "label": "LA/case0/mri_norm2.h5"})  # [1, H, W, D] each
+
+        # in a bundle config: {"_target_": "LoadImaged", "keys": "label",
+        #                      "reader": "monai_mlbseg.data.H5ImageReader", "dataset": "label"}
+    """
+
+    def __init__(
+        self,
+        dataset: str = "image",
+        spacing: Sequence[float] | None = None,
+        channel_dim: str | int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dataset, str) or not dataset:
+            raise ValueError(f"dataset must be a non-empty string, got {dataset!r}.")
+        if spacing is not None:
+            spacing = tuple(float(s) for s in ensure_tuple(spacing))
+            if not spacing or any(not np.isfinite(s) or s <= 0 for s in spacing):
+                raise ValueError(f"spacing must be positive numbers, got {spacing}.")
+        self.dataset = dataset
+        self.spacing = spacing
+        self.channel_dim = None if channel_dim == "no_channel" else channel_dim
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        """
+        Whether ``filename`` (or every file of a list) ends in ``.h5`` or ``.hdf5``.
+
+        Args:
+            filename: file name or a list of file names.
+        """
+        return is_supported_format(filename, H5_SUFFIXES)
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
+        """
+        Read the dataset ``self.dataset`` of each file.
+
+        A file that is not HDF5 raises here (so ``LoadImage`` moves on to its other readers). A problem *inside* an
+        HDF5 file (no such dataset, corrupt data) is raised by :py:meth:`get_data` instead: otherwise
+        ``LoadImage`` would fall back to readers that half-open HDF5 files (PIL has a stub) and hide the message.
+
+        Args:
+            data: file name or a list of file names (stacked as channels by :py:meth:`get_data`).
+            kwargs: unused (kept for the ``ImageReader`` contract).
+
+        Returns:
+            the array of one file, or a list of arrays (a deferred error in place of an unreadable dataset).
+
+        Raises:
+            FileNotFoundError: when a file does not exist.
+            ValueError: when a file is not an HDF5 file.
+        """
+        import h5py
+
+        arrays: list[Any] = []
+        for name in ensure_tuple(data):
+            path = os.fspath(name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no such file.")
+            if not h5py.is_hdf5(path):
+                raise ValueError(f"{path}: not an HDF5 file (expected dataset {self.dataset!r}).")
+            try:
+                with h5py.File(path, "r") as f:
+                    node = f.get(self.dataset)
+                    if isinstance(node, h5py.Dataset):
+                        arrays.append(np.asarray(node[()]))
+                    else:
+                        found = ", ".join(sorted(k for k in f.keys() if isinstance(f[k], h5py.Dataset))) or "none"
+                        arrays.append(
+                            _DeferredError(f"{path}: no dataset {self.dataset!r} in the HDF5 file (found: {found}).")
+                        )
+            except Exception as e:  # truncated / corrupt files raise OSError or KeyError from h5py
+                arrays.append(
+                    _DeferredError(f"{path}: cannot read dataset {self.dataset!r} ({type(e).__name__}: {e}).")
+                )
+        return arrays if len(arrays) > 1 else arrays[0]
+
+    def get_data(self, img: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, dict]:
+        """
+        The image array and its meta data.
+
+        Args:
+            img: an array from :py:meth:`read`, or a list of arrays (stacked along a new first axis, which becomes
+                the channel axis, unless ``channel_dim`` is set: then they are concatenated along it).
+
+        Returns:
+            ``(array, meta)`` with ``affine``, ``original_affine``, ``spatial_shape``, ``original_channel_dim`` and
+            ``space`` in ``meta``.
+
+        Raises:
+            ValueError: when a file lacks the dataset or is corrupt (the message names the file and the dataset),
+                the arrays of a list differ in shape, or ``spacing`` does not match the spatial rank.
+        """
+        arrays = list(img) if isinstance(img, (list, tuple)) else [img]
+        for a in arrays:
+            if isinstance(a, _DeferredError):
+                raise ValueError(a.message)
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"all HDF5 arrays of a list must have the same shape, got {sorted(shapes)}.")
+        shape = list(arrays[0].shape)
+        if self.channel_dim is not None:
+            del shape[int(self.channel_dim)]
+        spatial_shape = np.asarray(shape)
+        ndim = len(shape)
+        if self.spacing is not None and len(self.spacing) != ndim:
+            raise ValueError(f"spacing {self.spacing} does not match the {ndim} spatial dims of the HDF5 array.")
+        affine = np.eye(ndim + 1)
+        if self.spacing is not None:
+            affine[:ndim, :ndim] = np.diag(self.spacing)
+        meta: dict = {
+            MetaKeys.AFFINE: affine,
+            MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: spatial_shape,
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if self.channel_dim is None else int(self.channel_dim),
+        }
+        if len(arrays) == 1:
+            return arrays[0], meta
+        if self.channel_dim is None:
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
+            return np.stack(arrays, axis=0), meta
+        return np.concatenate(arrays, axis=int(self.channel_dim)), meta
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dataset={self.dataset!r}, spacing={self.spacing})"

@@ -1,0 +1,447 @@
+"""
+Synthetic left-atrium-like and prostate-like MRI volumes, written in every supported on-disk format.
+
+The real data sets cannot be downloaded in tests or demos. These volumes share what matters to the method: a
+blob-shaped foreground of varied shape, size, position and orientation that covers only some of the slices along
+the last axis, varied contrast, Gaussian noise, a smooth multiplicative bias field, a textured background, and
+unlabeled distractor structures of similar intensity, so that a model trained on a few labeled cases is clearly
+imperfect. One generator serves both anatomies through a parameter set (:py:data:`ANATOMIES`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ..utils.io import TEMP_MARKER, atomic_path, atomic_write_text
+from .formats import VolumeFormat, get_format
+
+__all__ = ["AnatomyParams", "ANATOMIES", "synthetic_case", "write_case", "make_synthetic_dataset"]
+
+
+@dataclass(frozen=True)
+class AnatomyParams:
+    """
+    Parameters of one kind of synthetic anatomy. Lengths are fractions of the volume size along each axis
+    (the generator works in normalised coordinates ``[-0.5, 0.5]^3``); ranges are ``(low, high)`` of uniform draws.
+
+    Attributes:
+        num_appendages: number of extra ellipsoids attached to the body (veins / appendage, or lobes).
+        body_radius: in-plane radii of the body.
+        body_depth: radius of the body along the last axis.
+        flatten: ratio of the second in-plane radius to the first.
+        appendage_radius: thickness of the appendages, relative to the body's in-plane radius.
+        appendage_length: length of the appendages, relative to the body's in-plane radius.
+        max_tilt: largest rotation angle (radians) of the ellipsoids about a random axis.
+        center_range: range of the body centre in-plane (normalised, symmetric about 0).
+        center_depth: range of the body centre along the last axis (normalised).
+        num_distractors: number of unlabeled ellipsoids of similar intensity.
+        tube_probability: probability of one extra unlabeled tube along the last axis (a vessel crossing all slices).
+    """
+
+    num_appendages: tuple[int, int]
+    body_radius: tuple[float, float]
+    body_depth: tuple[float, float]
+    flatten: tuple[float, float]
+    appendage_radius: tuple[float, float]
+    appendage_length: tuple[float, float]
+    max_tilt: float
+    center_range: float
+    center_depth: float
+    num_distractors: tuple[int, int]
+    tube_probability: float
+
+
+#: the anatomies of :py:func:`synthetic_case`: ``"la"`` (left atrium: a body with 0-3 vein-like appendages, any
+#: orientation) and ``"prostate"`` (a flatter gland with at most one lobe, nearly upright, more central).
+ANATOMIES: dict[str, AnatomyParams] = {
+    "la": AnatomyParams(
+        num_appendages=(0, 3),
+        body_radius=(0.13, 0.23),
+        body_depth=(0.2, 0.34),
+        flatten=(0.6, 1.0),
+        appendage_radius=(0.25, 0.45),
+        appendage_length=(0.6, 1.1),
+        max_tilt=np.pi,
+        center_range=0.15,
+        center_depth=0.06,
+        num_distractors=(2, 4),
+        tube_probability=0.8,
+    ),
+    "prostate": AnatomyParams(
+        num_appendages=(0, 1),
+        body_radius=(0.1, 0.17),
+        body_depth=(0.18, 0.3),
+        flatten=(0.55, 0.8),
+        appendage_radius=(0.5, 0.7),
+        appendage_length=(0.4, 0.7),
+        max_tilt=0.4,
+        center_range=0.08,
+        center_depth=0.06,
+        num_distractors=(1, 3),
+        tube_probability=0.3,
+    ),
+}
+
+
+def _rotation(rng: np.random.Generator, max_angle: float) -> np.ndarray:
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis) + 1e-12
+    angle = rng.uniform(-max_angle, max_angle)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+
+
+def _ellipsoid(grid: list[np.ndarray], center: np.ndarray, radii: np.ndarray, rot: np.ndarray) -> np.ndarray:
+    """
+    Boolean mask of ``|R^T (p - c) / r| <= 1``. ``grid`` holds the normalised coordinates of each axis; only the
+    bounding box of the ellipsoid is evaluated.
+    """
+    shape = tuple(len(a) for a in grid)
+    mask = np.zeros(shape, dtype=bool)
+    half = np.sqrt(((rot * radii[None, :]) ** 2).sum(1))  # bounding box half-extent along each axis
+    box = []
+    for a, c, h in zip(grid, center, half):
+        lo, hi = np.searchsorted(a, c - h, "left"), np.searchsorted(a, c + h, "right")
+        if hi <= lo:
+            return mask
+        box.append(slice(int(lo), int(hi)))
+    d = [
+        (a[b] - c).astype(np.float32).reshape([-1 if i == k else 1 for i in range(3)])
+        for k, (a, b, c) in enumerate(zip(grid, box, center))
+    ]
+    q = 0.0
+    for k in range(3):  # k-th coordinate in the ellipsoid frame: (R^T d)_k / r_k
+        qk = (d[0] * rot[0, k] + d[1] * rot[1, k] + d[2] * rot[2, k]) / radii[k]
+        q = q + qk * qk
+    mask[tuple(box)] = q <= 1.0
+    return mask
+
+
+def _smooth_field(rng: np.random.Generator, shape: Sequence[int], cells: int) -> np.ndarray:
+    """Unit-variance smooth random field: Gaussian noise on a coarse grid of ``cells`` per axis, upsampled."""
+    coarse = [max(2, min(int(s), cells)) for s in shape]
+    noise = torch.from_numpy(rng.standard_normal(coarse).astype(np.float32))[None, None]
+    field = F.interpolate(noise, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=True)[0, 0]
+    field = field.numpy()
+    return (field - field.mean()) / (field.std() + 1e-6)
+
+
+def _grid(shape: Sequence[int]) -> list[np.ndarray]:
+    return [(np.arange(s, dtype=np.float64) + 0.5) / s - 0.5 for s in shape]
+
+
+def _foreground(rng: np.random.Generator, grid: list[np.ndarray], p: AnatomyParams) -> tuple[np.ndarray, np.ndarray]:
+    center = np.array(
+        [
+            rng.uniform(-p.center_range, p.center_range),
+            rng.uniform(-p.center_range, p.center_range),
+            rng.uniform(-p.center_depth, p.center_depth),
+        ]
+    )
+    r = rng.uniform(*p.body_radius)
+    radii = np.array([r, r * rng.uniform(*p.flatten), rng.uniform(*p.body_depth)])
+    rot = _rotation(rng, p.max_tilt)
+    mask = _ellipsoid(grid, center, radii, rot)
+    for _ in range(rng.integers(p.num_appendages[0], p.num_appendages[1] + 1)):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction) + 1e-12
+        length = r * rng.uniform(*p.appendage_length)
+        thick = r * rng.uniform(*p.appendage_radius)
+        # centre on the body's surface along `direction` (in the body frame), pointing outwards
+        surface = center + rot @ (direction * radii * 0.8)
+        outward = rot @ (direction * radii)
+        outward /= np.linalg.norm(outward) + 1e-12
+        # rotation taking the x axis onto `outward`, then a random twist
+        a = np.cross([1.0, 0.0, 0.0], outward)
+        s, c = np.linalg.norm(a), float(outward[0])
+        if s < 1e-8:
+            align = np.eye(3) if c > 0 else np.diag([-1.0, -1.0, 1.0])
+        else:
+            k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]]) / s
+            align = np.eye(3) + s * k + (1 - c) * (k @ k)
+        app_rot = align @ _rotation(rng, 0.3)
+        mask |= _ellipsoid(grid, surface + outward * length * 0.5, np.array([length, thick, thick]), app_rot)
+    return mask, center
+
+
+def synthetic_case(
+    rng: np.random.Generator, shape: Sequence[int] = (96, 96, 48), kind: str = "la"
+) -> tuple[np.ndarray, np.ndarray]:
+    """
+    One synthetic MRI volume and its foreground mask.
+
+    The foreground is a union of randomly rotated ellipsoids (a body plus 0-3 appendages for ``"la"``, a flatter
+    gland with at most one lobe for ``"prostate"``) that spans only the middle slices along the last axis (at
+    least the first and last ``max(1, 8%)`` slices are empty). The image has a textured background, 1-5 unlabeled
+    structures of similar intensity (one often a tube through all slices), a random foreground contrast, partial
+    volume blur, a smooth multiplicative bias field and Gaussian noise, and is z-scored (like UA-MT's volumes).
+
+    Args:
+        rng: the random generator (all randomness comes from it).
+        shape: spatial shape ``(H, W, D)``; each side at least 8.
+        kind: a key of :py:data:`ANATOMIES`.
+
+    Returns:
+        ``(image, label)``: float32 ``[H, W, D]`` with mean 0 and standard deviation 1, uint8 ``[H, W, D]`` {0,1}.
+
+    Raises:
+        ValueError: for an unknown ``kind`` or a shape that is not 3D or too small.
+
+    Example::
+
+        image, label = synthetic_case(np.random.default_rng(0), shape=(64, 64, 32))
+    """
+    if kind not in ANATOMIES:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(ANATOMIES)}.")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 sizes of at least 8, got {shape}.")
+    p = ANATOMIES[kind]
+    grid = _grid(shape)
+    margin = max(1, round(0.08 * shape[2]))
+    for _ in range(20):
+        mask, center = _foreground(rng, grid, p)
+        mask[..., :margin] = False
+        mask[..., shape[2] - margin :] = False
+        parts, n = ndimage.label(mask)
+        if n > 1:  # a thin appendage may break up on the voxel grid: keep the largest piece, as real masks are
+            mask = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
+        if mask.sum() >= 8:
+            break
+    distract = np.zeros(shape, dtype=bool)
+    fg_voxels = np.argwhere(mask)
+    for _ in range(rng.integers(p.num_distractors[0], p.num_distractors[1] + 1)):
+        adjacent = rng.uniform() < 0.5  # half of them touch the foreground (neighbouring chambers, vessels)
+        for _attempt in range(5):
+            radii = rng.uniform(0.05, 0.14, size=3)
+            if adjacent:
+                v = fg_voxels[rng.integers(len(fg_voxels))]
+                direction = rng.normal(size=3)
+                direction /= np.linalg.norm(direction) + 1e-12
+                c = np.array([grid[k][v[k]] for k in range(3)]) + direction * radii.mean()
+            else:
+                c = rng.uniform(-0.35, 0.35, size=3)
+            blob = _ellipsoid(grid, c, radii, _rotation(rng, np.pi))
+            if (blob & mask).sum() <= (0.5 if adjacent else 0.1) * blob.sum():
+                distract |= blob
+                break
+    if rng.uniform() < p.tube_probability:
+        c = np.array([*rng.uniform(-0.38, 0.38, size=2), 0.0])
+        radius = rng.uniform(0.04, 0.08)
+        tube = _ellipsoid(grid, c, np.array([radius, radius * rng.uniform(0.7, 1.0), 2.0]), _rotation(rng, 0.25))
+        distract |= tube & ~mask
+    noise = rng.uniform(0.15, 0.35)
+    texture_amp = rng.uniform(0.15, 0.35)
+    fg_level = rng.uniform(1.5, 3.5) * max(noise, texture_amp)  # contrast-to-noise ratio 1.5-3.5
+    fg = mask.astype(np.float32) * fg_level * (1 + 0.15 * _smooth_field(rng, shape, 6))
+    other = (distract & ~mask).astype(np.float32) * fg_level * rng.uniform(0.8, 1.15)
+    texture = texture_amp * (_smooth_field(rng, shape, 8) + 0.5 * _smooth_field(rng, shape, 20))
+    content = ndimage.gaussian_filter(fg + other, sigma=rng.uniform(0.5, 1.0)) + texture + rng.uniform(0.5, 1.0)
+    bias = np.exp(rng.uniform(0.1, 0.35) * _smooth_field(rng, shape, 3))
+    image = content * bias + rng.normal(0.0, noise, size=shape)
+    image = (image - image.mean()) / (image.std() + 1e-6)
+    return image.astype(np.float32), mask.astype(np.uint8)
+
+
+def _itk_image(array: np.ndarray, spacing: Sequence[float]):
+    import itk
+
+    img = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))  # ITK wants z, y, x
+    img.SetSpacing([float(s) for s in spacing])
+    return img
+
+
+def _write_itk(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
+    import itk
+
+    img = _itk_image(array, spacing)
+    if path.suffix != ".mhd":
+        with atomic_path(path) as tmp:
+            itk.imwrite(img, str(tmp), compression=True)
+        return
+    # MetaImage header + data file: write both under their final names in a hidden temp folder, then move the data
+    # file into place first and the header last, so a reader never sees a header without its data
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".mhd{TEMP_MARKER}", dir=path.parent))
+    try:
+        itk.imwrite(img, str(tmpdir / path.name))
+        header = (tmpdir / path.name).read_text()
+        data_file = next(
+            line.split("=", 1)[1].strip() for line in header.splitlines() if line.startswith("ElementDataFile")
+        )
+        with atomic_path(path.parent / data_file) as tmp:
+            os.replace(tmpdir / data_file, tmp)
+        with atomic_path(path) as tmp:
+            os.replace(tmpdir / path.name, tmp)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _write_nifti(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
+    import nibabel as nib
+
+    affine = np.diag([*(float(s) for s in spacing), 1.0])
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def _write_h5(path: Path, image: np.ndarray, label: np.ndarray | None) -> None:
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("image", data=image.astype(np.float32))
+            if label is not None:
+                f.create_dataset("label", data=label.astype(np.uint8))
+
+
+def _prostate_zones(label: np.ndarray) -> np.ndarray:
+    """Split a gland mask in two zones by a plane through its centroid: 1 (posterior, 'PZ') and 2 (the rest)."""
+    mask = label > 0
+    if not mask.any():
+        return mask.astype(np.uint8)
+    cy = np.nonzero(mask)[1].mean()
+    posterior = np.arange(label.shape[1]).reshape(1, -1, 1) >= cy
+    return np.where(mask, np.where(posterior, 1, 2), 0).astype(np.uint8)
+
+
+def _second_contrast(image: np.ndarray, label: np.ndarray, case_id: str) -> np.ndarray:
+    """An ADC-like channel: the gland darker than its surroundings, smoother, with its own noise."""
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    adc = 0.5 * ndimage.gaussian_filter(image, 1.0) - 0.8 * ndimage.gaussian_filter((label > 0).astype(np.float32), 1)
+    adc = adc + rng.normal(0.0, 0.2, size=image.shape)
+    return ((adc - adc.mean()) / (adc.std() + 1e-6)).astype(np.float32)
+
+
+def write_case(
+    out_dir: str | os.PathLike,
+    case_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    format: str | VolumeFormat = "uamt_h5",
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> dict:
+    """
+    Write one case in the layout of ``format`` (atomically, file by file).
+
+    ``uamt_h5`` stores float32 ``image`` and uint8 ``label`` in ``<case>/mri_norm2.h5`` (no geometry: ``spacing``
+    is not stored); ``la_raw`` writes ``lgemri.nrrd`` and ``laendo.nrrd`` with label value 255; ``msd_heart`` and
+    ``msd_prostate`` write NIfTI (``imagesTr``/``labelsTr``, or ``imagesTs`` for unlabeled cases); ``msd_prostate``
+    writes a 2-channel 4D image (channel 1 an ADC-like contrast) and labels {0,1,2} (the gland split into two
+    zones); ``promise12`` writes ``CaseNN.mhd`` + ``.raw`` and ``CaseNN_segmentation.mhd`` + ``.raw``.
+
+    Args:
+        out_dir: the data folder.
+        case_id: the case id (folder or file name stem).
+        image: float ``[H, W, D]``, written as float32.
+        label: binary ``[H, W, D]`` mask, or ``None`` for an unlabeled case.
+        format: a key of :py:data:`~monai_mlbseg.data.formats.FORMATS` or a ``VolumeFormat``.
+        spacing: voxel spacing stored in the files (formats with geometry).
+
+    Returns:
+        the datalist entry ``{"case_id", "image", "label"}`` (no ``"label"`` when ``label`` is ``None``) with paths
+        relative to ``out_dir``.
+
+    Raises:
+        ValueError: when ``image`` is not 3D, ``label`` has another shape, or ``spacing`` is not 3 positive numbers.
+    """
+    spec = get_format(format)
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"image must be 3D [H, W, D], got shape {image.shape}.")
+    if label is not None:
+        label = (np.asarray(label) > 0).astype(np.uint8)
+        if label.shape != image.shape:
+            raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}.")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or any(s <= 0 for s in spacing):
+        raise ValueError(f"spacing must be 3 positive numbers, got {spacing}.")
+    root = Path(out_dir)
+    entry = {"case_id": case_id, "image": spec.image_path(case_id, label is not None)}
+    if label is not None:
+        entry["label"] = spec.label_path(case_id)
+    (root / entry["image"]).parent.mkdir(parents=True, exist_ok=True)
+    if spec.reader_kind == "h5":
+        _write_h5(root / entry["image"], image, label)
+        return entry
+    if spec.name == "msd_prostate":
+        stored_image = np.stack(
+            [image, _second_contrast(image, np.zeros_like(image) if label is None else label, case_id)], axis=-1
+        )
+        stored_label = None if label is None else _prostate_zones(label)
+    else:
+        stored_image = image
+        stored_label = None if label is None else label * np.uint8(max(spec.label_values))
+    write = _write_itk if spec.reader_kind == "itk" else _write_nifti
+    write(root / entry["image"], stored_image, spacing)
+    if stored_label is not None:
+        (root / entry["label"]).parent.mkdir(parents=True, exist_ok=True)
+        write(root / entry["label"], stored_label, spacing)
+    return entry
+
+
+def make_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    format: str | VolumeFormat = "uamt_h5",
+    num_cases: int = 12,
+    shape: Sequence[int] = (96, 96, 48),
+    seed: int = 0,
+    spacing: Sequence[float] | None = None,
+    case_ids: Sequence[str] | None = None,
+) -> list[str]:
+    """
+    Write ``num_cases`` labeled synthetic cases in the layout of ``format``.
+
+    The anatomy follows the format (left atrium for ``uamt_h5``, ``la_raw``, ``msd_heart``; prostate for
+    ``promise12``, ``msd_prostate``). Case ``i`` depends only on ``(seed, i)``, so the data are deterministic and a
+    larger data set extends a smaller one. For ``uamt_h5`` and ``la_raw`` also writes UA-MT style ``train.list``
+    and ``test.list`` (one case id per line; the last ~20% of the cases are the test cases).
+
+    Args:
+        out_dir: the data folder (created).
+        format: a key of :py:data:`~monai_mlbseg.data.formats.FORMATS` or a ``VolumeFormat``.
+        num_cases: number of cases (ignored when ``case_ids`` is given).
+        shape: spatial shape of the volumes.
+        seed: random seed.
+        spacing: voxel spacing stored in the files; ``None``: ``(1, 1, 1)``.
+        case_ids: the case ids; default: the data set's naming style (``case000``, ``la_000``, ``Case00``, ...).
+
+    Returns:
+        the case ids, in order.
+
+    Raises:
+        ValueError: for an unknown format, ``num_cases < 1``, or duplicate case ids.
+
+    Example::
+
+        ids = make_synthetic_dataset("/tmp/la", format="uamt_h5", num_cases=12, shape=(96, 96, 48), seed=0)
+    """
+    spec = get_format(format)
+    ids = [spec.default_case_id(i) for i in range(int(num_cases))] if case_ids is None else [str(c) for c in case_ids]
+    if not ids:
+        raise ValueError("make_synthetic_dataset needs at least one case.")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate case ids: {sorted({c for c in ids if ids.count(c) > 1})}.")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, case_id in enumerate(ids):
+        image, label = synthetic_case(np.random.default_rng([int(seed), i]), shape=shape, kind=spec.anatomy)
+        write_case(root, case_id, image, label, spec, spacing=(1.0, 1.0, 1.0) if spacing is None else spacing)
+    if spec.name in ("uamt_h5", "la_raw"):
+        num_test = round(0.2 * len(ids)) if len(ids) > 1 else 0
+        split = len(ids) - num_test
+        atomic_write_text(root / "train.list", "".join(f"{c}\n" for c in ids[:split]))
+        atomic_write_text(root / "test.list", "".join(f"{c}\n" for c in ids[split:]))
+    return ids

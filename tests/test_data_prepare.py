@@ -1,0 +1,282 @@
+"""prepare: writes a checked datalist; every bad input is reported by file/case and nothing is written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from monai_mlbseg.data import load_datalist, make_synthetic_dataset, prepare
+from monai_mlbseg.utils import InputError
+
+# ITK (SWIG) warns on import under Python 3.11+
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig:DeprecationWarning")
+
+SHAPE = (24, 24, 12)
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    base = tmp_path_factory.mktemp("templates")
+    for fmt, n in (("uamt_h5", 6), ("msd_heart", 4), ("promise12", 4), ("msd_prostate", 3)):
+        make_synthetic_dataset(base / fmt, fmt, num_cases=n, shape=SHAPE, seed=2)
+    return base
+
+
+@pytest.fixture
+def data(templates, tmp_path):
+    """A fresh copy of a template data set: ``data("msd_heart") -> folder``."""
+
+    def copy(fmt):
+        dst = tmp_path / fmt
+        shutil.copytree(templates / fmt, dst)
+        return dst
+
+    return copy
+
+
+UAMT = {"format": "uamt_h5", "train_list": "train.list", "test_list": "test.list", "num_labeled": 2}
+HEART = {"format": "msd_heart", "labeled": "la_000,la_001", "test": "la_003"}
+PROMISE = {"format": "promise12", "labeled": "Case00,Case01", "test": "Case03"}
+
+
+def _fails(root, kwargs, *expected):
+    """Run prepare, expect an InputError whose problems contain all ``expected`` strings in one message."""
+    with pytest.raises(InputError) as err:
+        prepare(str(root), progress=False, **kwargs)
+    text = str(err.value)
+    assert text.startswith("prepare:")
+    assert any(all(e in str(p) for e in expected) for p in err.value.problems), text
+    assert not (root / "datalist.json").exists()
+    assert not [p for p in root.rglob("*datalist*")]
+    return err.value.problems
+
+
+def _nifti(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+
+
+def _read_nifti(path):
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+# ---- good input ----
+
+
+def test_prepare_writes_checked_datalist(data, capsys):
+    root = data("uamt_h5")
+    out = prepare(str(root), progress=False, **UAMT)
+    assert out == str(root / "datalist.json")
+    dl = json.loads((root / "datalist.json").read_text())
+    assert [len(dl[k]) for k in ("labeled", "unlabeled", "test", "validation")] == [2, 3, 1, 0]
+    assert "2 labeled, 3 unlabeled, 1 test" in capsys.readouterr().out
+    assert load_datalist(out)["labeled"][0]["image"] == str(root / "case000" / "mri_norm2.h5")
+    # same content again: fine, file untouched; a different selection needs overwrite
+    mtime = os.stat(out).st_mtime_ns
+    assert prepare(str(root), progress=False, **UAMT) == out and os.stat(out).st_mtime_ns == mtime
+    with pytest.raises(InputError, match="exists with a different datalist"):
+        prepare(str(root), progress=False, **{**UAMT, "num_labeled": 3})
+    assert json.loads((root / "datalist.json").read_text()) == dl
+    prepare(str(root), progress=False, overwrite=True, **{**UAMT, "num_labeled": 3})
+    assert len(json.loads((root / "datalist.json").read_text())["labeled"]) == 3
+
+
+def test_prepare_fire_style_arguments(data, tmp_path):
+    root = data("promise12")
+    out = tmp_path / "lists" / "promise.json"
+    prepare(str(root), format="promise12", output=str(out), labeled=("Case00", "Case01"), test="Case03", progress=False)
+    dl = json.loads(out.read_text())
+    assert [it["case_id"] for it in dl["labeled"]] == ["Case00", "Case01"]
+    assert [it["case_id"] for it in dl["unlabeled"]] == ["Case02"]
+    root = data("msd_prostate")
+    prepare(str(root), format="msd_prostate", labeled="prostate_00", test=["prostate_02"], progress=False)
+    assert json.loads((root / "datalist.json").read_text())["unlabeled"][0]["case_id"] == "prostate_01"
+
+
+def test_prepare_allow_no_unlabeled(data):
+    root = data("uamt_h5")
+    _fails(root, {**UAMT, "num_labeled": 5}, "no unlabeled cases")
+    prepare(str(root), progress=False, allow_no_unlabeled=True, **{**UAMT, "num_labeled": 5})
+    assert (root / "datalist.json").exists()
+
+
+# ---- bad input: one test each ----
+
+
+def test_missing_file(data):
+    root = data("uamt_h5")
+    os.remove(root / "case001" / "mri_norm2.h5")
+    _fails(root, UAMT, str(root / "case001" / "mri_norm2.h5"), "labeled[1] (case case001) image: file not found")
+
+
+def test_unknown_case_id(data):
+    root = data("msd_heart")
+    _fails(root, {**HEART, "labeled": "la_000,la_077"}, "imagesTr/la_077.nii.gz", "(case la_077)", "file not found")
+
+
+def test_truncated_nifti(data):
+    root = data("msd_heart")
+    path = root / "imagesTr" / "la_001.nii.gz"
+    path.write_bytes(path.read_bytes()[:1000])
+    _fails(root, HEART, str(path), "(case la_001) image: unreadable or corrupt file")
+
+
+def test_gzip_garbage(data):
+    root = data("msd_heart")
+    path = root / "labelsTr" / "la_000.nii.gz"
+    path.write_bytes(gzip.compress(b"definitely not a NIfTI header" * 20))
+    _fails(root, HEART, str(path), "(case la_000) label: unreadable or corrupt file")
+
+
+def test_h5_without_label(data):
+    root = data("uamt_h5")
+    path = root / "case000" / "mri_norm2.h5"
+    with h5py.File(path, "r+") as f:
+        del f["label"]
+    _fails(root, UAMT, str(path), "(case case000) label", "no dataset 'label'")
+
+
+def test_h5_without_image(data):
+    root = data("uamt_h5")
+    path = root / "case003" / "mri_norm2.h5"
+    with h5py.File(path, "r+") as f:
+        del f["image"]
+    _fails(root, UAMT, str(path), "unlabeled[1] (case case003) image", "no dataset 'image'")
+
+
+def test_bad_mhd_header(data):
+    root = data("promise12")
+    path = root / "Case01.mhd"
+    path.write_text(path.read_text().replace("DimSize = 24 24 12", "DimSize = twenty four"))
+    _fails(root, PROMISE, str(path), "(case Case01) image: unreadable or corrupt file (ITK: File cannot be read")
+
+
+def test_missing_raw(data):
+    root = data("promise12")
+    os.remove(root / "Case00_segmentation.raw")
+    raw = root / "Case00_segmentation.raw"
+    _fails(root, PROMISE, str(root / "Case00_segmentation.mhd"), f"(case Case00) label: the data file {raw} named in")
+
+
+def test_shape_mismatch(data):
+    root = data("msd_heart")
+    path = root / "labelsTr" / "la_001.nii.gz"
+    label, affine = _read_nifti(path)
+    _nifti(path, label[:, :-2], affine)
+    _fails(
+        root, HEART, str(path), "(case la_001) label: label shape (24, 22, 12) differs from image shape (24, 24, 12)"
+    )
+
+
+def test_spacing_mismatch(data):
+    root = data("msd_heart")
+    path = root / "labelsTr" / "la_000.nii.gz"
+    label, _ = _read_nifti(path)
+    _nifti(path, label, np.diag([1.0, 1.0, 2.5, 1.0]))
+    _fails(root, HEART, str(path), "label spacing [1.0, 1.0, 2.5] differs from image spacing [1.0, 1.0, 1.0]")
+
+
+def test_affine_mismatch(data):
+    root = data("msd_heart")
+    path = root / "labelsTr" / "la_003.nii.gz"  # a test case
+    label, affine = _read_nifti(path)
+    affine = affine.copy()
+    affine[:3, 3] = [5.0, 0.0, 0.0]
+    _nifti(path, label, affine)
+    _fails(root, HEART, str(path), "test[0] (case la_003) label: label affine (origin/orientation) differs")
+
+
+def test_unexpected_label_values(data):
+    root = data("msd_heart")
+    path = root / "labelsTr" / "la_000.nii.gz"
+    label, affine = _read_nifti(path)
+    _nifti(path, (label * 2).astype(np.uint8), affine)
+    _fails(root, HEART, str(path), "label values 2 (format msd_heart expects 0, 1)")
+
+
+def test_la_values_in_uamt_file(data):
+    root = data("uamt_h5")
+    path = root / "case004" / "mri_norm2.h5"  # unlabeled: its ground truth is checked too
+    with h5py.File(path, "r+") as f:
+        f["label"][...] = f["label"][()] * 255
+    _fails(root, UAMT, str(path), "(case case004) gt: label values 255")
+
+
+def test_empty_label_in_labeled_set(data):
+    root = data("msd_heart")
+    path = root / "labelsTr" / "la_001.nii.gz"
+    label, affine = _read_nifti(path)
+    _nifti(path, np.zeros_like(label), affine)
+    _fails(root, HEART, str(path), "labeled[1] (case la_001) label: empty label")
+
+
+def test_nan_intensities(data):
+    root = data("uamt_h5")
+    path = root / "case002" / "mri_norm2.h5"
+    with h5py.File(path, "r+") as f:
+        image = f["image"][()]
+        image[3, 4, 5], image[0, 0, 0] = np.nan, np.inf
+        f["image"][...] = image
+    _fails(root, UAMT, str(path), "(case case002) image: 2 NaN/inf intensities")
+
+
+def test_2d_file(data):
+    root = data("msd_heart")
+    path = root / "imagesTr" / "la_002.nii.gz"
+    _nifti(path, np.zeros((24, 24), np.float32))
+    _fails(root, HEART, str(path), "(case la_002) image: 2D array of shape (24, 24), expected a 3D volume")
+
+
+def test_4d_file_where_3d_expected(data):
+    root = data("msd_heart")
+    path = root / "imagesTr" / "la_000.nii.gz"
+    image, affine = _read_nifti(path)
+    _nifti(path, np.stack([image, image], axis=-1), affine)
+    _fails(root, HEART, str(path), "(case la_000) image: 2 channels", "expected a 3D single-channel volume")
+
+
+def test_prostate_needs_two_channels(data):
+    root = data("msd_prostate")
+    path = root / "imagesTr" / "prostate_01.nii.gz"
+    image, affine = _read_nifti(path)
+    _nifti(path, image[..., 0], affine)
+    _fails(root, {"format": "msd_prostate", "labeled": "prostate_00"}, str(path), "1 channels", "expected 2 channels")
+
+
+def test_zero_labeled(data):
+    root = data("uamt_h5")
+    _fails(root, {**UAMT, "num_labeled": 0}, "datalist: no labeled cases")
+
+
+def test_zero_unlabeled(data):
+    root = data("msd_heart")
+    _fails(root, {**HEART, "labeled": "la_000,la_001,la_002"}, "datalist: no unlabeled cases")
+
+
+def test_test_case_also_in_training(data):
+    root = data("uamt_h5")
+    _fails(root, {**UAMT, "test_list": None, "test": "case001"}, "case case001", "across splits", "test[0]")
+
+
+def test_duplicate_within_split(data):
+    root = data("msd_heart")
+    _fails(root, {**HEART, "labeled": "la_000,la_001,la_000"}, "case la_000", "within a split")
+
+
+def test_path_outside_data_folder(data):
+    root = data("uamt_h5")
+    _fails(root, {**UAMT, "train_list": None, "num_labeled": None, "labeled": "case000,../evil"}, "outside the data")
+
+
+def test_bad_selection_arguments(data):
+    root = data("uamt_h5")
+    _fails(root, {**UAMT, "num_labeled": None}, "num_labeled", "train_list needs num_labeled")
+    _fails(root, {**UAMT, "train_list": "nope.list"}, "nope.list", "cannot read the case list")
+    _fails(root, {"format": "dicom"}, "unknown data format 'dicom'")
