@@ -20,7 +20,7 @@ def volume_items(n=2, shape=(10, 12, 6), seed=0):
         image = torch.randn(1, *shape, generator=g) * 3 + 5
         label = (torch.rand(1, *shape, generator=g) > 0.7).float()
         vols[f"v{i}"] = {"image": image, "label": label}
-        items.append({"case_id": f"v{i}", "image": f"v{i}"})
+        items.append({"case_id": f"v{i}", "image": i})  # in memory: not a file path
     return items, vols
 
 
@@ -94,6 +94,7 @@ def test_cache_limit_falls_back_to_on_demand_loading(caplog):
     cached = SliceDataset(items, load, progress=False)
     with caplog.at_level(logging.WARNING):
         bounded = SliceDataset(items, load, max_cache_bytes=800, progress=False)
+        assert len(bounded) == len(cached)
     assert "falling back to loading volumes on demand" in caplog.text
     assert not bounded.cached and bounded.cache_bytes == 0 and len(bounded) == len(cached)
     before = calls["n"]
@@ -108,13 +109,40 @@ def test_inconsistent_volumes_are_reported_with_their_case():
         return {"image": torch.zeros(1, 4, 4, 3), "label": torch.zeros(1, 4, 4, 2)}
 
     with pytest.raises(ValueError, match="case bad: 'label' has shape"):
-        SliceDataset([{"case_id": "bad", "image": "x"}], load, progress=False)
+        len(SliceDataset([{"case_id": "bad", "image": 0}], load, progress=False))
 
     def load2d(item):
         return {"image": torch.zeros(1, 4, 4)}
 
     with pytest.raises(ValueError, match="case flat: expected a channel-first 3D volume"):
-        SliceDataset([{"case_id": "flat", "image": "x"}], load2d, progress=False)
+        len(SliceDataset([{"case_id": "flat", "image": 0}], load2d, progress=False))
+
+
+def test_labels_written_after_construction_and_indexing_are_picked_up(tmp_path):
+    """A trainer is built (len) before the bootstrap writes the initial labels; the first item must see them."""
+    affine = np.eye(4)
+    items = []
+    for i in range(2):
+        nib.save(
+            nib.Nifti1Image(np.random.default_rng(i).normal(size=(6, 5, 3)).astype(np.float32), affine),
+            tmp_path / f"img{i}.nii.gz",
+        )
+        items.append(
+            {"case_id": f"c{i}", "image": str(tmp_path / f"img{i}.nii.gz"), "label": str(tmp_path / f"lab{i}.nii.gz")}
+        )
+    keys = ["image", "label"]
+    load = Compose(
+        [
+            LoadImaged(keys, image_only=True, allow_missing_keys=True),
+            EnsureChannelFirstd(keys, allow_missing_keys=True),
+        ]
+    )
+    ds = SliceDataset(items, load, progress=False)
+    assert len(ds) == 6, "slices counted from the images alone"
+    for i in range(2):
+        nib.save(nib.Nifti1Image(np.full((6, 5, 3), i, dtype=np.uint8), affine), tmp_path / f"lab{i}.nii.gz")
+    assert torch.all(ds[4]["label"] == 1) and ds[4]["case_id"] == "c1"
+    assert ds.cache_bytes > 0
 
 
 def test_inferer_matches_slice_by_slice_prediction():
