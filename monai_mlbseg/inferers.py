@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
 
 __all__ = ["SliceResizeInferer", "minmax_slices"]
 
@@ -73,7 +75,7 @@ class SliceResizeInferer(Inferer):
             network: 2D network, ``[N, C, H', W'] -> [N, K, H', W']`` logits.
 
         Returns:
-            ``[B, K, *S]`` logits.
+            ``[B, K, *S]`` logits (a MetaTensor with the input's meta data when the input is one).
 
         Raises:
             ValueError: when the input is not ``[B, C, X, Y, Z]``.
@@ -81,7 +83,8 @@ class SliceResizeInferer(Inferer):
         if inputs.ndim != 5:
             raise ValueError(f"SliceResizeInferer expects [B, C, X, Y, Z] volumes, got shape {tuple(inputs.shape)}.")
         axis = self.axis % 3 + 2
-        vol = inputs.movedim(axis, 1)  # [B, D, C, H, W]
+        data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        vol = data.movedim(axis, 1)  # [B, D, C, H, W]
         batch, depth = vol.shape[:2]
         slices = vol.reshape(batch * depth, *vol.shape[2:])
         size = tuple(slices.shape[2:])
@@ -98,4 +101,5 @@ class SliceResizeInferer(Inferer):
                 logits = torch.logit(probs, eps=self.eps)
             outputs.append(logits)
         out = torch.cat(outputs, dim=0)
-        return out.reshape(batch, depth, *out.shape[1:]).movedim(1, axis)
+        out = out.reshape(batch, depth, *out.shape[1:]).movedim(1, axis)
+        return convert_to_dst_type(out, inputs, dtype=out.dtype)[0] if isinstance(inputs, MetaTensor) else out

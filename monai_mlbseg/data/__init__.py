@@ -3,15 +3,28 @@ Data: readers for the real formats, the format registry, synthetic data, datalis
 and 2D slice datasets of 3D volumes.
 """
 
-from .datalist import PATH_KEYS, REQUIRED_SPLITS, SPLITS, build_datalist, check_datalist, load_datalist, read_case_list
+from .datalist import (
+    PATH_KEYS,
+    REQUIRED_SPLITS,
+    SPLITS,
+    build_datalist,
+    check_datalist,
+    load_datalist,
+    read_case_list,
+    resolve_datalist,
+    training_datalist,
+    validate_datalist,
+)
 from .formats import FORMATS, VolumeFormat, first_channel, get_format, load_volume_transforms
 from .prepare import prepare
 from .readers import H5_SUFFIXES, H5ImageReader
 from .slices import SliceDataset, available_memory
 from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, write_case
+from .writers import AtomicNibabelWriter
 
 __all__ = [
     "ANATOMIES",
+    "AtomicNibabelWriter",
     "AnatomyParams",
     "FORMATS",
     "H5ImageReader",
@@ -31,6 +44,9 @@ __all__ = [
     "make_synthetic_dataset",
     "prepare",
     "read_case_list",
+    "resolve_datalist",
+    "training_datalist",
+    "validate_datalist",
     "synthetic_case",
     "write_case",
 ]

@@ -249,10 +249,22 @@ def load_datalist(
         raise InputError([Problem(str(path), "datalist file not found")], "load_datalist") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError([Problem(str(path), f"not a readable JSON file ({e})")], "load_datalist") from e
-    root = os.path.abspath(os.fspath(path.parent if data_dir is None else data_dir))
     if not isinstance(raw, dict):
         raise InputError([Problem(str(path), f"must hold a JSON object, got {type(raw).__name__}")], "load_datalist")
-    out = copy.deepcopy(raw)
+    return resolve_datalist(raw, path.parent if data_dir is None else data_dir, allow_outside, f"load_datalist: {path}")
+
+
+def resolve_datalist(
+    datalist: dict, data_dir: str | os.PathLike, allow_outside: bool = False, context: str = "datalist"
+) -> dict:
+    """
+    A copy of ``datalist`` with every path (``image``, ``label``, ``gt``) resolved against ``data_dir``.
+
+    Raises:
+        InputError: when a path lies outside ``data_dir`` and ``allow_outside`` is false.
+    """
+    root = os.path.abspath(os.fspath(data_dir))
+    out = copy.deepcopy(datalist)
     problems = []
     for split, items in out.items():
         if not isinstance(items, list):
@@ -268,8 +280,73 @@ def load_datalist(
                             Problem(it[key], f"{_where(split, i, it)} {key}: outside the data folder {root}")
                         )
     if problems:
-        raise InputError(problems, f"load_datalist: {path}")
+        raise InputError(problems, context)
     return out
+
+
+def training_datalist(
+    dataset_dir: str | os.PathLike,
+    format: str | VolumeFormat,
+    datalist_file: str | os.PathLike | None = None,
+    allow_outside: bool = False,
+    split: str | None = None,
+    missing_ok: bool = False,
+    **selection: Any,
+) -> dict | list:
+    """
+    The datalist of a training run, with absolute paths: the JSON written by ``prepare`` when ``datalist_file`` is
+    given, else :py:func:`build_datalist` of ``dataset_dir`` with ``selection`` (``train_list``, ``test_list``,
+    ``num_labeled``, ``labeled``, ``test``, ...). This is what the bundles call, once per split.
+
+    Args:
+        dataset_dir: the data folder.
+        format: its on-disk layout.
+        datalist_file: a datalist JSON (relative paths resolve against ``dataset_dir``).
+        allow_outside: accept paths outside ``dataset_dir``.
+        split: return only this split's list (``"labeled"``, ``"unlabeled"``, ``"test"``, ``"validation"``).
+        missing_ok: with ``split``, return an empty list when there is neither a ``datalist_file`` nor a
+            ``dataset_dir`` (e.g. MONAI Label hands the labeled pairs over directly and no data folder exists).
+        selection: case selection, see :py:func:`build_datalist`.
+
+    Raises:
+        InputError: the data folder or datalist file is missing or invalid, or the selection is inconsistent.
+    """
+    if datalist_file:
+        datalist = load_datalist(datalist_file, dataset_dir, allow_outside)
+    elif not os.path.isdir(dataset_dir):
+        if missing_ok and split is not None:
+            return []
+        raise InputError([Problem(str(dataset_dir), "data folder not found")], "training data")
+    else:
+        datalist = resolve_datalist(build_datalist(dataset_dir, format, **selection), dataset_dir, allow_outside)
+    if split is None:
+        return datalist
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+    return list(datalist.get(split, []))
+
+
+def validate_datalist(
+    datalist: dict,
+    format: str | VolumeFormat,
+    data_dir: str | os.PathLike = "/",
+    require_unlabeled: bool = False,
+    allow_outside: bool = True,
+    progress: bool = True,
+) -> dict:
+    """
+    :py:func:`check_datalist`, raising instead of returning: the bundles' check before any training starts.
+
+    Returns:
+        ``datalist`` unchanged.
+
+    Raises:
+        InputError: listing every problem (each names its file or case).
+    """
+    problems = check_datalist(datalist, data_dir, format, allow_outside, require_unlabeled, progress)
+    if problems:
+        raise InputError(problems, "the training data failed the checks (nothing was trained or written)")
+    return datalist
 
 
 def _where(split: str, index: int, item: Any) -> str:
@@ -388,6 +465,8 @@ class _VolumeChecker:
         self.spec = spec
         self.loader = LoadImage(image_only=True, ensure_channel_first=True)
         self.readers = {role: spec.reader(role) for role in ("image", "label")}
+        # label maps from other sources (initial labels, MONAI Label) are binary {0, 1}; the format's own values too
+        self.label_values = sorted(set(spec.label_values) | {0, 1})
 
     def __call__(self, path: str, role: str, what: str, problems: list[Problem]) -> _Volume | None:
         """Load and check one file; ``None`` (problems appended) when it is unusable."""
@@ -397,7 +476,8 @@ class _VolumeChecker:
                 problems.append(Problem(path, f"{what}: the data file {missing} named in the header is missing"))
                 return None
         try:
-            img = self.loader(path, reader=self.readers[role])
+            reader = self.readers[role]
+            img = self.loader(path, reader=reader if reader.verify_suffix(path) else None)
         except Exception as e:  # every reader error is a problem with the file
             problems.append(Problem(path, f"{what}: unreadable or corrupt file ({_short_error(e)})"))
             return None
@@ -420,7 +500,7 @@ class _VolumeChecker:
                 problems.append(Problem(path, f"{what}: {bad} NaN/inf intensities"))
         else:
             values = torch.unique(data)
-            expected = torch.tensor(self.spec.label_values, dtype=values.dtype)
+            expected = torch.tensor(self.label_values, dtype=values.dtype)
             unexpected = values[~torch.isin(values, expected)]
             if unexpected.numel():
                 shown = ", ".join(f"{v:g}" for v in unexpected[:5].tolist())
@@ -428,7 +508,7 @@ class _VolumeChecker:
                     Problem(
                         path,
                         f"{what}: label values {shown}{', ...' if unexpected.numel() > 5 else ''} "
-                        f"(format {self.spec.name} expects {', '.join(map(str, self.spec.label_values))})",
+                        f"(format {self.spec.name} expects {', '.join(map(str, self.label_values))})",
                     )
                 )
             has_foreground = bool((values > 0).any())

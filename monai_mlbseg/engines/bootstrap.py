@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from monai.data import MetaTensor
-from monai.data.image_writer import NibabelWriter
 from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
-from monai_mlbseg.utils import atomic_path
+from monai_mlbseg.data.writers import AtomicNibabelWriter
+from monai_mlbseg.meta import unwrap_network
 
 from .checkpoint import load_weights, save_weights
 
@@ -35,7 +36,8 @@ def run_stage(
 
     With ``skip_if_done`` and an existing ``model_path`` the stage is not run again; its weights are loaded into
     ``network`` instead. An interrupted stage continues from its last checkpoint when the trainer carries a
-    :py:class:`~monai_mlbseg.engines.ResumeFromCheckpoint` handler.
+    :py:class:`~monai_mlbseg.engines.ResumeFromCheckpoint` handler. Under ``torch.distributed`` only rank 0
+    writes, and all ranks wait for it.
 
     Args:
         trainer: a MONAI trainer (``run()``, ``network``); an empty one (no data) is skipped.
@@ -52,7 +54,9 @@ def run_stage(
         logger.info(f"{model_path} exists: stage skipped, weights loaded")
         return False
     trainer.run()
-    save_weights(network, model_path)
+    if _rank() == 0:
+        save_weights(network, model_path)
+    _barrier()
     logger.info(f"stage finished at iteration {trainer.state.iteration}; weights saved to {model_path}")
     return True
 
@@ -99,7 +103,8 @@ def bootstrap_labels(
     Stage-1 bootstrap: predict every unlabeled image and write the thresholded prediction as its initial label,
     to the new file named by the item's ``label_key`` (see :py:func:`initial_label_items`), with the image's
     affine. Files are written atomically; existing ones are kept (a rerun continues where it stopped). The input
-    data are never modified.
+    data are never modified. Under ``torch.distributed`` every rank writes its share of the files (with the
+    unwrapped network) and all ranks wait for each other.
 
     Args:
         network: the stage-1 network (put in eval mode for the predictions, restored afterwards).
@@ -115,25 +120,37 @@ def bootstrap_labels(
         the items (unchanged), for chaining in configs.
     """
     todo = [item for item in items if not Path(item[label_key]).is_file()]
-    if not todo:
-        return list(items)
-    was_training = network.training
-    network.eval()
-    writer_cls = NibabelWriter
+    todo = todo[_rank() :: _world()]
+    module = unwrap_network(network)
+    was_training = module.training
+    module.eval()
     try:
         for item in tqdm(todo, desc="initial labels", disable=not progress):
-            data = load({k: v for k, v in item.items() if k != label_key and k != "gt"})
+            data = load({k: v for k, v in item.items() if k not in (label_key, "gt")})
             image = data[image_key]
             batch = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))[None].to(device)
-            mask = (torch.sigmoid(inferer(batch, network)) > threshold)[0].to(torch.uint8).cpu()
-            writer = writer_cls(output_dtype=torch.uint8)
+            mask = (torch.sigmoid(inferer(batch, module)) > threshold)[0].to(torch.uint8).cpu()
+            affine = image.meta.get("affine", torch.eye(4)) if isinstance(image, MetaTensor) else torch.eye(4)
+            writer = AtomicNibabelWriter(output_dtype=torch.uint8)
             writer.set_data_array(mask, channel_dim=0)
-            meta = image.meta if isinstance(image, MetaTensor) else {}
-            affine = meta.get("affine", torch.eye(4))
             writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-            with atomic_path(item[label_key]) as tmp:
-                writer.write(str(tmp), verbose=False)
+            writer.write(item[label_key], verbose=False)
     finally:
-        network.train(was_training)
-    logger.info(f"wrote {len(todo)} initial labels")
+        module.train(was_training)
+    _barrier()
+    if todo:
+        logger.info(f"wrote {len(todo)} initial labels")
     return list(items)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -8,6 +8,7 @@ removed when the writer fails.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -17,7 +18,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "TEMP_MARKER"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "run_fingerprint",
+    "TEMP_MARKER",
+]
 
 #: part of every temporary file name, so leftovers of a killed process can be recognised (and ignored).
 TEMP_MARKER = ".partial-"
@@ -66,3 +74,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def run_fingerprint(*parts: Any, length: int = 10) -> str:
+    """
+    A short, stable hash of JSON-serialisable ``parts`` (data lists, settings), used to key a run's work folder:
+    rerunning with the same inputs finds (and resumes) the same folder, different inputs get a new one.
+
+    Example::
+
+        work = Path("work") / run_fingerprint(labeled_items, unlabeled_items, {"features": [64, 128]})
+    """
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
