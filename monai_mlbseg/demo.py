@@ -64,6 +64,14 @@ QUICK = {
 }
 
 
+#: panels of the training-curve figure: stage-2 series grouped by what they measure
+STAGE2_CURVES = {
+    "stage 2 losses": ("loss", "loss_meta", "loss_clean"),
+    "stage 2 labels vs ground truth (Dice)": ("dice_initial_gt", "dice_pseudo_gt", "dice_pred_gt"),
+    "stage 2 weight shares": ("weight_initial", "weight_pseudo"),
+}
+
+
 def _stage_settings(iterations: int, chunk: int) -> tuple[int, int]:
     """``(epoch_length, max_epochs)`` giving exactly ``iterations`` iterations in epochs of at most ``chunk``."""
     epoch_length = max(1, min(chunk, iterations))
@@ -228,7 +236,7 @@ def run_demo(
     if progress:
         ProgressBar(desc="stage 1").attach(stage1, output_transform=from_engine(["loss"], first=True))
     run_stage(stage1, out_dir / "models" / "stage1.pt")
-    history.update(logged_series(logger1, "stage1"))
+    history.update(logged_series(logger1, "stage 1"))
     timings["stage 1"] = time.time() - t0
 
     report1, pred1 = _evaluate(network, inferer, datalist["test"], load, dev, "labeled only (stage 1)")
@@ -274,14 +282,8 @@ def run_demo(
     if progress:
         ProgressBar(desc="stage 2").attach(stage2, output_transform=lambda o: {"loss": o["loss"]})
     run_stage(stage2, out_dir / "models" / "model.pt", skip_if_done=False)
-    history.update(
-        logged_series(
-            logger2,
-            "stage2",
-            offset=stage1_iterations,
-            select=("loss", "loss_meta", "weight_initial", "dice_pseudo_gt", "dice_initial_gt"),
-        )
-    )
+    for group, names in STAGE2_CURVES.items():
+        history.update(logged_series(logger2, group, offset=stage1_iterations, select=names))
     timings["stage 2"] = time.time() - t0
 
     report2, pred2 = _evaluate(network, inferer, datalist["test"], load, dev, "MLB-Seg (stage 2)")
@@ -296,7 +298,7 @@ def run_demo(
         save_weight_maps(fig_dir / "weight_maps.png", m["views"], m["weights"], m["initial"], m["pseudo"])
         figures.append("weight_maps.png")
     if history:
-        save_training_curves(fig_dir / "training_curves.png", history, title="MLB-Seg demo")
+        save_training_curves(fig_dir / "training_curves.png", history, title="MLB-Seg demo", smooth=25)
         figures.append("training_curves.png")
     timings["total"] = time.time() - start
     settings = {

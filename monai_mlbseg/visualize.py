@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from monai_mlbseg.utils import atomic_path
 
-__all__ = ["DEFAULT_VIEW_NAMES", "save_overlays", "save_training_curves", "save_weight_maps"]
+__all__ = ["DEFAULT_VIEW_NAMES", "moving_average", "save_overlays", "save_training_curves", "save_weight_maps"]
 
 #: column titles of :py:func:`save_weight_maps` for the paper's five views.
 DEFAULT_VIEW_NAMES = ("original", "zoom-in", "zoom-out", "zoom-out", "flip")
@@ -250,11 +250,24 @@ def save_weight_maps(
     return _save(fig, path, dpi)
 
 
+def moving_average(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean of ``window`` consecutive values (``len(values) - window + 1`` results).
+
+    Raises:
+        ValueError: when ``window`` is not between 1 and ``len(values)``.
+    """
+    arr = np.asarray(values, dtype=float)
+    if not 1 <= window <= len(arr):
+        raise ValueError(f"window must be between 1 and {len(arr)}, got {window}.")
+    return np.convolve(arr, np.ones(window) / window, mode="valid")
+
+
 def save_training_curves(
     path: str | os.PathLike,
     history: Mapping[str, Sequence[tuple[int, float]]],
     title: str | None = None,
     dpi: int = 100,
+    smooth: int = 1,
 ) -> Path:
     """
     Line plots of named series against the iteration, one subplot per prefix: ``"stage1/loss"`` and
@@ -267,6 +280,7 @@ def save_training_curves(
             "stage2/loss": [...], "stage2/weight_initial": [...], "validation/dice": [...]}``.
         title: figure title.
         dpi: resolution.
+        smooth: moving-average window; above 1, each series is drawn faintly with its moving average on top.
 
     Returns:
         the path written.
@@ -297,7 +311,11 @@ def save_training_curves(
     axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
     for ax, (group, series) in zip(axes, groups.items()):
         for label, x, y in series:
-            ax.plot(x, y, label=label, linewidth=1.2, marker="." if len(x) < 30 else None)
+            if smooth > 1 and len(y) >= smooth:
+                line = ax.plot(x, y, linewidth=0.6, alpha=0.25)[0]
+                ax.plot(x[smooth - 1 :], moving_average(y, smooth), label=label, linewidth=1.4, color=line.get_color())
+            else:
+                ax.plot(x, y, label=label, linewidth=1.2, marker="." if len(x) < 30 else None)
         ax.set_title(group, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(True, alpha=0.3)

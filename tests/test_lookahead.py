@@ -123,8 +123,8 @@ def test_matches_finite_differences_with_momentum_weight_decay_and_extra_loss(se
 
 def test_param_groups_and_parameters_outside_the_optimizer():
     net, images, sources, clean, clean_y = make_problem(3)
-    decoder = [p for n, p in net.named_parameters() if n.startswith(("conv0_1", "final"))]
-    encoder = [p for n, p in net.named_parameters() if n.startswith("conv1_0")]
+    decoder = [p for n, p in net.named_parameters() if n.startswith(("nodes.conv0_1", "final"))]
+    encoder = [p for n, p in net.named_parameters() if n.startswith("nodes.conv1_0")]
     # conv0_0 is not optimized at all: a real step leaves it unchanged, so must the look-ahead
     optimizer = torch.optim.SGD([{"params": decoder, "lr": 0.1}, {"params": encoder, "lr": 0.02}], momentum=0.9)
     warm_momentum(net, optimizer, images)
@@ -181,9 +181,9 @@ def test_meta_parameter_subset_restricts_the_inner_product():
     net, images, sources, clean, clean_y = make_problem(7)
     lr = 0.1
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)
-    result = MetaLookAhead(net, optimizer, meta_params=["conv0_1", "final"])(images, sources, clean, clean_y)
+    result = MetaLookAhead(net, optimizer, meta_params=["nodes.conv0_1", "final"])(images, sources, clean, clean_y)
     ref = copy.deepcopy(net)
-    chosen = [p for n, p in ref.named_parameters() if n.startswith(("conv0_1.", "final."))]
+    chosen = [p for n, p in ref.named_parameters() if n.startswith(("nodes.conv0_1.", "final."))]
     meta = torch.autograd.grad(F.binary_cross_entropy_with_logits(ref(clean), clean_y), chosen)
     losses = pixel_bce(ref(images), sources)
     expected = torch.zeros_like(losses)
@@ -191,7 +191,9 @@ def test_meta_parameter_subset_restricts_the_inner_product():
         grads = torch.autograd.grad(losses[tuple(idx)], chosen, retain_graph=True)
         expected[tuple(idx)] = lr * sum((a * b).sum() for a, b in zip(grads, meta))
     assert torch.allclose(result.neg_meta_grad, expected, atol=1e-12, rtol=1e-9)
-    assert set(result.meta_grads) == {n for n, _ in net.named_parameters() if n.startswith(("conv0_1.", "final."))}
+    assert set(result.meta_grads) == {
+        n for n, _ in net.named_parameters() if n.startswith(("nodes.conv0_1.", "final."))
+    }
 
 
 def test_weights_are_zero_not_nan_when_nothing_is_positive():

@@ -179,7 +179,7 @@ def test_fast_modes():
     trainer.run()
     out = trainer.state.output
     assert steps["n"] == 4 and out["loss_clean"] == pytest.approx(out["loss_meta"])
-    trainer = make_trainer(meta_params=["conv0_1", "final"])
+    trainer = make_trainer(meta_params=["nodes.conv0_1", "final"])
     trainer.run()
     assert math.isfinite(trainer.state.output["loss_meta"])
     with pytest.raises(ValueError, match="reuse_meta_grad"):

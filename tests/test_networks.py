@@ -15,11 +15,11 @@ def test_reference_configuration_parameter_count():
 
 def test_node_layout_matches_the_reference_names():
     net = NestedUNet(2, features=(4, 8, 16, 32, 64))
-    names = {n.split(".")[0] for n, _ in net.named_parameters()}
-    expected = {f"conv{i}_{j}" for j in range(5) for i in range(5 - j)} | {"final"}
+    names = {".".join(n.split(".")[:2]) for n, _ in net.named_parameters()}
+    expected = {f"nodes.conv{i}_{j}" for j in range(5) for i in range(5 - j)} | {"final.weight", "final.bias"}
     assert names == expected
-    assert net.conv0_4[0].conv.in_channels == 4 * 4 + 8
-    assert net.conv3_1[0].conv.in_channels == 32 + 64
+    assert net.nodes["conv0_4"][0].conv.in_channels == 4 * 4 + 8
+    assert net.nodes["conv3_1"][0].conv.in_channels == 32 + 64
 
 
 @pytest.mark.parametrize(
@@ -56,6 +56,16 @@ def test_learns_a_trivial_mapping():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (2, 1, 36, 28)), (3, (1, 1, 12, 10, 8))])
+def test_torchscript_and_torch_export_reproduce_eager(dims, shape):
+    net = NestedUNet(dims, features=(4, 8, 16)).eval()
+    x = torch.rand(*shape)
+    with torch.no_grad():
+        eager = net(x)
+        assert torch.allclose(torch.jit.script(net)(x), eager, atol=1e-6)
+        assert torch.allclose(torch.export.export(net, (x,)).module()(x), eager, atol=1e-6)
 
 
 def test_bad_arguments():

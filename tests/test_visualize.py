@@ -128,3 +128,17 @@ def test_save_training_curves_rejects_bad_history(tmp_path):
     with pytest.raises(ValueError, match="'b'"):
         save_training_curves(tmp_path / "x.png", {"b": [(1, 2.0, 3.0)]})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_moving_average_and_smoothed_curves(tmp_path):
+    from monai_mlbseg.visualize import moving_average
+
+    values = [1.0, 3.0, 2.0, 6.0, 4.0]
+    assert np.allclose(moving_average(values, 2), [2.0, 2.5, 4.0, 5.0])
+    assert np.allclose(moving_average(values, 5), [3.2])
+    with pytest.raises(ValueError, match="window"):
+        moving_average(values, 6)
+    noisy = {"stage2/loss": [(i, float(i % 2)) for i in range(40)]}
+    plain = save_training_curves(tmp_path / "plain.png", noisy)
+    smoothed = save_training_curves(tmp_path / "smooth.png", noisy, smooth=8)
+    assert plain.read_bytes() != smoothed.read_bytes()

@@ -148,7 +148,7 @@ class MetaLookAhead:
             dampening, nesterov and weight decay and its current momentum buffer (none yet: the plain gradient, as
             ``torch.optim.SGD``). Parameters outside the optimizer are held fixed.
         meta_params: names or name prefixes (module paths) of the parameters whose update is differentiated
-            (default: every optimized parameter, the exact method). A subset (e.g. ``("conv0_4", "final")``)
+            (default: every optimized parameter, the exact method). A subset (e.g. ``("nodes.conv0_4", "final")``)
             approximates the meta-gradient by those parameters only, at a fraction of the cost.
         eps: stabiliser of the weight normalisation.
 

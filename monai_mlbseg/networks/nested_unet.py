@@ -18,7 +18,8 @@ class NestedUNet(nn.Module):
     Nested U-Net (Zhou et al., UNet++, 2018) in the configuration of the MLB-Seg reference: ``len(features)``
     resolution levels, every node two ``conv3x3 - BatchNorm - ReLU`` layers (MONAI's ``TwoConv``), 2x max-pooling
     down, bilinear (trilinear in 3D) upsampling with ``align_corners=True``, dense skip connections, a 1x1
-    convolution out, no deep supervision. Node ``x[i][j]`` is attribute ``conv{i}_{j}`` as in the reference.
+    convolution out, no deep supervision. Node ``x[i][j]`` is ``nodes.conv{i}_{j}`` (the reference's names).
+    The network can be scripted with TorchScript (``monai.bundle ckpt_export``) and exported with ``torch.export``.
 
     The 2D defaults (features 64/128/256/512/1024, 1 in and 1 out channel) have 36,628,481 parameters.
     Upsampled maps are resized to their skip connection, so any input size works (the reference needs multiples
@@ -64,13 +65,19 @@ class NestedUNet(nn.Module):
         self.levels = len(self.features)
         self.interp = "bilinear" if spatial_dims == 2 else "trilinear"
         self.pool = Pool["max", spatial_dims](kernel_size=2, stride=2)
-        for j in range(self.levels):
-            for i in range(self.levels - j):
-                in_ch = in_channels if (i, j) == (0, 0) else self.features[i - 1] if j == 0 else 0
-                if j > 0:
-                    in_ch = self.features[i] * j + self.features[i + 1]
-                block = TwoConv(spatial_dims, in_ch, self.features[i], act=act, norm=norm, bias=bias, dropout=dropout)
-                self.add_module(f"conv{i}_{j}", block)
+        # nodes in execution order: column 0 of level i, then the diagonal x[i-j][j] it completes (TorchScript can
+        # iterate a ModuleDict but not index modules dynamically)
+        self.schedule: list[tuple[int, int]] = [(i - j, j) for i in range(self.levels) for j in range(i + 1)]
+        nodes = {}
+        for level, col in self.schedule:
+            if col == 0:
+                in_ch = in_channels if level == 0 else self.features[level - 1]
+            else:
+                in_ch = self.features[level] * col + self.features[level + 1]
+            nodes[f"conv{level}_{col}"] = TwoConv(
+                spatial_dims, in_ch, self.features[level], act=act, norm=norm, bias=bias, dropout=dropout
+            )
+        self.nodes = nn.ModuleDict(nodes)
         self.final = Conv["conv", spatial_dims](self.features[0], out_channels, kernel_size=1)
 
     def _up(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -84,12 +91,14 @@ class NestedUNet(nn.Module):
         Returns:
             ``[N, out_channels, *S]`` logits.
         """
-        nodes: list[list[torch.Tensor]] = [[] for _ in range(self.levels)]
-        for i in range(self.levels):
-            inp = x if i == 0 else self.pool(nodes[i - 1][0])
-            nodes[i].append(getattr(self, f"conv{i}_0")(inp))
-            for j in range(1, i + 1):
-                level = i - j
-                cat = torch.cat([*nodes[level], self._up(nodes[level + 1][j - 1], nodes[level][0])], dim=1)
-                nodes[level].append(getattr(self, f"conv{level}_{j}")(cat))
-        return self.final(nodes[0][-1])
+        outputs: list[list[torch.Tensor]] = [[] for _ in range(self.levels)]
+        step = 0
+        for block in self.nodes.values():
+            level, col = self.schedule[step]
+            step += 1
+            if col == 0:
+                inp = x if level == 0 else self.pool(outputs[level - 1][0])
+            else:
+                inp = torch.cat(outputs[level] + [self._up(outputs[level + 1][col - 1], outputs[level][0])], dim=1)
+            outputs[level].append(block(inp))
+        return self.final(outputs[0][-1])

@@ -1,0 +1,79 @@
+"""Helpers to run the two bundles on small synthetic data in the tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from monai.bundle import ConfigWorkflow
+
+from monai_mlbseg.data import make_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = {"mlbseg_la": REPO / "bundles" / "mlbseg_la", "mlbseg_prostate": REPO / "bundles" / "mlbseg_prostate"}
+
+#: small sizes for CPU tests: tiny network and slices (every workflow) ...
+TINY = {"features": [4, 8], "image_size": [32, 32], "device": "cpu", "num_workers": 0}
+#: ... and one short epoch per stage (training)
+TINY_TRAIN = {"stage1#max_epochs": 1, "train#trainer#max_epochs": 1, "train#trainer#epoch_length": 3}
+
+#: synthetic case ids per format and the case selection (labeled / test, the rest unlabeled)
+CASES = {
+    "uamt_h5": (["la_a", "la_b", "la_c", "la_d", "la_e"], {"labeled": ["la_a", "la_b"], "test": ["la_e"]}),
+    "la_raw": (["raw_a", "raw_b", "raw_c", "raw_d"], {"labeled": ["raw_a"], "test": ["raw_d"]}),
+    "msd_heart": (["la_003", "la_004", "la_005", "la_007"], {"labeled": ["la_003"], "test": ["la_007"]}),
+    "promise12": (
+        ["Case00", "Case01", "Case02", "Case03", "Case04"],
+        {"labeled": ["Case00", "Case01"], "test": ["Case04"]},
+    ),
+    "msd_prostate": (
+        ["prostate_00", "prostate_01", "prostate_02", "prostate_04"],
+        {"labeled": ["prostate_00"], "test": ["prostate_04"]},
+    ),
+}
+
+
+def copy_bundle(name: str, dest: Path) -> Path:
+    """A private copy of a bundle (its runs write models/ and work/ inside it)."""
+    target = dest / name
+    shutil.copytree(BUNDLES[name], target, ignore=shutil.ignore_patterns("models", "work", "eval"))
+    return target
+
+
+def make_data(root: Path, format: str, shape=(40, 36, 8)) -> tuple[Path, dict]:
+    """Synthetic volumes in ``format`` and the ``split`` override selecting them."""
+    ids, split = CASES[format]
+    data = root / f"data_{format}"
+    make_synthetic_dataset(data, format, num_cases=len(ids), shape=shape, seed=1, case_ids=ids)
+    return data, split
+
+
+def overrides(bundle: Path, data: Path, format: str, split: dict, **extra) -> dict:
+    return {
+        "bundle_root": str(bundle),
+        "dataset_dir": str(data),
+        "data_format": format,
+        "split": split,
+        **TINY,
+        **TINY_TRAIN,
+        **extra,
+    }
+
+
+def workflow(bundle: Path, configs: list[str], workflow_type: str, run_id: str = "run", **override) -> ConfigWorkflow:
+    """A ``ConfigWorkflow`` of the bundle, initialised; training-only overrides are dropped for inference."""
+    if workflow_type != "train":
+        override = {
+            k: v for k, v in override.items() if k not in TINY_TRAIN and not k.startswith(("train#", "stage1#"))
+        }
+    files = [str(bundle / "configs" / c) for c in configs]
+    wf = ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        run_id=run_id,
+        **override,
+    )
+    wf.initialize()
+    return wf

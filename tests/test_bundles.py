@@ -1,0 +1,261 @@
+"""The two bundles through MONAI's own bundle machinery, on small synthetic data in every supported format."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, verify_net_in_out
+
+from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list
+from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.utils import InputError
+
+from .bundle_utils import BUNDLES, copy_bundle, make_data, overrides, workflow
+
+FORMATS = {"mlbseg_la": ["uamt_h5", "la_raw", "msd_heart"], "mlbseg_prostate": ["promise12", "msd_prostate"]}
+DEFAULT_FORMAT = {"mlbseg_la": "uamt_h5", "mlbseg_prostate": "promise12"}
+
+
+def test_the_bundles_differ_only_in_their_data():
+    data_keys = {"dataset_dir", "data_format", "h5_spacing", "split"}
+    for name in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json"):
+        la = json.loads((BUNDLES["mlbseg_la"] / "configs" / name).read_text())
+        pr = json.loads((BUNDLES["mlbseg_prostate"] / "configs" / name).read_text())
+        differing = {k for k in set(la) | set(pr) if la.get(k) != pr.get(k)}
+        assert differing <= data_keys, f"{name}: {sorted(differing - data_keys)} differ beyond the data"
+    assert (BUNDLES["mlbseg_la"] / "configs" / "logging.conf").read_text() == (
+        BUNDLES["mlbseg_prostate"] / "configs" / "logging.conf"
+    ).read_text()
+    la = json.loads((BUNDLES["mlbseg_la"] / "configs" / "metadata.json").read_text())
+    pr = json.loads((BUNDLES["mlbseg_prostate"] / "configs" / "metadata.json").read_text())
+    for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version"):
+        assert la[key] == pr[key]
+    assert la["network_data_format"]["inputs"] == pr["network_data_format"]["inputs"]
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_metadata_follows_the_bundle_specification(name):
+    meta = json.loads((BUNDLES[name] / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    assert "monai-mlbseg" in meta["required_packages_version"]
+    image = meta["network_data_format"]["inputs"]["image"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert image["num_channels"] == 1 and image["spatial_shape"] == [144, 144] and image["value_range"] == [0, 1]
+    assert pred["num_channels"] == 1 and pred["channel_def"]["0"] == "background"
+    for f in (
+        "configs/train.json",
+        "configs/inference.json",
+        "configs/evaluate.json",
+        "configs/multi_gpu_train.json",
+        "configs/logging.conf",
+        "docs/README.md",
+        "LICENSE",
+        "large_files.yml",
+    ):
+        assert (BUNDLES[name] / f).is_file(), f"{name} lacks {f}"
+    assert not (BUNDLES[name] / "models").exists(), "weights are never committed"
+
+
+def test_shipped_splits():
+    configs = BUNDLES["mlbseg_la"] / "configs"
+    train, test = read_case_list(configs / "train.list"), read_case_list(configs / "test.list")
+    assert len(train) == 80 and len(test) == 20 and not set(train) & set(test)
+    assert train[:4] == ["06SR5RBREL16DQ6M8LWS", "0RZDK210BSMWAA6467LU", "1D7CUD1955YZPGK8XHJX", "1GU15S0GJ6PFNARO469W"]
+    split = json.loads((BUNDLES["mlbseg_prostate"] / "configs" / "train.json").read_text())["split"]
+    assert split["labeled"] == ["Case29", "Case14", "Case05"] and len(split["test"]) == 10
+
+
+def test_prostate_reference_split_on_fifty_promise12_cases(tmp_path):
+    ids = [f"Case{i:02d}" for i in range(50)]
+    make_synthetic_dataset(tmp_path, "promise12", num_cases=50, shape=(12, 12, 8), seed=0, case_ids=ids)
+    split = json.loads((BUNDLES["mlbseg_prostate"] / "configs" / "train.json").read_text())["split"]
+    dl = build_datalist(tmp_path, "promise12", **split)
+    assert [i["case_id"] for i in dl["labeled"]] == ["Case29", "Case14", "Case05"]
+    assert len(dl["unlabeled"]) == 37 and len(dl["test"]) == 10
+    assert all("gt" in i and "label" not in i for i in dl["unlabeled"])
+
+
+def test_uamt_lists_pick_the_first_n_labeled(tmp_path):
+    configs = BUNDLES["mlbseg_la"] / "configs"
+    train = read_case_list(configs / "train.list")
+    make_synthetic_dataset(
+        tmp_path,
+        "uamt_h5",
+        num_cases=12,
+        shape=(12, 12, 8),
+        seed=0,
+        case_ids=train[:10] + read_case_list(configs / "test.list")[:2],
+    )
+    for n in (4, 8):
+        dl = build_datalist(
+            tmp_path, "uamt_h5", train_list=configs / "train.list", test_list=configs / "test.list", num_labeled=n
+        )
+        assert [i["case_id"] for i in dl["labeled"]] == train[:n]
+        assert [i["case_id"] for i in dl["unlabeled"]] == train[n:]
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_check_properties_of_both_workflows(name, tmp_path):
+    bundle = copy_bundle(name, tmp_path)
+    fmt = DEFAULT_FORMAT[name]
+    data, split = make_data(tmp_path, fmt)
+    over = overrides(bundle, data, fmt, split)
+    assert workflow(bundle, ["train.json"], "train", **over).check_properties() == []
+    (bundle / "models").mkdir(exist_ok=True)
+    torch.save(NestedUNet(2, features=(4, 8)).state_dict(), bundle / "models" / "model.pt")
+    assert workflow(bundle, ["inference.json"], "infer", **over).check_properties() == []
+    assert workflow(bundle, ["inference.json", "evaluate.json"], "infer", **over).check_properties() == []
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_verify_net_in_out_with_the_reference_network(name):
+    configs = BUNDLES[name] / "configs"
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+        device="cpu",
+        p=1,
+        n=1,
+        any=8,
+        bundle_root=str(BUNDLES[name]),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_torchscript_export_reproduces_the_eager_network(name, tmp_path):
+    from monai.bundle import ckpt_export
+
+    bundle = copy_bundle(name, tmp_path)
+    net = NestedUNet(2, features=(4, 8, 16)).eval()
+    (bundle / "models").mkdir(exist_ok=True)
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(bundle / "models" / "model.ts"),
+        ckpt_file=str(bundle / "models" / "model.pt"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / "inference.json"),
+        bundle_root=str(bundle),
+        features=[4, 8, 16],
+    )
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"))
+    x = torch.rand(2, 1, 144, 144)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
+
+
+def run_bundle(name, fmt, tmp_path):
+    bundle = copy_bundle(name, tmp_path)
+    data, split = make_data(tmp_path, fmt)
+    over = overrides(bundle, data, fmt, split)
+    wf = workflow(bundle, ["train.json"], "train", run_id="training", **over)
+    wf.run()
+    wf.finalize()
+    return bundle, data, over
+
+
+@pytest.mark.parametrize("name,fmt", [(n, f) for n in sorted(FORMATS) for f in FORMATS[n]])
+def test_train_then_infer_on_every_format(name, fmt, tmp_path):
+    bundle, data, over = run_bundle(name, fmt, tmp_path)
+    model = bundle / "models" / "model.pt"
+    state = torch.load(model, weights_only=True)
+    NestedUNet(2, features=(4, 8)).load_state_dict(state)
+    runs = list((bundle / "work").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run / "stage1.pt").is_file(), "stage 1 ran and saved its weights"
+    initial = sorted(p.name for p in (run / "initial_labels").iterdir())
+    assert initial and all(p.endswith(".nii.gz") for p in initial)
+    assert not list(data.rglob("*.partial-*")) and not list(bundle.rglob("*.partial-*"))
+    final = [p.name for p in (run / "stage2").iterdir()]
+    assert any("final_iteration=3" in p for p in final), final
+
+    wf = workflow(bundle, ["inference.json"], "infer", **over)
+    wf.run()
+    masks = sorted((bundle / "eval").rglob("*_seg.nii.gz"))
+    test_items = over["split"]["test"]
+    assert len(masks) == len(test_items)
+    mask = nib.load(masks[0])
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    item = build_datalist(data, fmt, **over["split"])["test"][0]
+    image_path = data / item["image"]
+    if fmt != "uamt_h5":
+        ref = nib.load(image_path) if str(image_path).endswith(".nii.gz") else None
+        if ref is not None:
+            assert mask.shape == ref.shape[:3] and np.allclose(mask.affine, ref.affine, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_evaluate_writes_per_case_metrics(name, tmp_path):
+    fmt = DEFAULT_FORMAT[name]
+    bundle, data, over = run_bundle(name, fmt, tmp_path)
+    workflow(bundle, ["inference.json", "evaluate.json"], "infer", **over).run()
+    report = json.loads((bundle / "eval" / "metrics.json").read_text())
+    cases = report["cases"]
+    assert [c["case_id"] for c in cases] == over["split"]["test"]
+    for key in ("dice", "jaccard", "hd95_voxel", "asd_voxel", "hd95_mm", "asd_mm"):
+        assert key in cases[0] and key in report["summary"]
+    csv = (bundle / "eval" / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("case_id,dice,jaccard") and csv[-2].startswith("mean,")
+
+
+def test_rerun_skips_completed_stages_and_resumes(tmp_path):
+    bundle, data, over = run_bundle("mlbseg_la", "uamt_h5", tmp_path)
+    run = next((bundle / "work").iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in [run / "stage1.pt", *(run / "initial_labels").iterdir()]}
+    wf = workflow(bundle, ["train.json"], "train", run_id="run", **over)
+    wf.run()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "stage 1 and the initial labels are reused"
+    assert len(list((bundle / "work").iterdir())) == 1
+    changed = {**over, "features": [4, 8, 16]}
+    workflow(bundle, ["train.json"], "train", run_id="run", **changed).run()
+    assert len(list((bundle / "work").iterdir())) == 2, "other settings start a separate run"
+
+
+def test_training_refuses_bad_data_before_it_starts(tmp_path):
+    bundle = copy_bundle("mlbseg_la", tmp_path)
+    data, split = make_data(tmp_path, "uamt_h5")
+    split = {"labeled": ["la_a", "la_e"], "test": ["la_e"]}
+    wf = workflow(bundle, ["train.json"], "train", run_id="training", **overrides(bundle, data, "uamt_h5", split))
+    with pytest.raises(Exception) as info:
+        wf.run()
+    assert isinstance(info.value, InputError) or isinstance(info.value.__cause__, InputError)
+    assert "la_e" in str(info.value.__cause__ or info.value)
+    assert not (bundle / "work").exists() or not any((bundle / "work").rglob("*.pt"))
+    assert not (bundle / "models").exists()
+
+
+def test_monai_label_style_overrides_train_from_labeled_pairs_only(tmp_path):
+    """MONAI Label overrides train#dataset#data with labeled NIfTI pairs and sets no data folder."""
+    bundle = copy_bundle("mlbseg_prostate", tmp_path)
+    pairs = []
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = rng.normal(size=(24, 20, 6)).astype(np.float32)
+        lab = np.zeros((24, 20, 6), np.uint8)
+        lab[8:16, 6:14, 1:5] = 1
+        img[lab > 0] += 2
+        for kind, arr in (("img", img), ("lab", lab)):
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / f"{kind}{i}.nii.gz")
+        pairs.append({"image": str(tmp_path / f"img{i}.nii.gz"), "label": str(tmp_path / f"lab{i}.nii.gz")})
+    over = {
+        "bundle_root": str(bundle),
+        "train#dataset#data": pairs,
+        "validate#dataset#data": [],
+        "features": [4, 8],
+        "image_size": [32, 32],
+        "train#trainer#max_epochs": 2,
+        "device": "cpu",
+    }
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    assert "dataset_dir" in parser and not (tmp_path / "workspace").exists()
+    wf = workflow(bundle, ["train.json"], "train", run_id="run", **over)
+    wf.run()
+    assert (bundle / "models" / "model.pt").is_file()
+    run = next((bundle / "work").iterdir())
+    assert not (run / "stage1.pt").exists(), "no unlabeled data: stage 1 and the bootstrap are skipped"
+    assert any("final_iteration" in p.name for p in (run / "stage2").iterdir())
