@@ -56,8 +56,8 @@ def run_stage(
     trainer.run()
     if _rank() == 0:
         save_weights(network, model_path)
+        logger.info(f"stage finished at iteration {trainer.state.iteration}; weights saved to {model_path}")
     _barrier()
-    logger.info(f"stage finished at iteration {trainer.state.iteration}; weights saved to {model_path}")
     return True
 
 
