@@ -67,7 +67,7 @@ class NestedUNet(nn.Module):
         self.pool = Pool["max", spatial_dims](kernel_size=2, stride=2)
         # nodes in execution order: column 0 of level i, then the diagonal x[i-j][j] it completes (TorchScript can
         # iterate a ModuleDict but not index modules dynamically)
-        self.schedule: list[tuple[int, int]] = [(i - j, j) for i in range(self.levels) for j in range(i + 1)]
+        self.schedule = [(i - j, j) for i in range(self.levels) for j in range(i + 1)]
         nodes = {}
         for level, col in self.schedule:
             if col == 0:
