@@ -35,6 +35,7 @@ from monai_mlbseg.engines import (
     AtomicCheckpointSaver,
     MetaIterationEvents,
     MetaTrainer,
+    NonFiniteLossGuard,
     ResumeFromCheckpoint,
     bootstrap_labels,
     initial_label_items,
@@ -228,7 +229,7 @@ def run_demo(
         network=network,
         optimizer=opt1,
         loss_function=torch.nn.BCEWithLogitsLoss(),
-        train_handlers=[ResumeFromCheckpoint(out_dir / "checkpoints" / "stage1", save1), logger1],
+        train_handlers=[ResumeFromCheckpoint(out_dir / "checkpoints" / "stage1", save1), NonFiniteLossGuard(), logger1],
     )
     AtomicCheckpointSaver(
         str(out_dir / "checkpoints" / "stage1"), save1, save_interval=50, epoch_level=False, n_saved=1, save_final=True

@@ -14,14 +14,14 @@ from monai.utils import convert_to_dst_type
 __all__ = ["SliceResizeInferer", "minmax_slices"]
 
 
-def minmax_slices(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def minmax_slices(x: torch.Tensor) -> torch.Tensor:
     """Min-max scale every item of ``x`` (``[N, C, *S]``) to [0, 1] over all its channels and pixels (constant
-    items become 0), like MONAI's ``ScaleIntensity(minv=0, maxv=1)`` applied to each slice."""
+    items become 0), exactly like MONAI's ``ScaleIntensity(minv=0, maxv=1)`` applied to each slice."""
     flat = x.flatten(1)
     lo = flat.min(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
     hi = flat.max(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
     span = hi - lo
-    return torch.where(span > eps, (x - lo) / span.clamp_min(eps), torch.zeros_like(x))
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x))
 
 
 class SliceResizeInferer(Inferer):

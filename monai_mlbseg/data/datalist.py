@@ -345,7 +345,9 @@ def validate_datalist(
     """
     problems = check_datalist(datalist, data_dir, format, allow_outside, require_unlabeled, progress)
     if problems:
-        raise InputError(problems, "the training data failed the checks (nothing was trained or written)")
+        error = InputError(problems, "the training data failed the checks (nothing was trained or written)")
+        logging.getLogger(__name__).error(str(error))
+        raise error
     return datalist
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from monai_mlbseg.data.writers import AtomicNibabelWriter
 from monai_mlbseg.meta import unwrap_network
+from monai_mlbseg.utils.io import TEMP_MARKER
 
 from .checkpoint import load_weights, save_weights
 
@@ -120,6 +121,11 @@ def bootstrap_labels(
         the items (unchanged), for chaining in configs.
     """
     todo = [item for item in items if not Path(item[label_key]).is_file()]
+    if _rank() == 0:
+        for folder in {Path(item[label_key]).parent for item in todo}:
+            for stale in folder.glob(f".*{TEMP_MARKER}*"):  # left by a killed write; never read by anything
+                stale.unlink()
+    _barrier()
     todo = todo[_rank() :: _world()]
     module = unwrap_network(network)
     was_training = module.training

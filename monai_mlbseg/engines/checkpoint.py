@@ -27,7 +27,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     MONAI's :py:class:`~monai.handlers.CheckpointSaver` with every file written atomically (temporary file, then
     rename), so a process killed while saving never leaves a truncated checkpoint that a resume would read.
     MONAI turns atomic saving off for file permissions; current Ignite restores group/other read access after the
-    rename. The engine the saver is attached to is saved too, under ``engine_key`` (its iteration and epoch are what
+    rename. A run stopped by a non-finite loss (``FloatingPointError``) saves no final checkpoint of its poisoned
+    state. The engine the saver is attached to is saved too, under ``engine_key`` (its iteration and epoch are what
     a resume needs; a bundle config cannot reference the trainer from the trainer's own handlers).
 
     Args:
@@ -51,6 +52,15 @@ class AtomicCheckpointSaver(CheckpointSaver):
             for checkpoint in self._checkpoints():
                 checkpoint.to_save[self.engine_key] = engine
         super().attach(engine)
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        """Save the final checkpoint on an exception, except a ``FloatingPointError``: a non-finite loss has
+        already passed through the normalisation layers' running statistics, so that state must not be saved
+        (the previous checkpoints hold the last good one)."""
+        if isinstance(e, FloatingPointError):
+            self.logger.warning(f"{e}; no checkpoint saved for this state.")
+            raise e
+        super().exception_raised(engine, e)
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:

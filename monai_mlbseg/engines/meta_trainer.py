@@ -20,6 +20,7 @@ from monai_mlbseg.losses import MeanTeacherLoss, MetaReweightLoss, ViewConsisten
 from monai_mlbseg.meta import MetaLookAhead, unwrap_network
 from monai_mlbseg.transforms import PLEViews, ViewParams, ViewTransform, ple_pseudo_labels, warp_to_views
 
+from .guards import check_finite
 from .teacher import MeanTeacherHandler
 
 __all__ = ["MetaIterationEvents", "MetaTrainer", "STAGE2_TERMS", "stage2_terms"]
@@ -124,6 +125,8 @@ class MetaTrainer(SupervisedTrainer):
         reuse_meta_grad: fast mode: the clean step uses ``grad L_meta(theta_hat)`` from the look-ahead instead of
             its own forward/backward (approximation; needs ``reweight`` and the full ``meta_params``).
         threshold: threshold of the pseudo labels and the warped labels.
+        seed: seed of the view transform; default: drawn from ``torch``'s global generator, so that
+            ``monai.utils.set_determinism`` makes runs repeatable.
         image_key, label_key, gt_key: batch keys.
         kwargs: the other arguments of ``monai.engines.SupervisedTrainer`` (handlers, amp, epoch_length, ...).
 
@@ -162,6 +165,7 @@ class MetaTrainer(SupervisedTrainer):
         meta_params: Sequence[str] | None = None,
         reuse_meta_grad: bool = False,
         threshold: float = 0.5,
+        seed: int | None = None,
         image_key: str = "image",
         label_key: str = "label",
         gt_key: str = "gt",
@@ -196,6 +200,7 @@ class MetaTrainer(SupervisedTrainer):
         self.views = views if views is not None else PLEViews(spatial_dims)
         if self.views.spatial_dims != spatial_dims:
             raise ValueError(f"views are {self.views.spatial_dims}D but spatial_dims is {spatial_dims}.")
+        self.set_random_state(int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed)
         self.clean_step = clean_step
         self.use_teacher = use_teacher and mt_weight > 0
         self.use_ple = use_ple
@@ -256,8 +261,9 @@ class MetaTrainer(SupervisedTrainer):
         l_mt = self.mt_loss(probs, self._teacher_probs(views)) if self.use_teacher else zero
         return l_pc, l_mt
 
-    def _step(self, loss: torch.Tensor) -> None:
-        """Backward, clip, optimizer step (with the AMP grad scaler when there is one)."""
+    def _step(self, loss: torch.Tensor, what: str) -> None:
+        """Check the loss, then backward, clip, optimizer step (with the AMP grad scaler when there is one)."""
+        check_finite(loss, self, what)
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -322,8 +328,8 @@ class MetaTrainer(SupervisedTrainer):
                 named = [(n, p) for n, p in unwrap_network(self.network).named_parameters() if p.requires_grad]
                 grads = torch.autograd.grad(extra, [p for _, p in named], retain_graph=True, allow_unused=True)
                 lookahead_grads = {n: g for (n, _), g in zip(named, grads)}
-            with self._autocast():
-                result = self.lookahead(views, sources, clean_views, clean_view_labels, lookahead_grads=lookahead_grads)
+            # the look-ahead runs in float32: autocast does not combine with forward-mode AD (jvp)
+            result = self.lookahead(views, sources, clean_views, clean_view_labels, lookahead_grads=lookahead_grads)
             weights, meta_loss, meta_grads = result.weights, result.meta_loss, result.meta_grads
         else:
             weights = torch.full((views.shape[0], len(sources), *views.shape[2:]), 1.0, device=views.device)
@@ -340,19 +346,20 @@ class MetaTrainer(SupervisedTrainer):
         weighted = self.loss_function(logits, sources, weights)
         loss = weighted + extra
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        self._step(loss)
+        self._step(loss, "weighted-step loss")
         engine.fire_event(MetaIterationEvents.REAL_STEP_COMPLETED)
 
         clean_loss = None
         if self.clean_step:
             if self.reuse_meta_grad:
+                check_finite(meta_loss, self, "meta loss")
                 self._apply_meta_grads(meta_grads)
                 clean_loss = meta_loss
             else:
                 if clean_views is None:
                     clean_views, clean_view_labels, clean_params = self._views(clean_images, clean_labels)
                 clean_loss, _ = self._clean_loss(clean_views, clean_view_labels, clean_params)
-                self._step(clean_loss)
+                self._step(clean_loss, "clean-step loss")
             engine.fire_event(MetaIterationEvents.CLEAN_STEP_COMPLETED)
 
         scalars = torch.stack(
@@ -416,7 +423,7 @@ class MetaTrainer(SupervisedTrainer):
         self.state.output = {Keys.IMAGE: views, Keys.LABEL: view_labels, Keys.PRED: logits}
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         self.fire_event(IterationEvents.LOSS_COMPLETED)
-        self._step(loss)
+        self._step(loss, "clean-step loss")
         self.fire_event(MetaIterationEvents.CLEAN_STEP_COMPLETED)
         value = float(loss.detach())
         self.state.output.update(loss=value, loss_clean=value)

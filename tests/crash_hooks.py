@@ -1,0 +1,37 @@
+"""Hooks that kill the running process (SIGKILL: no cleanup, no exception handlers) at chosen points, for the
+crash-safety tests. They are armed from an extra bundle config file that the tests add to the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import nibabel as nib
+from ignite.engine import Events
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at_iteration(trainer, iteration: int):
+    """SIGKILL the process when ``trainer`` completes ``iteration`` (after its handlers, e.g. checkpoints, ran)."""
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), lambda engine: _die())
+    return trainer
+
+
+def kill_while_writing(nth: int) -> None:
+    """SIGKILL the process in the middle of the ``nth`` NIfTI write: half a file on disk, never renamed."""
+    calls = {"n": 0}
+    save = nib.save
+
+    def dying_save(img, filename, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            with open(filename, "wb") as f:
+                f.write(b"\x5c\x01\x00\x00 half a header")
+                f.flush()
+            _die()
+        return save(img, filename, *args, **kwargs)
+
+    nib.save = dying_save
