@@ -129,6 +129,10 @@ class MetaTrainer(SupervisedTrainer):
             ``monai.utils.set_determinism`` makes runs repeatable.
         image_key, label_key, gt_key: batch keys.
         kwargs: the other arguments of ``monai.engines.SupervisedTrainer`` (handlers, amp, epoch_length, ...).
+            ``amp`` runs the plain forwards under ``torch.autocast`` (``amp_kwargs={"dtype": torch.bfloat16}`` for
+            bf16); ``compile=True`` (with ``compile_kwargs``) wraps the student's and the teacher's plain forwards
+            in ``torch.compile``. The look-ahead always runs eagerly in float32 (forward-mode AD through a
+            functional call of the unwrapped network).
 
     Raises:
         TypeError: when the optimizer is not SGD (with ``reweight``).
@@ -219,6 +223,9 @@ class MetaTrainer(SupervisedTrainer):
         if self.use_teacher:
             self.teacher = teacher if teacher is not None else copy.deepcopy(unwrap_network(network))
             MeanTeacherHandler(self.teacher, decay=ema_decay).attach(self)
+        self._teacher_forward = self.teacher
+        if self.teacher is not None and self.compile:
+            self._teacher_forward = torch.compile(self.teacher, **(kwargs.get("compile_kwargs") or {}))
         self.state.weight_maps = None
 
     def set_random_state(self, seed: int) -> MetaTrainer:
@@ -248,10 +255,15 @@ class MetaTrainer(SupervisedTrainer):
             return torch.autocast(self.state.device.type, enabled=False)
         return torch.autocast(self.state.device.type, **self.amp_kwargs)
 
+    def _forward(self, views: torch.Tensor) -> torch.Tensor:
+        """The student's logits (float32) under the trainer's autocast setting."""
+        with self._autocast():
+            return self.network(views).float()
+
     def _teacher_probs(self, views: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._autocast():
             noisy = views + self.teacher_noise * torch.randn_like(views)
-            return torch.sigmoid(self.teacher(noisy).float())
+            return torch.sigmoid(self._teacher_forward(noisy).float())
 
     def _regularisers(
         self, probs: torch.Tensor, views: torch.Tensor, params: ViewParams, back: torch.Tensor | None
@@ -282,14 +294,24 @@ class MetaTrainer(SupervisedTrainer):
     def _clean_loss(
         self, views: torch.Tensor, labels: torch.Tensor, params: ViewParams
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._autocast():
-            logits = self.network(views).float()
+        logits = self._forward(views)
         probs = torch.sigmoid(logits)
         l_pc, l_mt = self._regularisers(probs, views, params, None)
         loss = F.binary_cross_entropy_with_logits(logits, labels) + self.pc_weight * l_pc + self.mt_weight * l_mt
         return loss, logits
 
     def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
+        if not self.compile:
+            return self._meta_iteration(engine, batchdata)
+        # a compiled backward may donate its saved buffers, but the student's graph is differentiated twice (the
+        # regularisers' gradient for the look-ahead, then the real step); the setting is read when the graph is
+        # compiled and when it is differentiated
+        from torch._functorch import config as functorch_config
+
+        with functorch_config.patch(donated_buffer=False):
+            return self._meta_iteration(engine, batchdata)
+
+    def _meta_iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         engine.network.train()
@@ -304,8 +326,7 @@ class MetaTrainer(SupervisedTrainer):
         clean_images, clean_labels = self._tensor(clean, self.image_key), self._tensor(clean, self.label_key)
 
         views, initial_views, params = self._views(images, initial)
-        with self._autocast():
-            logits = self.network(views).float()
+        logits = self._forward(views)
         probs = torch.sigmoid(logits)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         if self.use_ple:

@@ -48,10 +48,17 @@ class LookAheadResult(NamedTuple):
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (the network itself otherwise)."""
-    while isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        network = network.module
-    return network
+    """
+    The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile`` wrappers, in any nesting
+    (the network itself otherwise). Its parameter names are the plain model's, as in a saved state dict.
+    """
+    while True:
+        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            network = network.module
+        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            network = network._orig_mod
+        else:
+            return network
 
 
 def normalise_weights(neg_meta_grad: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -1,0 +1,74 @@
+"""The README's main command, ``python -m monai_mlbseg demo``, in its reduced (quick) mode."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from monai_mlbseg.demo import run_demo
+
+
+def demo(out, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "monai_mlbseg", "demo", "--quick", "--progress", "False", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_lists_the_commands():
+    proc = subprocess.run([sys.executable, "-m", "monai_mlbseg", "--help"], capture_output=True, text=True, timeout=120)
+    text = proc.stdout + proc.stderr
+    for command in ("demo", "prepare", "synth", "evaluate"):
+        assert re.search(rf"\b{command}\b", text), f"{command} missing from --help"
+
+
+def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path):
+    out = tmp_path / "demo"
+    proc = demo(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "| labeled only (stage 1) |" in report and "| MLB-Seg (stage 2) |" in report
+    for figure in re.findall(r"\]\((figures/[^)]+\.png)\)", report):
+        assert (out / figure).stat().st_size > 1000, f"{figure} is linked but empty"
+    assert {"figures/test_overlays.png", "figures/weight_maps.png", "figures/training_curves.png"} <= set(
+        re.findall(r"\]\((figures/[^)]+\.png)\)", report)
+    )
+    for stage in ("metrics_stage1", "metrics_stage2"):
+        metrics = json.loads((out / f"{stage}.json").read_text())
+        assert len(metrics["cases"]) == 2 and 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
+        assert (out / f"{stage}.csv").read_text().count("\n") == 2 + 2 + 1  # header, 2 cases, mean and std rows
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["stage-2 mode"] == "faithful (reference)"
+    assert set(summary["wall_time_s"]) >= {"stage 1", "stage 2", "total"}
+    assert len(list((out / "initial_labels").glob("*.nii.gz"))) == 3, "one initial label per unlabeled volume"
+    stage1 = (out / "models" / "stage1.pt").stat().st_mtime_ns
+    labels = {p: p.stat().st_mtime_ns for p in (out / "initial_labels").iterdir()}
+
+    again = demo(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "models" / "stage1.pt").stat().st_mtime_ns == stage1, "stage 1 is not retrained"
+    assert {p: p.stat().st_mtime_ns for p in labels} == labels, "initial labels are not rewritten"
+    assert not list(out.rglob("*.partial-*")), "no temporary files left"
+
+
+@pytest.mark.parametrize(
+    "kwargs, mode",
+    [
+        ({"reuse_meta_grad": True}, "reuse_meta_grad"),
+        ({"meta_params": "nodes.conv0_1, final"}, "meta_params=nodes.conv0_1+final"),
+    ],
+)
+def test_demo_fast_modes_reach_the_trainer(tmp_path, kwargs, mode):
+    run_demo(out=str(tmp_path), quick=True, progress=False, **kwargs)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["settings"]["stage-2 mode"] == mode
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_demo_rejects_meta_params_that_select_nothing(tmp_path):
+    with pytest.raises(ValueError, match="select none"):
+        run_demo(out=str(tmp_path), quick=True, progress=False, meta_params="decoder_that_does_not_exist")
