@@ -1,0 +1,52 @@
+"""The benchmark scripts still run and report every figure (smoke configurations; no timing is asserted)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_stage2_benchmark_reports_every_figure(tmp_path):
+    out = tmp_path / "figures.json"
+    stdout = run("stage2.py", "--json", str(out), "--channels-last", "--amp", "bf16")
+    figures = json.loads(out.read_text())
+    modes = figures["a_time_ratio"]["modes"]
+    assert set(modes) == {"faithful", "reuse_meta_grad", "meta_params=nodes.conv0_2+final"}
+    assert "reuse_meta_grad+meta_params" in figures["a_time_ratio"]["unsupported"]
+    for mode in modes.values():
+        assert mode["ratio_median_of_pairs"] > 0 and math.isfinite(mode["ratio_median_of_pairs"])
+    assert 0 < figures["b_view_share"]["total_share_median"] < 1
+    assert figures["c_memory"]["faithful"]["peak_bytes"] > 0 and figures["c_memory"]["supervised"]["peak_bytes"] > 0
+    assert figures["d_inference"]["slices_per_s"] > 0
+    assert {"num_workers=0", "num_workers=2"} == set(figures["e_data"]["configs"])
+    assert figures["config"]["gpu_options"] == {"channels_last": True, "compile": False, "amp": "bf16"}
+    assert "(a) stage-2 iteration / supervised step" in stdout
+
+
+def test_fast_mode_benchmark_compares_each_mode_with_the_faithful_one(tmp_path):
+    out = tmp_path / "fast.json"
+    run("fast_modes.py", "--seeds", "0", "--out", str(tmp_path / "runs"), "--json", str(out))
+    results = json.loads(out.read_text())
+    assert results["modes"] == ["faithful", "reuse_meta_grad", "meta_params=nodes.conv0_1+final"]
+    runs = results["seeds"]["0"]
+    stage1 = {name: run["dice_stage1"] for name, run in runs.items()}
+    assert stage1["reuse_meta_grad"] == stage1["faithful"] == stage1["meta_params=nodes.conv0_1+final"], (
+        "the fast modes start from the faithful run's stage 1"
+    )
+    for run_ in runs.values():
+        assert 0.0 <= run_["mean_dice"] <= 100.0
+    assert runs["faithful"]["delta_vs_faithful"] == 0.0
