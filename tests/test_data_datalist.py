@@ -97,6 +97,14 @@ def test_build_errors_format_and_folder(tmp_path):
         build_datalist(tmp_path / "nowhere", "uamt_h5")
 
 
+def test_build_names_the_layout_when_no_case_matches_and_suggests_the_right_format(la_dir, tmp_path):
+    with pytest.raises(InputError, match=r"no case in the promise12 layout \(PROMISE12: .*uamt_h5 layout: choose"):
+        build_datalist(la_dir, "promise12", labeled=["case000"])
+    with pytest.raises(InputError) as err:
+        build_datalist(tmp_path, "msd_heart")
+    assert "no case in the msd_heart layout" in str(err.value) and "choose" not in str(err.value)
+
+
 def test_unlabeled_without_ground_truth(tmp_path):
     import numpy as np
 

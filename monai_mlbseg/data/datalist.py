@@ -31,7 +31,7 @@ from monai.transforms import LoadImage
 from tqdm.auto import tqdm
 
 from ..utils.errors import InputError, Problem
-from .formats import VolumeFormat, get_format
+from .formats import FORMATS, VolumeFormat, get_format
 
 __all__ = [
     "SPLITS",
@@ -91,6 +91,13 @@ def _ids(value: Any, name: str) -> list[str] | None:
     return out
 
 
+def _no_cases_message(root: Path, spec: VolumeFormat) -> str:
+    """Why no case was found, with the formats whose layout the folder does match."""
+    matching = [name for name, other in FORMATS.items() if name != spec.name and other.discover(root)]
+    hint = f"; the folder matches the {' / '.join(matching)} layout: choose that format" if matching else ""
+    return f"no case in the {spec.name} layout ({spec.description}){hint}"
+
+
 def build_datalist(
     data_dir: str | os.PathLike,
     format: str | VolumeFormat,
@@ -144,6 +151,8 @@ def build_datalist(
     if not root.is_dir():
         raise InputError([Problem(str(root), "data folder not found")], "datalist")
     found = spec.discover(root)
+    if not found:
+        raise InputError([Problem(str(root), _no_cases_message(root, spec))], "datalist")
     sel = {
         "labeled": _ids(labeled, "labeled"),
         "unlabeled": _ids(unlabeled, "unlabeled"),
