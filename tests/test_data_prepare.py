@@ -135,20 +135,16 @@ def test_gzip_garbage(data):
     _fails(root, HEART, str(path), "(case la_000) label: unreadable or corrupt file")
 
 
-def test_h5_without_label(data):
+@pytest.mark.parametrize(
+    "case, dataset, where",
+    [("case000", "label", "(case case000) label"), ("case003", "image", "unlabeled[1] (case case003) image")],
+)
+def test_h5_without_a_dataset(data, case, dataset, where):
     root = data("uamt_h5")
-    path = root / "case000" / "mri_norm2.h5"
+    path = root / case / "mri_norm2.h5"
     with h5py.File(path, "r+") as f:
-        del f["label"]
-    _fails(root, UAMT, str(path), "(case case000) label", "no dataset 'label'")
-
-
-def test_h5_without_image(data):
-    root = data("uamt_h5")
-    path = root / "case003" / "mri_norm2.h5"
-    with h5py.File(path, "r+") as f:
-        del f["image"]
-    _fails(root, UAMT, str(path), "unlabeled[1] (case case003) image", "no dataset 'image'")
+        del f[dataset]
+    _fails(root, UAMT, str(path), where, f"no dataset '{dataset}'")
 
 
 def test_bad_mhd_header(data):

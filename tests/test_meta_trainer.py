@@ -136,26 +136,25 @@ def test_reweight_on_gives_non_uniform_weights():
     assert w.std() > 0 and w.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_ple_off_uses_each_views_own_prediction():
-    trainer = make_trainer(use_ple=False, iterations=1)
+def pseudo_and_own_labels(use_ple):
+    """The pseudo labels of one iteration and each view's own thresholded prediction."""
+    trainer = make_trainer(use_ple=use_ple, iterations=1)
     seen = {}
     trainer.add_event_handler(
         MetaIterationEvents.PLE_COMPLETED, lambda e: seen.update(pred=e.state.output["pred"].detach().clone())
     )
     trainer.run()
-    expected = (torch.sigmoid(seen["pred"]) > 0.5).float()
-    assert torch.equal(trainer.state.weight_maps["pseudo"], expected)
+    return trainer.state.weight_maps["pseudo"], (torch.sigmoid(seen["pred"]) > 0.5).float()
+
+
+def test_ple_off_uses_each_views_own_prediction():
+    pseudo, own = pseudo_and_own_labels(use_ple=False)
+    assert torch.equal(pseudo, own)
 
 
 def test_ple_on_ensembles_the_views():
-    trainer = make_trainer(use_ple=True, iterations=1)
-    seen = {}
-    trainer.add_event_handler(
-        MetaIterationEvents.PLE_COMPLETED, lambda e: seen.update(pred=e.state.output["pred"].detach().clone())
-    )
-    trainer.run()
-    own = (torch.sigmoid(seen["pred"]) > 0.5).float()
-    assert not torch.equal(trainer.state.weight_maps["pseudo"], own)
+    pseudo, own = pseudo_and_own_labels(use_ple=True)
+    assert not torch.equal(pseudo, own)
 
 
 def test_clean_step_teacher_and_pc_switches():

@@ -100,29 +100,29 @@ class VolumeFormat:
         name: registry key, e.g. ``"uamt_h5"``.
         description: the layout in one line.
         anatomy: ``"la"`` (left atrium) or ``"prostate"``; the kind of synthetic data that mimics it.
-        image_channels: channels of the stored image (the method uses channel 0).
-        label_values: the values a label file may hold (anything above 0 is foreground).
-        spatial_dims: spatial dimensions of the images (3).
-        has_geometry: whether the files store spacing/orientation (HDF5 does not).
         reader_kind: ``"h5"``, ``"itk"`` or ``"nibabel"``.
         image_path: ``(case_id, labeled) -> relative image path`` of a case.
         label_path: ``case_id -> relative label path`` of a case.
         discover_fn: ``root -> {case_id: (image_path, label_path or None)}``.
         default_case_id: ``index -> case id`` in the naming style of the data set (for synthetic data).
+        image_channels: channels of the stored image (the method uses channel 0); default 1.
+        label_values: the values a label file may hold (anything above 0 is foreground); default ``(0, 1)``.
+        spatial_dims: spatial dimensions of the images; default 3.
+        has_geometry: whether the files store spacing/orientation (HDF5 does not); default ``True``.
     """
 
     name: str
     description: str
     anatomy: str
-    image_channels: int
-    label_values: tuple[int, ...]
-    spatial_dims: int
-    has_geometry: bool
     reader_kind: str
     image_path: Callable[[str, bool], str]
     label_path: Callable[[str], str]
     discover_fn: Callable[[Path], dict[str, tuple[str, str | None]]]
     default_case_id: Callable[[int], str]
+    image_channels: int = 1
+    label_values: tuple[int, ...] = (0, 1)
+    spatial_dims: int = 3
+    has_geometry: bool = True
 
     def discover(self, data_dir: str | os.PathLike) -> dict[str, tuple[str, str | None]]:
         """
@@ -167,9 +167,6 @@ FORMATS: dict[str, VolumeFormat] = {
         name="uamt_h5",
         description="UA-MT left atrium: D/<case>/mri_norm2.h5 with float32 'image' and uint8 'label' {0,1}",
         anatomy="la",
-        image_channels=1,
-        label_values=(0, 1),
-        spatial_dims=3,
         has_geometry=False,
         reader_kind="h5",
         image_path=lambda c, labeled: f"{c}/mri_norm2.h5",
@@ -181,10 +178,7 @@ FORMATS: dict[str, VolumeFormat] = {
         name="la_raw",
         description="2018 LA challenge: D/<case>/lgemri.nrrd (image) and D/<case>/laendo.nrrd (label {0,255})",
         anatomy="la",
-        image_channels=1,
         label_values=(0, 255),
-        spatial_dims=3,
-        has_geometry=True,
         reader_kind="itk",
         image_path=lambda c, labeled: f"{c}/lgemri.nrrd",
         label_path=lambda c: f"{c}/laendo.nrrd",
@@ -195,10 +189,6 @@ FORMATS: dict[str, VolumeFormat] = {
         name="msd_heart",
         description="MSD Task02_Heart: D/imagesTr/la_NNN.nii.gz, D/labelsTr/la_NNN.nii.gz {0,1}, D/imagesTs",
         anatomy="la",
-        image_channels=1,
-        label_values=(0, 1),
-        spatial_dims=3,
-        has_geometry=True,
         reader_kind="nibabel",
         image_path=lambda c, labeled: f"{'imagesTr' if labeled else 'imagesTs'}/{c}.nii.gz",
         label_path=lambda c: f"labelsTr/{c}.nii.gz",
@@ -209,10 +199,6 @@ FORMATS: dict[str, VolumeFormat] = {
         name="promise12",
         description="PROMISE12: D/CaseNN.mhd (+.raw) and D/CaseNN_segmentation.mhd {0,1}",
         anatomy="prostate",
-        image_channels=1,
-        label_values=(0, 1),
-        spatial_dims=3,
-        has_geometry=True,
         reader_kind="itk",
         image_path=lambda c, labeled: f"{c}.mhd",
         label_path=lambda c: f"{c}_segmentation.mhd",
@@ -225,8 +211,6 @@ FORMATS: dict[str, VolumeFormat] = {
         anatomy="prostate",
         image_channels=2,
         label_values=(0, 1, 2),
-        spatial_dims=3,
-        has_geometry=True,
         reader_kind="nibabel",
         image_path=lambda c, labeled: f"{'imagesTr' if labeled else 'imagesTs'}/{c}.nii.gz",
         label_path=lambda c: f"labelsTr/{c}.nii.gz",
