@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import statistics
@@ -91,8 +92,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    import inspect
-
     features = QUICK["features"] if args.quick else inspect.signature(run_demo).parameters["features"].default
     meta_params = args.meta_params or f"nodes.conv0_{len(features) - 1},final"
     modes = {

@@ -99,7 +99,7 @@ class _WeightMapKeeper:
     """
 
     def __init__(self) -> None:
-        self.maps: dict[str, np.ndarray] | None = None
+        self.maps: dict[str, torch.Tensor] | None = None
         self.foreground = False
 
     def __call__(self, engine: Any) -> None:
@@ -110,12 +110,12 @@ class _WeightMapKeeper:
         if self.foreground and not foreground:
             return
         self.foreground |= foreground
-        k = maps["num_views"]
+        k = maps["num_views"]  # references only: copied to the host once, for the figure
         self.maps = {
-            "views": maps["views"][:k, 0].cpu().numpy(),
-            "weights": maps["weights"][:k].cpu().numpy(),
-            "initial": maps["initial"][:k, 0].cpu().numpy(),
-            "pseudo": maps["pseudo"][:k, 0].cpu().numpy(),
+            "views": maps["views"][:k, 0],
+            "weights": maps["weights"][:k],
+            "initial": maps["initial"][:k, 0],
+            "pseudo": maps["pseudo"][:k, 0],
         }
 
 
@@ -324,7 +324,7 @@ def run_demo(
     save_overlays(fig_dir / "test_overlays.png", images, labels, preds, titles=titles)
     figures = ["test_overlays.png"]
     if keeper.maps is not None:
-        m = keeper.maps
+        m = {key: value.cpu().numpy() for key, value in keeper.maps.items()}
         save_weight_maps(fig_dir / "weight_maps.png", m["views"], m["weights"], m["initial"], m["pseudo"])
         figures.append("weight_maps.png")
     if history:

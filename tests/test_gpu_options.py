@@ -84,7 +84,7 @@ def test_compiled_network_trains_like_the_eager_one_and_the_lookahead_uses_the_p
     assert_same_run(eager, compiled, rtol=1e-4, atol=1e-6)
 
 
-def test_lookahead_and_weights_accept_an_already_compiled_network():
+def test_lookahead_accepts_an_already_compiled_network():
     net = tiny_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     lookahead = MetaLookAhead(torch.compile(net, backend="eager"), opt)
