@@ -23,7 +23,13 @@ from monai_mlbseg.transforms import PLEViews, ViewParams, ViewTransform, ple_pse
 from .guards import check_finite
 from .teacher import MeanTeacherHandler
 
-__all__ = ["MetaIterationEvents", "MetaTrainer", "STAGE2_TERMS", "stage2_terms"]
+__all__ = ["BATCH_NORM_MODES", "LABEL_SOURCES", "MetaIterationEvents", "MetaTrainer", "STAGE2_TERMS", "stage2_terms"]
+
+#: the label sources of the weighted term: the bootstrapped initial labels and the PLE pseudo labels.
+LABEL_SOURCES = ("initial", "pseudo")
+
+#: how stage 2 treats BatchNorm layers (see :py:class:`MetaTrainer`).
+BATCH_NORM_MODES = ("train", "frozen")
 
 #: the scalar entries of ``engine.state.output`` of a :py:class:`MetaTrainer` iteration.
 STAGE2_TERMS = (
@@ -125,6 +131,14 @@ class MetaTrainer(SupervisedTrainer):
         reuse_meta_grad: fast mode: the clean step uses ``grad L_meta(theta_hat)`` from the look-ahead instead of
             its own forward/backward (approximation; needs ``reweight`` and the full ``meta_params``).
         threshold: threshold of the pseudo labels and the warped labels.
+        label_sources: the label sources of the weighted term, a subset of :py:data:`LABEL_SOURCES` in that
+            order (default both, as the reference). ``("initial",)`` with ``reweight=False`` is plain self-training
+            on the bootstrapped labels; ``()`` drops the weighted term (e.g. a mean-teacher baseline: only the
+            regularisers act on the unlabeled views).
+        batch_norm: ``"train"`` (the reference): BatchNorm layers normalise every forward with its batch's
+            statistics (the five views of one slice) and update their running statistics; ``"frozen"``: BatchNorm
+            layers of the student and the teacher stay in eval mode throughout stage 2, normalising with the
+            stage-1 running statistics (their affine parameters are still trained).
         seed: seed of the view transform; default: drawn from ``torch``'s global generator, so that
             ``monai.utils.set_determinism`` makes runs repeatable.
         image_key, label_key, gt_key: batch keys.
@@ -169,6 +183,8 @@ class MetaTrainer(SupervisedTrainer):
         meta_params: Sequence[str] | None = None,
         reuse_meta_grad: bool = False,
         threshold: float = 0.5,
+        label_sources: Sequence[str] = LABEL_SOURCES,
+        batch_norm: str = "train",
         seed: int | None = None,
         image_key: str = "image",
         label_key: str = "label",
@@ -180,6 +196,15 @@ class MetaTrainer(SupervisedTrainer):
     ) -> None:
         if reuse_meta_grad and (not reweight or meta_params is not None or not clean_step):
             raise ValueError("reuse_meta_grad needs reweight=True, clean_step=True and the full meta_params (None).")
+        label_sources = tuple(label_sources)
+        if any(s not in LABEL_SOURCES for s in label_sources) or len(set(label_sources)) != len(label_sources):
+            raise ValueError(f"label_sources must be distinct names of {LABEL_SOURCES}, got {label_sources}.")
+        if reweight and not label_sources:
+            raise ValueError("reweight=True needs at least one label source.")
+        if not label_sources and pc_weight <= 0 and not (use_teacher and mt_weight > 0):
+            raise ValueError("without label sources, pc_weight or the mean teacher must act on the unlabeled views.")
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {batch_norm!r}.")
         self.supervised_only = _is_empty(train_data_loader)
         if self.supervised_only:
             logging.getLogger(__name__).warning(
@@ -215,6 +240,8 @@ class MetaTrainer(SupervisedTrainer):
         self.teacher_noise = float(teacher_noise)
         self.reuse_meta_grad = reuse_meta_grad
         self.threshold = threshold
+        self.label_sources = tuple(label_sources)
+        self.batch_norm = batch_norm
         self.image_key, self.label_key, self.gt_key = image_key, label_key, gt_key
         self.pc_loss = ViewConsistencyLoss()
         self.mt_loss = MeanTeacherLoss()
@@ -232,6 +259,15 @@ class MetaTrainer(SupervisedTrainer):
         """Seed the view transform (the other randomness follows ``torch``'s global generator)."""
         self.views.set_random_state(seed)
         return self
+
+    def _train_mode(self) -> None:
+        """The student in train mode; with ``batch_norm="frozen"`` its and the teacher's BatchNorm layers in eval."""
+        self.network.train()
+        if self.batch_norm == "frozen":
+            for module in [self.network, *([self.teacher] if self.teacher is not None else [])]:
+                for m in module.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
 
     def _next_clean(self) -> dict:
         if self._clean_batches is None:
@@ -314,7 +350,7 @@ class MetaTrainer(SupervisedTrainer):
     def _meta_iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        engine.network.train()
+        self._train_mode()
         if self.supervised_only:
             return self._supervised_iteration(batchdata)
         images = self._tensor(batchdata, self.image_key)
@@ -334,7 +370,8 @@ class MetaTrainer(SupervisedTrainer):
             pseudo, back = ple.pseudo_labels, ple.back
         else:
             pseudo, back = (probs.detach() > self.threshold).float(), None
-        sources = [initial_views, pseudo]
+        available = {"initial": initial_views, "pseudo": pseudo}
+        sources = [available[name] for name in self.label_sources]
         engine.state.output = {Keys.IMAGE: views, Keys.LABEL: initial_views, Keys.PRED: logits}
         engine.fire_event(MetaIterationEvents.PLE_COMPLETED)
 
@@ -364,7 +401,7 @@ class MetaTrainer(SupervisedTrainer):
         }
         engine.fire_event(MetaIterationEvents.WEIGHTS_COMPLETED)
 
-        weighted = self.loss_function(logits, sources, weights)
+        weighted = self.loss_function(logits, sources, weights) if sources else logits.new_zeros(())
         loss = weighted + extra
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         self._step(loss, "weighted-step loss")
@@ -391,9 +428,8 @@ class MetaTrainer(SupervisedTrainer):
                 l_mt.detach(),
                 loss.new_tensor(float("nan")) if meta_loss is None else meta_loss.detach(),
                 loss.new_tensor(float("nan")) if clean_loss is None else clean_loss.detach().float(),
-                weights[:, 0].sum(),
-                weights[:, 1].sum(),
-                (weights > 0).float().mean(),
+                *(self._source_weight(weights, name) for name in LABEL_SOURCES),
+                (weights > 0).float().mean() if sources else loss.new_tensor(float("nan")),
             ]
         ).tolist()
         output = engine.state.output
@@ -402,6 +438,12 @@ class MetaTrainer(SupervisedTrainer):
             self._monitor(output, gt, params, initial_views, pseudo, probs, weights)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return output
+
+    def _source_weight(self, weights: torch.Tensor, name: str) -> torch.Tensor:
+        """The total weight of label source ``name`` (NaN when it is not one of ``label_sources``)."""
+        if name not in self.label_sources:
+            return weights.new_tensor(float("nan"))
+        return weights[:, self.label_sources.index(name)].sum()
 
     def _apply_meta_grads(self, meta_grads: dict[str, torch.Tensor]) -> None:
         """Fast mode: one SGD step along ``grad L_meta(theta_hat)`` (clipped), instead of a clean forward/backward."""
@@ -430,7 +472,9 @@ class MetaTrainer(SupervisedTrainer):
             output["dice_pseudo_gt"] = _dice(pseudo, gt_views)
             output["dice_pred_gt"] = _dice((probs > self.threshold).float(), gt_views)
             wrong = (initial_views != gt_views).float()
-            w0 = weights[:, :1]
+            if "initial" not in self.label_sources:
+                return
+            w0 = weights[:, self.label_sources.index("initial")][:, None]
             if 0 < wrong.sum() < wrong.numel():
                 output["weight_initial_when_wrong"] = float((w0 * wrong).sum() / wrong.sum())
                 output["weight_initial_when_right"] = float((w0 * (1 - wrong)).sum() / (1 - wrong).sum())

@@ -1,0 +1,107 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_mlbseg.transforms import PLEViews, warp_to_views
+
+from .helpers import corrupt, disc_samples
+from .test_meta_trainer import count_steps, make_trainer
+
+
+def _batch_norms(net):
+    return [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_self_training_on_initial_labels_is_one_plain_bce_step():
+    """label_sources=("initial",) without meta weights: the weighted step is a plain mean-BCE SGD step."""
+    unlabeled = corrupt(disc_samples(2, 16, seed=1))
+    options = dict(reweight=False, use_ple=False, label_sources=("initial",), pc_weight=0.0, mt_weight=0.0)
+    trainer = make_trainer(iterations=1, unlabeled=unlabeled, clean_step=False, grad_clip=None, **options)
+    net = copy.deepcopy(trainer.network)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    trainer.run()
+
+    views = PLEViews(2).set_random_state(0)
+    image, initial = unlabeled[0]["image"][None], unlabeled[0]["label"][None]
+    v = views(image)
+    loss = F.binary_cross_entropy_with_logits(net(v), warp_to_views(initial, views.params, threshold=0.5))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert trainer.state.output["loss_weighted"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert math.isnan(trainer.state.output["weight_pseudo"])
+    assert trainer.state.output["weight_initial"] == pytest.approx(1.0, abs=1e-5)
+    for p, q in zip(trainer.network.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_no_label_sources_trains_on_the_regularisers_only():
+    """label_sources=(): a mean-teacher baseline; no weighted term, the unlabeled step still moves the student."""
+    trainer = make_trainer(iterations=2, reweight=False, label_sources=(), pc_weight=0.0, mt_weight=1.0)
+    steps = count_steps(trainer)
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.run()
+    out = trainer.state.output
+    assert out["loss_weighted"] == 0.0
+    assert math.isnan(out["weight_initial"]) and math.isnan(out["weight_pseudo"])
+    assert out["loss"] == pytest.approx(out["loss_mt"], rel=1e-6) and out["loss_mt"] > 0
+    assert steps["n"] == 4
+    assert trainer.state.weight_maps["weights"].shape[1] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
+def test_label_sources_order_and_weights_with_meta_learning():
+    trainer = make_trainer(iterations=1, label_sources=("pseudo",))
+    trainer.run()
+    out = trainer.state.output
+    assert math.isnan(out["weight_initial"])
+    assert out["weight_pseudo"] == pytest.approx(1.0, abs=1e-5)
+    assert trainer.state.weight_maps["weights"].shape == (5, 1, 16, 16)
+    assert "weight_initial_when_wrong" not in out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"label_sources": ("initial", "gt")},
+        {"label_sources": ("pseudo", "pseudo")},
+        {"label_sources": ()},
+        {"label_sources": (), "reweight": False, "pc_weight": 0.0, "use_teacher": False},
+        {"batch_norm": "eval"},
+    ],
+)
+def test_invalid_label_sources_and_batch_norm_modes_are_refused(options):
+    with pytest.raises(ValueError):
+        make_trainer(**options)
+
+
+def test_frozen_batch_norm_keeps_the_stage1_statistics():
+    frozen = make_trainer(iterations=2, batch_norm="frozen")
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in _batch_norms(frozen.network)]
+    affine = [m.weight.detach().clone() for m in _batch_norms(frozen.network)]
+    frozen.run()
+    for m, (mean, var) in zip(_batch_norms(frozen.network), stats):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert not m.training
+    assert all(not m.training for m in _batch_norms(frozen.teacher))
+    assert any(not torch.equal(m.weight, w) for m, w in zip(_batch_norms(frozen.network), affine))
+    assert frozen.network.training, "the rest of the student stays in train mode"
+
+    reference = make_trainer(iterations=2)
+    stats = [m.running_mean.clone() for m in _batch_norms(reference.network)]
+    reference.run()
+    assert any(not torch.equal(m.running_mean, s) for m, s in zip(_batch_norms(reference.network), stats))
+
+
+def test_frozen_batch_norm_makes_a_views_prediction_independent_of_its_batch():
+    """With frozen statistics the student's logits of one view do not depend on the other views in the batch."""
+    trainer = make_trainer(iterations=1, batch_norm="frozen")
+    trainer.run()
+    net = trainer.network
+    trainer._train_mode()
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[:1], net(x[:1]), rtol=1e-5, atol=1e-5)
