@@ -1,0 +1,61 @@
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("real_la", ROOT / "benchmarks" / "real_la.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["real_la"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+real_la = _load()
+
+
+def test_split_uses_train_list_only(tmp_path):
+    ids = [f"case{i:02d}" for i in range(30)]
+    (tmp_path / "train.list").write_text("\n".join(ids) + "\n")
+    split = real_la.split_ids(tmp_path / "train.list", num_labeled=4, num_validation=16)
+    assert split["labeled"] == ids[:4]
+    assert split["validation"] == ids[-16:]
+    assert split["unlabeled"] == ids[4:14]
+    with pytest.raises(SystemExit, match="too few"):
+        real_la.split_ids(tmp_path / "train.list", num_labeled=14, num_validation=16)
+
+
+def test_parse_variant_inherits_and_overrides():
+    name, spec = real_la.parse_variant('f_bn=d_mlbseg:{"batch_norm": "frozen", "lr": 0.002, "unlabeled_batch": 2}')
+    assert name == "f_bn"
+    assert spec["trainer"] == {"batch_norm": "frozen"}
+    assert spec["lr"] == 0.002 and spec["unlabeled_batch"] == 2
+    name, spec = real_la.parse_variant('a2=a_labeled_only:{"batch_norm": "frozen"}')
+    assert spec["supervised"] is True and spec["trainer"] == {"batch_norm": "frozen"}
+    with pytest.raises(ValueError, match="unknown base"):
+        real_la.parse_variant("x=nope:{}")
+
+
+def test_quick_run_writes_every_row_and_resumes(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--quick", "--out", str(out), "--seeds", "0", "--variants", "a_labeled_only,b_self_training,c_mean_teacher"]
+    argv += ["--variant", 'f_bn=d_mlbseg:{"batch_norm": "frozen"}']
+    real_la.main(argv)
+    figures = json.loads((out / "table.json").read_text())["figures"]
+    assert list(figures) == ["stage1", "a_labeled_only", "b_self_training", "c_mean_teacher", "f_bn"]
+    for name, fig in figures.items():
+        assert 0.0 <= fig["dice"][0] <= 1.0 and fig["cases"] == 3, name
+        assert math.isfinite(fig["train_s"])
+    results = {n: json.loads((out / "seed0" / n / "result.json").read_text()) for n in figures if n != "stage1"}
+    assert results["a_labeled_only"]["optimizer_steps"] == results["f_bn"]["optimizer_steps"] == 6
+    assert results["a_labeled_only"]["iterations"] == 2 * results["f_bn"]["iterations"]
+    assert "| f_bn | 0 |" in (out / "table.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    real_la.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps, "a rerun retrains nothing"
