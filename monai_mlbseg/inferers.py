@@ -1,4 +1,4 @@
-"""Inference of a 2D network on whole 3D volumes, slice by slice, as the MLB-Seg reference does."""
+"""Inference on whole 3D volumes: a 2D network slice by slice (as the MLB-Seg reference), or a 3D network in windows."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SlidingWindowInferer
 from monai.utils import convert_to_dst_type
 
-__all__ = ["SliceResizeInferer", "minmax_slices"]
+__all__ = ["MinMaxSlidingWindowInferer", "SliceResizeInferer", "minmax_slices"]
 
 
 def minmax_slices(x: torch.Tensor) -> torch.Tensor:
@@ -103,3 +103,46 @@ class SliceResizeInferer(Inferer):
         out = torch.cat(outputs, dim=0)
         out = out.reshape(batch, depth, *out.shape[1:]).movedim(1, axis)
         return convert_to_dst_type(out, inputs, dtype=out.dtype)[0] if isinstance(inputs, MetaTensor) else out
+
+
+class MinMaxSlidingWindowInferer(SlidingWindowInferer):
+    """
+    MONAI's ``SlidingWindowInferer`` on volumes min-max scaled to [0, 1] first (each item of the batch over all its
+    channels and voxels, like ``ScaleIntensity(minv=0, maxv=1)`` of the whole volume), so that a 3D network sees
+    the intensities it was trained on, whatever the pre-processing of the caller (a bundle's ``preprocessing``,
+    MONAI Label, the stage-1 bootstrap). The 3D counterpart of :py:class:`SliceResizeInferer`'s ``normalize``.
+
+    Args:
+        roi_size: the window size, e.g. ``(112, 112, 80)``.
+        normalize: min-max scale the inputs (``False``: plain ``SlidingWindowInferer``).
+        args: the other positional arguments of ``SlidingWindowInferer`` (``sw_batch_size``, ``overlap``, ...).
+        kwargs: its keyword arguments (``overlap``, ``mode``, ``sw_device``, ...).
+
+    Example::
+
+        inferer = MinMaxSlidingWindowInferer(roi_size=(112, 112, 80), sw_batch_size=4, overlap=0.5, mode="gaussian")
+        logits = inferer(volume[None], net)        # volume [1, H, W, D] -> logits [1, 1, H, W, D]
+    """
+
+    def __init__(self, roi_size: Sequence[int] | int, *args: Any, normalize: bool = True, **kwargs: Any) -> None:
+        super().__init__(roi_size, *args, **kwargs)
+        self.normalize = normalize
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """
+        Args:
+            inputs: ``[B, C, *S]`` volumes.
+            network: ``[N, C, *roi_size] -> [N, K, *roi_size]`` logits.
+
+        Returns:
+            ``[B, K, *S]`` blended logits (a MetaTensor with the input's meta data when the input is one).
+        """
+        if self.normalize:
+            data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+            scaled = minmax_slices(data.float())
+            inputs = (
+                convert_to_dst_type(scaled, inputs, dtype=scaled.dtype)[0] if isinstance(inputs, MetaTensor) else scaled
+            )
+        return super().__call__(inputs, network, *args, **kwargs)  # type: ignore[return-value]
