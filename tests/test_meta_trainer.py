@@ -27,7 +27,7 @@ class CountingLoader:
         return iter(self.loader)
 
 
-def make_trainer(iterations=2, unlabeled=None, clean=None, seed=0, size=16, **kwargs):
+def make_trainer(iterations=2, unlabeled=None, clean=None, seed=0, size=16, unlabeled_batch_size=1, **kwargs):
     torch.manual_seed(seed)
     unlabeled = corrupt(disc_samples(4, size, seed=1)) if unlabeled is None else unlabeled
     clean = disc_samples(4, size, seed=2) if clean is None else clean
@@ -36,7 +36,7 @@ def make_trainer(iterations=2, unlabeled=None, clean=None, seed=0, size=16, **kw
     trainer = MetaTrainer(
         "cpu",
         max_epochs=1,
-        train_data_loader=DataLoader(unlabeled, batch_size=1, shuffle=False),
+        train_data_loader=DataLoader(unlabeled, batch_size=unlabeled_batch_size, shuffle=False),
         clean_data_loader=DataLoader(clean, batch_size=2, shuffle=False),
         network=net,
         optimizer=opt,
