@@ -4,26 +4,35 @@ and 2D slice datasets of 3D volumes.
 """
 
 from .datalist import (
+    DECATHLON_KEYS,
+    MAX_ANISOTROPY,
+    MIN_SPATIAL_SIZE,
     PATH_KEYS,
     REQUIRED_SPLITS,
     SPLITS,
     build_datalist,
     check_datalist,
+    from_decathlon,
+    is_decathlon,
     load_datalist,
     read_case_list,
     resolve_datalist,
     training_datalist,
     validate_datalist,
+    validate_inputs,
 )
 from .formats import FORMATS, VolumeFormat, first_channel, get_format, load_volume_transforms
-from .prepare import prepare
-from .readers import H5_SUFFIXES, H5ImageReader
+from .prepare import check, prepare
+from .readers import H5_SUFFIXES, H5ImageReader, captured_stderr, metaimage_header_problem
 from .slices import SliceDataset, available_memory
 from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, write_case
 from .writers import AtomicNibabelWriter
 
 __all__ = [
     "ANATOMIES",
+    "DECATHLON_KEYS",
+    "MAX_ANISOTROPY",
+    "MIN_SPATIAL_SIZE",
     "AtomicNibabelWriter",
     "AnatomyParams",
     "FORMATS",
@@ -36,17 +45,23 @@ __all__ = [
     "VolumeFormat",
     "available_memory",
     "build_datalist",
+    "captured_stderr",
+    "check",
     "check_datalist",
+    "from_decathlon",
+    "is_decathlon",
     "first_channel",
     "get_format",
     "load_datalist",
     "load_volume_transforms",
     "make_synthetic_dataset",
+    "metaimage_header_problem",
     "prepare",
     "read_case_list",
     "resolve_datalist",
     "training_datalist",
     "validate_datalist",
+    "validate_inputs",
     "synthetic_case",
     "write_case",
 ]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..utils.errors import InputError, Problem
 from .formats import FORMATS, VolumeFormat, get_format
+from .readers import captured_stderr, metaimage_header_problem
 
 __all__ = [
     "SPLITS",
@@ -41,6 +42,12 @@ __all__ = [
     "build_datalist",
     "load_datalist",
     "check_datalist",
+    "validate_inputs",
+    "is_decathlon",
+    "from_decathlon",
+    "MIN_SPATIAL_SIZE",
+    "MAX_ANISOTROPY",
+    "DECATHLON_KEYS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,13 @@ REQUIRED_SPLITS = ("labeled", "unlabeled", "test")
 PATH_KEYS = ("image", "label", "gt")
 #: splits whose items need a ``"label"``.
 _LABELED_SPLITS = ("labeled", "test", "validation")
+#: smallest accepted volume, in voxels per axis (in-plane, in-plane, slices): anything smaller is not a scan.
+MIN_SPATIAL_SIZE = (16, 16, 4)
+#: a ratio of largest to smallest voxel spacing above this gets a warning (typical MRI: 1 to 10).
+MAX_ANISOTROPY = 20.0
+#: keys of a MONAI decathlon datalist (``monai.data.load_decathlon_datalist``) and the split each feeds; entries of
+#: ``training`` without a ``label`` are unlabeled.
+DECATHLON_KEYS = {"training": "labeled", "unlabeled": "unlabeled", "validation": "validation", "test": "test"}
 
 
 def read_case_list(path: str | os.PathLike) -> list[str]:
@@ -61,13 +75,28 @@ def read_case_list(path: str | os.PathLike) -> list[str]:
     starting with ``#`` are skipped, surrounding white space is removed.
 
     Raises:
-        InputError: when the file cannot be read.
+        InputError: when the file cannot be read, or lists an id more than once (each repeat names the id and both
+            line numbers).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError([Problem(str(path), f"cannot read the case list ({e.strerror or e})")], "case list") from e
-    return [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    problems = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        case = line.strip()
+        if not case or case.startswith("#"):
+            continue
+        if case in first_line:
+            problems.append(Problem(str(path), f"case id {case!r} listed twice: lines {first_line[case]} and {number}"))
+            continue
+        first_line[case] = number
+        ids.append(case)
+    if problems:
+        raise InputError(problems, "case list")
+    return ids
 
 
 def _resolve_list_file(path: str | os.PathLike, data_dir: Path) -> Path:
@@ -88,6 +117,13 @@ def _ids(value: Any, name: str) -> list[str] | None:
     out: list[str] = []
     for v in value:
         out.extend(s.strip() for s in str(v).split(",") if s.strip())
+    problems = [
+        Problem(name, f"case id {c!r} given twice: positions {out.index(c) + 1} and {i + 1}")
+        for i, c in enumerate(out)
+        if out.index(c) != i
+    ]
+    if problems:
+        raise InputError(problems, "case selection")
     return out
 
 
@@ -225,11 +261,107 @@ def _resolve(value: str, root: str) -> str:
     return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
 
 
+def _case_ids(images: list[str]) -> list[str]:
+    """Case ids of image paths: the file name without its extensions, or the path without them where names repeat
+    (``case000/mri_norm2.h5`` -> ``case000/mri_norm2``)."""
+
+    def strip(p: str) -> str:
+        for ext in (".nii.gz", ".nii", ".h5", ".hdf5", ".nrrd", ".mhd", ".mha"):
+            if p.lower().endswith(ext):
+                return p[: -len(ext)]
+        return p
+
+    paths = [os.path.normpath(p) for p in images]
+    stems = [os.path.basename(strip(p)) for p in sorted(set(paths))]
+    return [
+        stem if stems.count(stem) == 1 else strip(p)
+        for stem, p in zip((os.path.basename(strip(p)) for p in paths), paths)
+    ]
+
+
+def is_decathlon(datalist: Any) -> bool:
+    """Whether ``datalist`` is in MONAI's decathlon form (a ``"training"`` list; see :py:func:`from_decathlon`)."""
+    return isinstance(datalist, dict) and "training" in datalist
+
+
+def from_decathlon(datalist: dict, source: str = "datalist") -> dict:
+    """
+    This package's datalist form of a datalist in MONAI's decathlon form (what ``monai.apps.DecathlonDataset``,
+    ``monai.data.load_decathlon_datalist`` and MSD's ``dataset.json`` use).
+
+    ``training`` entries with a ``label`` are labeled, those without one unlabeled; entries under ``unlabeled``
+    are unlabeled (a ``label`` there is kept as ``gt``, for monitoring only); ``validation`` and ``test`` entries
+    need a ``label`` (they are evaluated). An entry is ``{"image": path, "label": path}`` or just an image path;
+    ``case_id`` defaults to the image's file name without extensions. Other keys (``name``, ``labels``,
+    ``numTraining``, ...) are ignored.
+
+    Args:
+        datalist: the decathlon-form object.
+        source: the file it came from, for the messages.
+
+    Returns:
+        ``{"labeled", "unlabeled", "test", "validation"}`` (plus ``format`` when given) with the paths as written.
+
+    Raises:
+        InputError: when it also holds this package's lists, a key is not a list, an entry has no image path, or a
+            ``validation``/``test`` entry has no ``label``.
+
+    Example::
+
+        from_decathlon({"training": [{"image": "imagesTr/la_003.nii.gz", "label": "labelsTr/la_003.nii.gz"},
+                                     {"image": "imagesTr/la_004.nii.gz"}],
+                        "test": [{"image": "imagesTr/la_007.nii.gz", "label": "labelsTr/la_007.nii.gz"}]})
+        # {"labeled": [{... "case_id": "la_003"}], "unlabeled": [{... "case_id": "la_004"}], "test": [...], ...}
+    """
+    mixed = [k for k in SPLITS if k in datalist and k not in DECATHLON_KEYS]
+    if mixed:
+        raise InputError(
+            [Problem(source, f"mixes MONAI's decathlon form ('training') with the lists {', '.join(mixed)}")],
+            "datalist",
+        )
+    problems: list[Problem] = []
+    entries: list[tuple[str, int, dict]] = []
+    for key in DECATHLON_KEYS:
+        items = datalist.get(key, [])
+        if not isinstance(items, list):
+            problems.append(Problem(source, f"{key!r} must be a list of entries, got {type(items).__name__}"))
+            continue
+        for i, it in enumerate(items):
+            it = {"image": it} if isinstance(it, str) else it
+            if not isinstance(it, dict) or not isinstance(it.get("image"), str) or not it["image"]:
+                problems.append(Problem(f"{source} {key}[{i}]", f"an entry needs an image path, got {it!r}"))
+                continue
+            if key in ("validation", "test") and "label" not in it:
+                problems.append(
+                    Problem(
+                        f"{source} {key}[{i}] ({it['image']})",
+                        f"{key} entries need a 'label' (they are evaluated); put unlabeled images under 'training' "
+                        "without a label, or under 'unlabeled'",
+                    )
+                )
+                continue
+            entries.append((key, i, dict(it)))
+    if problems:
+        raise InputError(problems, "datalist in MONAI's decathlon form")
+    out: dict = {"format": datalist["format"]} if "format" in datalist else {}
+    out.update({split: [] for split in SPLITS})
+    for (key, _, it), case in zip(entries, _case_ids([it["image"] for _, _, it in entries])):
+        it.setdefault("case_id", case)
+        split = DECATHLON_KEYS[key]
+        if key == "training" and "label" not in it:
+            split = "unlabeled"
+        if split == "unlabeled" and "label" in it:
+            it["gt"] = it.pop("label")
+        out[split].append(it)
+    return out
+
+
 def load_datalist(
     path: str | os.PathLike, data_dir: str | os.PathLike | None = None, allow_outside: bool = False
 ) -> dict:
     """
     Read a datalist JSON and resolve its paths (``image``, ``label``, ``gt`` of every item) to absolute paths.
+    Both this package's form (see the module) and MONAI's decathlon form (see :py:func:`from_decathlon`) are read.
 
     Paths are resolved lexically (``..`` is collapsed, symbolic links are not followed), so a data folder may hold
     links to files elsewhere.
@@ -243,8 +375,8 @@ def load_datalist(
         a copy of the datalist with absolute paths.
 
     Raises:
-        InputError: when the file is missing or not valid JSON, or a path lies outside ``data_dir`` (each problem
-            names the file and case).
+        InputError: when the file is missing, not valid JSON, holds neither form's lists, or a path lies outside
+            ``data_dir`` (each problem names the file and case).
 
     Example::
 
@@ -260,6 +392,15 @@ def load_datalist(
         raise InputError([Problem(str(path), f"not a readable JSON file ({e})")], "load_datalist") from e
     if not isinstance(raw, dict):
         raise InputError([Problem(str(path), f"must hold a JSON object, got {type(raw).__name__}")], "load_datalist")
+    if is_decathlon(raw):
+        raw = from_decathlon(raw, str(path))
+    elif not any(k in raw for k in SPLITS):
+        keys = ", ".join(map(repr, raw)) or "none"
+        raise InputError(
+            [Problem(str(path), f"holds none of the lists {', '.join(SPLITS)} (or 'training', MONAI's decathlon form); "
+             f"its keys: {keys}")],
+            "load_datalist",
+        )  # fmt: skip
     return resolve_datalist(raw, path.parent if data_dir is None else data_dir, allow_outside, f"load_datalist: {path}")
 
 
@@ -354,15 +495,60 @@ def validate_datalist(
     """
     problems = check_datalist(datalist, data_dir, format, allow_outside, require_unlabeled, progress)
     if problems:
-        error = InputError(problems, "the training data failed the checks (nothing was trained or written)")
-        logging.getLogger(__name__).error(str(error))
-        raise error
+        raise InputError(problems, "the training data failed the checks (nothing was trained or written)")
     return datalist
+
+
+def validate_inputs(
+    items: Sequence[dict],
+    format: str | VolumeFormat,
+    keys: Sequence[str] = ("image",),
+    progress: bool = False,
+) -> Sequence[dict]:
+    """
+    Check the files of inference or evaluation items (``{"image": path, "label": path}``, absolute paths or relative
+    to the working folder) with the same file checks as :py:func:`check_datalist`: the bundles' ``inference`` and
+    ``evaluate`` configs call it before loading the network.
+
+    Args:
+        items: the items.
+        format: a key of :py:data:`~monai_mlbseg.data.formats.FORMATS` or a ``VolumeFormat``.
+        keys: the keys whose files are needed: ``("image",)`` for inference, ``("image", "label")`` for evaluation
+            (an empty label is accepted: a test case without foreground is legitimate).
+        progress: show a progress bar while reading the files.
+
+    Returns:
+        ``items`` unchanged.
+
+    Raises:
+        InputError: when there is no item, an item lacks a key, or a file is missing or fails a check.
+
+    Example::
+
+        validate_inputs([{"image": "/data/imagesTs/la_001.nii.gz"}], "msd_heart")
+    """
+    problems: list[Problem] = []
+    if not items:
+        problems.append(Problem("datalist", "no input to process (the test list is empty)"))
+    entries = []
+    for i, it in enumerate(items):
+        missing = [k for k in keys if not (isinstance(it, dict) and isinstance(it.get(k), str) and it[k])]
+        if missing:
+            problems.append(Problem(f"input {_where('test', i, it)}", f"needs {', '.join(map(repr, missing))}"))
+        else:
+            entries.append(("test", i, {k: it[k] for k in ("case_id", *keys) if k in it}))
+    problems += _check_files(entries, os.getcwd(), get_format(format), True, progress)
+    if problems:
+        raise InputError(problems, "the input failed the checks (nothing was written)")
+    return items
 
 
 def _where(split: str, index: int, item: Any) -> str:
     case = item.get("case_id") if isinstance(item, dict) else None
     return f"{split}[{index}]" + (f" (case {case})" if case is not None else "")
+
+
+_FORMS_HINT = " (expected the lists labeled, unlabeled, test, or MONAI's decathlon form with 'training')"
 
 
 def _structure(datalist: Any, spec: VolumeFormat, require_unlabeled: bool) -> list[Problem]:
@@ -379,7 +565,8 @@ def _structure(datalist: Any, spec: VolumeFormat, require_unlabeled: bool) -> li
     for split in SPLITS:
         if split not in datalist:
             if split in REQUIRED_SPLITS:
-                problems.append(Problem("datalist", f"missing the list {split!r}"))
+                hint = _FORMS_HINT if not any(k in datalist for k in SPLITS) else ""
+                problems.append(Problem("datalist", f"missing the list {split!r}{hint}"))
             continue
         items = datalist[split]
         if not isinstance(items, list):
@@ -434,31 +621,17 @@ def _duplicates(entries: list[tuple[str, int, dict]], paths: dict[tuple[str, int
 def _short_error(e: BaseException) -> str:
     """One line of an exception: ITK's ``ITK ERROR: Class(0x..): text`` line, else the first meaningful line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for line in lines:
-        m = re.search(r"ITK ERROR: \w+\(0x[0-9a-fA-F]+\): (.*)", line)
+    for n, line in enumerate(lines):
+        m = re.search(r"(?:ITK ERROR|itk::ERROR): \w+\(0x[0-9a-fA-F]+\): (.*)", line)
         if m:
-            return f"ITK: {m.group(1)}"
+            # NRRD's parser explains below the ITK line: keep its specific lines, not its "trouble" chain
+            details = [re.sub(r"^\[\w+\] \w+: ", "", d) for d in lines[n + 1 :]]
+            details = [d for d in details if not d.startswith("trouble") or "|" in d][-2:]
+            return f"ITK: {m.group(1).rstrip(':')}" + (f": {'; '.join(details)}" if details else "")
     lines = [line for line in lines if not re.fullmatch(r"\S+:\d+:", line)]  # C++ source locations
     text = lines[0] if lines else ""
     text = text if len(text) <= 300 else text[:297] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _metaimage_data_file(path: str) -> str | None:
-    """The data file a MetaImage header names, when it is missing (``None``: present, inline or unparsable)."""
-    try:
-        with open(path, encoding="latin-1") as f:
-            for line in f:
-                key, _, value = line.partition("=")
-                if key.strip() == "ElementDataFile":
-                    value = value.strip()
-                    if value.upper() in ("LOCAL", "LIST") or "%" in value:
-                        return None
-                    data = os.path.join(os.path.dirname(path), value)
-                    return None if os.path.isfile(data) else data
-    except OSError:
-        return None
-    return None
 
 
 class _Volume(NamedTuple):
@@ -481,16 +654,19 @@ class _VolumeChecker:
 
     def __call__(self, path: str, role: str, what: str, problems: list[Problem]) -> _Volume | None:
         """Load and check one file; ``None`` (problems appended) when it is unusable."""
-        if path.lower().endswith(".mhd"):
-            missing = _metaimage_data_file(path)
-            if missing is not None:
-                problems.append(Problem(path, f"{what}: the data file {missing} named in the header is missing"))
+        if path.lower().endswith((".mhd", ".mha")):
+            reason = metaimage_header_problem(path)
+            if reason is not None:
+                problems.append(Problem(path, f"{what}: {reason}"))
                 return None
         try:
             reader = self.readers[role]
-            img = self.loader(path, reader=reader if reader.verify_suffix(path) else None)
+            with captured_stderr() as noise:  # ITK's parser writes its complaints to stderr
+                img = self.loader(path, reader=reader if reader.verify_suffix(path) else None)
         except Exception as e:  # every reader error is a problem with the file
-            problems.append(Problem(path, f"{what}: unreadable or corrupt file ({_short_error(e)})"))
+            native = [line.strip() for line in noise.getvalue().splitlines() if line.strip()]
+            detail = f"; {native[0]}" if native else ""
+            problems.append(Problem(path, f"{what}: unreadable or corrupt file ({_short_error(e)}{detail})"))
             return None
         spatial = tuple(int(s) for s in img.shape[1:])
         if len(spatial) != self.spec.spatial_dims:
@@ -503,12 +679,33 @@ class _VolumeChecker:
                 Problem(path, f"{what}: {img.shape[0]} channels (shape {tuple(img.shape)}), expected {expect}")
             )
             return None
+        small = [f"{s} < {m}" for s, m in zip(spatial, MIN_SPATIAL_SIZE) if s < m]
+        if small and role == "image":
+            problems.append(
+                Problem(
+                    path,
+                    f"{what}: volume of shape {spatial} is too small for a scan ({', '.join(small)}; the minimum "
+                    f"is {'x'.join(map(str, MIN_SPATIAL_SIZE))} voxels)",
+                )
+            )
+            return None
         data = img.as_tensor()
         has_foreground = True
         if role == "image":
-            bad = int((~torch.isfinite(data)).sum()) if data.dtype.is_floating_point else 0
+            finite = torch.isfinite(data) if data.dtype.is_floating_point else torch.ones_like(data, dtype=torch.bool)
+            bad = int((~finite).sum())
             if bad:
                 problems.append(Problem(path, f"{what}: {bad} NaN/inf intensities"))
+            elif bool(finite.any()) and float(data.max()) == float(data.min()):
+                problems.append(
+                    Problem(path, f"{what}: constant image (every voxel is {float(data.min()):g}): nothing to segment")
+                )
+            spacing = np.linalg.norm(np.asarray(img.affine, dtype=float)[:-1, :-1], axis=0)
+            if spacing.min() > 0 and spacing.max() / spacing.min() > MAX_ANISOTROPY:
+                logger.warning(
+                    f"{path}: {what}: voxel spacing {np.round(spacing, 4).tolist()} is extremely anisotropic "
+                    f"(ratio {spacing.max() / spacing.min():.0f} > {MAX_ANISOTROPY:g}); check the header"
+                )
         else:
             values = torch.unique(data)
             expected = torch.tensor(self.label_values, dtype=values.dtype)
@@ -555,9 +752,13 @@ def check_datalist(
     ``label`` in labeled/test/validation items, ``gt`` not ``label`` in unlabeled ones); at least one labeled case
     and (with ``require_unlabeled``) one unlabeled case; case ids (and images) listed twice, within a split or
     across splits; paths outside ``data_dir``; missing files; unreadable or corrupt files (truncated NIfTI, HDF5
-    without ``image``/``label``, bad MetaImage header or missing ``.raw``); 2D files, or extra channels where a 3D
-    single-channel volume is expected (MSD prostate images have 2); NaN/inf intensities; label values other than
-    the format's; empty labels in the labeled set; image/label shape, spacing or affine mismatches.
+    without ``image``/``label``, missing ``.raw``, a MetaImage header with a missing or inconsistent ``NDims``,
+    ``DimSize`` or ``ElementType``); 2D files, or extra channels where a 3D single-channel volume is expected (MSD
+    prostate images have 2); images smaller than :py:data:`MIN_SPATIAL_SIZE`; constant images (zero intensity range,
+    e.g. a labeled case whose image is blank while its label has foreground); NaN/inf intensities; label values
+    other than the format's; empty labels in the labeled set; image/label shape, spacing or affine mismatches.
+    A voxel spacing more anisotropic than :py:data:`MAX_ANISOTROPY` is logged as a warning. A datalist in MONAI's
+    decathlon form is checked as :py:func:`from_decathlon` reads it.
 
     Each file is read once (a file used by several items is checked once per role).
 
@@ -582,10 +783,14 @@ def check_datalist(
         spec = get_format(format)
     except ValueError as e:
         return [Problem("format", str(e))]
+    if is_decathlon(datalist):
+        try:
+            datalist = from_decathlon(datalist)
+        except InputError as e:
+            return e.problems
     problems = _structure(datalist, spec, require_unlabeled)
     if not isinstance(datalist, dict):
         return problems
-    root = os.path.abspath(os.fspath(data_dir))
     entries = [
         (split, i, it)
         for split in SPLITS
@@ -593,6 +798,19 @@ def check_datalist(
         for i, it in enumerate(datalist[split])
         if isinstance(it, dict) and isinstance(it.get("image"), str) and it["image"]
     ]
+    return problems + _check_files(entries, os.fspath(data_dir), spec, allow_outside, progress)
+
+
+def _check_files(
+    entries: list[tuple[str, int, dict]],
+    data_dir: str,
+    spec: VolumeFormat,
+    allow_outside: bool,
+    progress: bool,
+) -> list[Problem]:
+    """The file checks of :py:func:`check_datalist` for ``(split, index, item)`` entries."""
+    problems: list[Problem] = []
+    root = os.path.abspath(data_dir)
     # resolve paths, refuse those outside the data folder, find missing files
     paths: dict[tuple[str, int, str], str] = {}
     for split, i, it in entries:

@@ -1,9 +1,16 @@
-"""A MONAI image reader for HDF5 volumes (the UA-MT left-atrium layout ``<case>/mri_norm2.h5``)."""
+"""
+A MONAI image reader for HDF5 volumes (the UA-MT left-atrium layout ``<case>/mri_norm2.h5``), and the diagnosis of
+broken MetaImage headers.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +19,7 @@ from monai.data import ImageReader
 from monai.data.utils import is_supported_format
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-__all__ = ["H5ImageReader", "H5_SUFFIXES"]
+__all__ = ["H5ImageReader", "H5_SUFFIXES", "captured_stderr", "metaimage_header_problem"]
 
 #: file name endings :py:class:`H5ImageReader` claims in :py:meth:`~H5ImageReader.verify_suffix`.
 H5_SUFFIXES = ("h5", "hdf5")
@@ -181,3 +188,128 @@ class H5ImageReader(ImageReader):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dataset={self.dataset!r}, spacing={self.spacing})"
+
+
+#: bytes per element of the MetaImage ``ElementType`` values.
+_MET_TYPE_SIZES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
+
+
+def _positive_ints(text: str) -> list[int] | None:
+    try:
+        values = [int(v) for v in text.split()]
+    except ValueError:
+        return None
+    return values if values and all(v > 0 for v in values) else None
+
+
+def metaimage_header_problem(path: str | os.PathLike) -> str | None:
+    """
+    What is wrong with a MetaImage header (``.mhd``/``.mha``), in words, when it can be told from the header alone:
+    a missing or inconsistent ``NDims``, ``DimSize``, ``ElementSpacing`` or ``ElementType``, no ``ElementDataFile``,
+    a missing data file, or one too short for ``DimSize`` and ``ElementType``.
+
+    Args:
+        path: the header file.
+
+    Returns:
+        the problem, or ``None`` when the header looks consistent (or cannot be parsed as text at all; the reader
+        then reports it).
+
+    Example::
+
+        metaimage_header_problem("Case00.mhd")  # "the header has no DimSize (the size of each axis)"
+    """
+    path = os.fspath(path)
+    header: dict[str, str] = {}
+    try:
+        with open(path, encoding="latin-1") as f:
+            for line in f:
+                key, sep, value = line.partition("=")
+                if not sep:
+                    continue
+                header[key.strip()] = value.strip()
+                if key.strip() == "ElementDataFile":
+                    break
+    except OSError:
+        return None
+    if "NDims" not in header:
+        return "the header has no NDims (the number of axes)"
+    ndims = _positive_ints(header["NDims"])
+    if ndims is None or len(ndims) != 1:
+        return f"the header's NDims = {header['NDims']!r} is not a positive integer"
+    if "DimSize" not in header:
+        return "the header has no DimSize (the size of each axis)"
+    dims = _positive_ints(header["DimSize"])
+    if dims is None:
+        return f"the header's DimSize = {header['DimSize']!r} is not a list of positive integers"
+    if len(dims) != ndims[0]:
+        return f"the header's DimSize has {len(dims)} values but its NDims = {ndims[0]}"
+    for key in ("ElementSpacing", "ElementSize"):
+        if key in header and len(header[key].split()) != ndims[0]:
+            return f"the header's {key} has {len(header[key].split())} values but its NDims = {ndims[0]}"
+    element = header.get("ElementType")
+    if element is None:
+        return "the header has no ElementType (the voxel type, e.g. MET_FLOAT)"
+    base = element.removesuffix("_ARRAY")
+    if base not in _MET_TYPE_SIZES:
+        return f"the header's ElementType {element!r} is unknown (known: {', '.join(_MET_TYPE_SIZES)})"
+    data_file = header.get("ElementDataFile")
+    if data_file is None:
+        return "the header has no ElementDataFile (the name of the voxel data file, or LOCAL)"
+    if data_file.upper() in ("LOCAL", "LIST") or "%" in data_file or " " in data_file:
+        return None
+    data = os.path.join(os.path.dirname(path), data_file)
+    if not os.path.isfile(data):
+        return f"the data file {data} named in the header is missing"
+    if header.get("CompressedData", "False").lower() == "true" or header.get("HeaderSize", "0") not in ("0", ""):
+        return None
+    channels = _positive_ints(header.get("ElementNumberOfChannels", "1")) or [1]
+    need = int(np.prod(dims)) * channels[0] * _MET_TYPE_SIZES[base]
+    have = os.path.getsize(data)
+    if have < need:
+        return f"the data file {data} named in the header holds {have} bytes; DimSize {dims} of {element} needs {need}"
+    return None
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[io.StringIO]:
+    """
+    Capture what native code (ITK's MetaImage parser) writes to the process's standard error while the block runs;
+    the text is in the yielded buffer afterwards, and nothing reaches the terminal.
+
+    Example::
+
+        with captured_stderr() as noise:
+            reader.read("broken.mhd")
+        noise.getvalue()  # "DimSize required and not defined.\\n..."
+    """
+    buffer = io.StringIO()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable file descriptor 2 (e.g. a detached process)
+        yield buffer
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield buffer
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buffer.write(tmp.read().decode("utf-8", errors="replace"))
