@@ -10,7 +10,7 @@ from pathlib import Path
 
 import fire
 
-from monai_mlbseg.data import make_synthetic_dataset, prepare
+from monai_mlbseg.data import check, make_synthetic_dataset, prepare
 from monai_mlbseg.demo import run_demo
 from monai_mlbseg.evaluation import evaluate_files
 from monai_mlbseg.utils import InputError
@@ -57,7 +57,14 @@ def evaluate(predictions: Sequence[str], labels: Sequence[str], out: str = ".", 
 
 
 COMMANDS = {
-    name: _cli(fn) for name, fn in {"demo": run_demo, "prepare": prepare, "synth": synth, "evaluate": evaluate}.items()
+    name: _cli(fn)
+    for name, fn in {
+        "demo": run_demo,
+        "prepare": prepare,
+        "check": check,
+        "synth": synth,
+        "evaluate": evaluate,
+    }.items()
 }
 
 

@@ -1,4 +1,7 @@
-"""``python -m monai_mlbseg prepare``: build a datalist of a data folder, check every file, write it."""
+"""
+``python -m monai_mlbseg prepare``: build a datalist of a data folder, check every file, write it; and
+``python -m monai_mlbseg check``: check an existing datalist and every file it names.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,33 @@ from pathlib import Path
 
 from ..utils.errors import InputError, Problem
 from ..utils.io import atomic_write_text
-from .datalist import SPLITS, build_datalist, check_datalist
+from .datalist import SPLITS, build_datalist, check_datalist, load_datalist
+from .formats import FORMATS
 
-__all__ = ["prepare"]
+__all__ = ["prepare", "check"]
+
+
+_USE_OUTPUT = "write the datalist elsewhere with --output FILE"
+
+
+def _unwritable(out: Path) -> Problem | None:
+    """Why ``out`` cannot be written (its folder, or the nearest existing folder above it), if it cannot."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return Problem(
+            str(folder), f"is not a folder, cannot write {out.name} there; choose another file with --output"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        return Problem(str(folder), f"is not writable, cannot write {out.name}; {_USE_OUTPUT}")
+    return None
+
+
+def _counts(datalist: dict) -> str:
+    counts = ", ".join(f"{len(datalist.get(s, []))} {s}" for s in SPLITS if datalist.get(s) or s != "validation")
+    with_gt = sum("gt" in it for it in datalist.get("unlabeled", []) if isinstance(it, dict))
+    return counts + (f" ({with_gt} of the unlabeled with ground truth for monitoring)" if with_gt else "")
 
 
 def prepare(
@@ -92,6 +119,9 @@ def prepare(
     problems = []
     if existing is not None and existing != text and not overwrite:
         problems.append(Problem(str(out), "exists with a different datalist; pass overwrite=True to replace it"))
+    unwritable = _unwritable(out) if existing != text else None
+    if unwritable is not None:
+        problems.append(unwritable)
     problems += check_datalist(
         datalist,
         data_path,
@@ -103,9 +133,63 @@ def prepare(
     if problems:
         raise InputError(problems, f"prepare: {data_path} failed the datalist check, nothing written")
     if existing != text:
-        atomic_write_text(out, text)
-    counts = ", ".join(f"{len(datalist[s])} {s}" for s in SPLITS if datalist[s] or s != "validation")
-    with_gt = sum("gt" in it for it in datalist["unlabeled"])
-    gt_note = f" ({with_gt} of the unlabeled with ground truth for monitoring)" if with_gt else ""
-    print(f"prepare: wrote {out} [{datalist['format']}]: {counts}{gt_note}")
+        try:
+            atomic_write_text(out, text)
+        except OSError as e:
+            problem = Problem(
+                str(out.parent), f"cannot write {out.name} ({e.strerror or e}); choose another file with --output"
+            )
+            raise InputError([problem], "prepare: nothing written") from None
+    print(f"prepare: wrote {out} [{datalist['format']}]: {_counts(datalist)}")
     return str(out)
+
+
+def check(
+    datalist: str,
+    data_dir: str | None = None,
+    format: str | None = None,
+    allow_outside: bool = False,
+    allow_no_unlabeled: bool = False,
+    progress: bool = True,
+) -> str:
+    """
+    Check an existing datalist JSON and every file it names, with the checks of ``prepare``
+    (:py:func:`~monai_mlbseg.data.datalist.check_datalist`), without writing anything. Both this package's form
+    and MONAI's decathlon form (``{"training": [{"image", "label"}], "validation": [...], "test": [...]}``, see
+    :py:func:`~monai_mlbseg.data.datalist.from_decathlon`) are read.
+
+    Args:
+        datalist: the datalist file.
+        data_dir: the folder its relative paths refer to; default: the datalist's folder.
+        format: the on-disk layout; default: the ``format`` the datalist records (decathlon-form files record none).
+        allow_outside: accept files outside ``data_dir``.
+        allow_no_unlabeled: accept an empty unlabeled set (supervised training only).
+        progress: show progress while checking the files.
+
+    Returns:
+        the path of the datalist file.
+
+    Raises:
+        InputError: listing every problem found (each names the file or case).
+
+    Example::
+
+        python -m monai_mlbseg check /data/Task02_Heart/datalist.json --format msd_heart
+    """
+    path = Path(os.path.expanduser(str(datalist)))
+    root = path.parent if data_dir is None else Path(os.path.expanduser(str(data_dir)))
+    try:
+        loaded = load_datalist(path, root, allow_outside)
+    except InputError as e:
+        raise InputError(e.problems, f"check: cannot read the datalist {path}") from None
+    fmt = format or loaded.get("format")
+    if fmt is None:
+        problem = Problem(str(path), f"records no format: give --format (one of {', '.join(FORMATS)})")
+        raise InputError([problem], f"check: {path}")
+    problems = check_datalist(
+        loaded, root, fmt, allow_outside=allow_outside, require_unlabeled=not allow_no_unlabeled, progress=progress
+    )
+    if problems:
+        raise InputError(problems, f"check: {path} failed the datalist check")
+    print(f"check: {path} is usable [{fmt}]: {_counts(loaded)}")
+    return str(path)
