@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
@@ -77,3 +80,36 @@ def workflow(bundle: Path, configs: list[str], workflow_type: str, run_id: str =
     )
     wf.initialize()
     return wf
+
+
+#: ``python -m monai.bundle run`` arguments of each workflow: run id and config files
+COMMANDS = {
+    "training": ("training", ["train.json"]),
+    "inference": ("run", ["inference.json"]),
+    "evaluation": ("run", ["inference.json", "evaluate.json"]),
+}
+
+
+def bundle_command(bundle: Path, kind: str, data: Path, format: str, split: dict | None, **extra) -> list[str]:
+    """The command line of a tiny CPU run of ``kind`` (a key of :py:data:`COMMANDS`); ``extra``: more overrides."""
+    run_id, configs = COMMANDS[kind]
+    files = [str(bundle / "configs" / c) for c in configs]
+    over = {"bundle_root": bundle, "dataset_dir": data, "data_format": format, **TINY, **extra}
+    if split is not None:
+        over["split"] = split
+    if kind == "training":
+        over.update(TINY_TRAIN)
+    args = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(files)]
+    args += ["--meta_file", str(bundle / "configs" / "metadata.json")]
+    args += ["--logging_file", str(bundle / "configs" / "logging.conf")]
+    for key, value in over.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def run_command(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run a command from the repository root on one CPU thread; stdout and stderr come back as one text."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=full_env, cwd=REPO
+    )
