@@ -114,3 +114,30 @@ def test_bundle_train_task_trains_from_labeled_pairs_only(tmp_path, restore_sys_
     checkpoint = torch.load(run / "stage2" / final[0], weights_only=True)
     # one epoch over the clean slices: 3 volumes x 8 slices in batches of 2 (supervised, no unlabeled data)
     assert checkpoint["trainer"]["iteration"] == 12 and checkpoint["trainer"]["epoch_length"] == 12
+
+
+def test_bundle_infer_task_with_the_3d_configuration(tmp_path, restore_sys_path):
+    """MONAI Label reads one inference config: a copy of the LA bundle gets inference.json merged with
+    inference_3d.json (the recipe of the bundle's README), and infers with the 3D network in sliding windows."""
+    from monai.bundle import ConfigParser
+
+    bundle = copy_bundle("mlbseg_la", tmp_path)
+    configs = bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "inference.json"), str(configs / "inference_3d.json")])
+    merged = {k: v for k, v in parser.get().items() if k != "_meta_"}
+    merged.update(features=[4, 8], patch_size=[16, 16, 8])  # a CPU-sized network for the test
+    ConfigParser.export_config_file(merged, str(configs / "inference.json"), indent=4)
+    (bundle / "models").mkdir()
+    torch.save(NestedUNet(3, features=(4, 8)).state_dict(), bundle / "models" / "model.pt")
+    pairs = write_pairs(tmp_path, n=1, shape=(40, 36, 12))
+    task = bundle_infer_task()(str(bundle), conf={}, load_strict=True)
+    assert task.is_valid()
+    label_file, _ = task({"image": pairs[0]["image"], "device": "cpu", "result_dtype": "uint8"})
+    try:
+        mask = nib.load(label_file)
+        assert mask.shape == (40, 36, 12)
+        assert np.allclose(mask.affine, nib.load(pairs[0]["image"]).affine, atol=1e-4)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    finally:
+        os.remove(label_file)
