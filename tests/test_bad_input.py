@@ -763,3 +763,23 @@ def test_bundle_debug_flag_shows_the_traceback_before_the_problem_list(tmp_path)
     cmd = bundle_command(bundle, "training", data, "uamt_h5", split)
     out = assert_problem_list_ends_the_output(run_command(cmd, MLBSEG_DEBUG="1"), expected, once=False)
     assert "Traceback" in out and out.index("Traceback") < out.index(" - ERROR - ")
+
+
+@pytest.mark.parametrize("error,status", [("InputError", 2), ("ValueError", 1)])
+def test_exit_on_input_error_only_takes_input_errors(error, status):
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from monai_mlbseg.utils import InputError, Problem, exit_on_input_error\n"
+        "exit_on_input_error(); exit_on_input_error()\n"
+        "def inner():\n"
+        f"    raise {error}([Problem('/data/a.h5', 'constant image')], 'checks') if {error} is InputError "
+        f"else {error}('a bug')\n"
+        "try:\n    inner()\nexcept Exception as e:\n    raise RuntimeError('Failed to evaluate') from e\n"
+    )
+    result = run_command([sys.executable, "-c", script])
+    assert result.returncode == status
+    if status == 2:
+        assert result.stdout.rstrip().endswith("ERROR:monai_mlbseg:checks (1 problem):\n  - /data/a.h5: constant image")
+        assert "Traceback" not in result.stdout
+    else:
+        assert "Traceback" in result.stdout and "ValueError: a bug" in result.stdout

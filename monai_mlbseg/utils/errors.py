@@ -96,8 +96,12 @@ def exit_on_input_error(logger_name: str = "monai_mlbseg") -> None:
             return
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             previous(kind, error, tb)
-        logging.getLogger(logger_name).error(str(input_error))
-        for handler in logging.getLogger().handlers + logging.getLogger(logger_name).handlers:
+        logger = logging.getLogger(logger_name)
+        if logger.disabled or not logger.isEnabledFor(logging.ERROR):  # e.g. silenced by a logging config
+            print(str(input_error), file=sys.stderr)
+        else:
+            logger.error(str(input_error))
+        for handler in logging.getLogger().handlers + logger.handlers:
             handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
