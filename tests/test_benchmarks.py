@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,32 @@ def test_fast_mode_benchmark_compares_each_mode_with_the_faithful_one(tmp_path):
     for run_ in runs.values():
         assert 0.0 <= run_["mean_dice"] <= 100.0
     assert runs["faithful"]["delta_vs_faithful"] == 0.0
+
+
+def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    results = report["results"]
+    assert set(results["2d_options"]) == {"fp32", "bf16", "channels_last", "bf16+channels_last"}
+    for entry in [*results["2d_options"].values(), results["3d"]]:
+        assert entry["stage2"]["ms_median"] > 0 and entry["supervised"]["ms_median"] > 0
+        assert entry["ratio"] == pytest.approx(entry["stage2"]["ms_median"] / entry["supervised"]["ms_median"], 1e-2)
+    batches = results["2d_unlabeled_batch"]
+    assert set(batches) == {"1", "2", "4"}
+    assert batches["4"]["ms_per_image"] == pytest.approx(batches["4"]["ms_median"] / 4, abs=0.01)
+    assert all(entry["volumes_per_s"] > 0 for entry in results["inference"].values())
+    assert set(results["inference"]) == {"2d_slices", "3d_sliding_window"}
+    projection = report["projection_h"]
+    slices = 120 * 76 * 88  # 120 epochs over the 88 slices of 76 unlabeled volumes
+    assert projection["2d_fp32_batch4_h"] == pytest.approx(batches["4"]["ms_median"] * slices / 4 / 3.6e6, abs=0.01)
+    assert projection["3d_fp32_h"] == pytest.approx(results["3d"]["stage2"]["ms_median"] * 15000 / 3.6e6, abs=0.01)
+    table = (out / "gpu_check.md").read_text()
+    assert "| options | stage-2 ms | supervised ms | ratio |" in table and "3d_fp32_h" in table
+    assert (out / "gpu_check.log").is_file()

@@ -1,0 +1,439 @@
+"""
+One prepared GPU check of MLB-Seg's training and inference cost (``benchmarks/gpu_check.sh`` runs it).
+
+Measures, on synthetic data of the real sizes, and writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``:
+
+1. the 2D reference-width network (NestedUNet 64-1024, 36.6 M parameters, 144x144): one stage-2 ``MetaTrainer``
+   iteration (1 unlabeled slice, 2 clean slices) and one plain supervised step on the same 15 views (MONAI's
+   ``SupervisedTrainer``), absolute time, ratio and peak ``torch.cuda.max_memory_allocated`` of each, with the GPU
+   options (bf16 autocast, channels-last, ``torch.compile``) off and on;
+2. the stage-2 iteration time per unlabeled image at unlabeled batch 1, 4 and 16;
+3. the 3D variant (NestedUNet 16-256, 112x112x80 patches, 2 labeled + 2 unlabeled patches): iteration and supervised
+   step, time and peak memory;
+4. inference volumes per second on a left-atrium-sized volume (192x144x88): 2D slice by slice, 3D sliding window;
+5. the projected wall time of the full protocols: 2D, 120 epochs over the 88 slices of 76 unlabeled volumes; 3D,
+   15,000 iterations.
+
+Iterations are timed with the trainers' own Ignite events (``ITERATION_STARTED``/``ITERATION_COMPLETED``, after a
+device synchronisation); the first ``--warmup`` iterations (compilation, cuDNN autotuning) are left out. ``--quick``
+runs tiny sizes (CPU smoke test). Sections that would overrun ``--budget_s`` are skipped and listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.inferers import SimpleInferer
+
+from monai_mlbseg.engines import MetaTrainer
+from monai_mlbseg.inferers import MinMaxSlidingWindowInferer, SliceResizeInferer
+from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.transforms import PLEViews
+
+#: the full protocols the projection is made for
+PROTOCOL_2D = {"epochs": 120, "unlabeled_volumes": 76, "slices_per_volume": 88}
+PROTOCOL_3D = {"iterations": 15000}
+
+SIZES = {
+    "full": {
+        "features_2d": (64, 128, 256, 512, 1024),
+        "image_2d": (144, 144),
+        "features_3d": (16, 32, 64, 128, 256),
+        "patch_3d": (112, 112, 80),
+        "volume": (192, 144, 88),
+        "unlabeled_batches": (1, 4, 16),
+        "iterations": 10,
+    },
+    "quick": {
+        "features_2d": (4, 8),
+        "image_2d": (32, 32),
+        "features_3d": (4, 8),
+        "patch_3d": (16, 16, 8),
+        "volume": (40, 32, 12),
+        "unlabeled_batches": (1, 2, 4),
+        "iterations": 2,
+    },
+}
+
+#: GPU option sets of section 1 (each applied alike to the stage-2 iteration and the supervised step)
+OPTION_SETS = {
+    "fp32": {},
+    "bf16": {"amp": True},
+    "channels_last": {"channels_last": True},
+    "bf16+channels_last": {"amp": True, "channels_last": True},
+    "bf16+channels_last+compile": {"amp": True, "channels_last": True, "compile": True},
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+
+
+def synthetic_batch(n: int, shape: Sequence[int], device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """``n`` images ``[1, *shape]`` in [0, 1] with a bright ball and its mask (the content does not change timing)."""
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape], indexing="ij")
+    images, labels = [], []
+    for _ in range(n):
+        centre = (torch.rand(len(shape), generator=g) - 0.5) * 0.6
+        mask = (sum((x - c) ** 2 for x, c in zip(grids, centre)) < 0.25).float()
+        images.append((0.6 * mask + 0.2 * torch.rand(tuple(shape), generator=g))[None])
+        labels.append(mask[None])
+    return {"image": torch.stack(images).to(device), "label": torch.stack(labels).to(device)}
+
+
+def build_network(dims: int, features: Sequence[int], device: torch.device, channels_last: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = NestedUNet(dims, in_channels=1, out_channels=1, features=features).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    return net
+
+
+def engine_options(options: dict) -> dict:
+    out: dict[str, Any] = {}
+    if options.get("amp"):
+        out.update(amp=True, amp_kwargs={"dtype": torch.bfloat16})
+    if options.get("compile"):
+        out["compile"] = True
+    return out
+
+
+def time_engine(engine: Any, device: torch.device, warmup: int, iterations: int) -> dict:
+    """Run ``engine`` for ``warmup + iterations`` iterations; per-iteration times from its own events."""
+    starts: list[float] = []
+    times: list[float] = []
+
+    def started(_: Any) -> None:
+        sync(device)
+        starts.append(time.perf_counter())
+
+    def completed(_: Any) -> None:
+        sync(device)
+        times.append(time.perf_counter() - starts[-1])
+
+    engine.add_event_handler(Events.ITERATION_STARTED, started)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, completed)
+    reset_peak(device)
+    engine.run()
+    kept = times[warmup:]
+    return {
+        "ms_median": round(1000 * statistics.median(kept), 2),
+        "ms_min": round(1000 * min(kept), 2),
+        "iterations_timed": len(kept),
+        "warmup_ms": [round(1000 * t, 1) for t in times[:warmup]],
+        "peak_mib": peak_mib(device),
+    }
+
+
+def stage2(
+    dims: int,
+    features: Sequence[int],
+    shape: Sequence[int],
+    device: torch.device,
+    num_unlabeled: int,
+    num_clean: int,
+    options: dict,
+    warmup: int,
+    iterations: int,
+) -> dict:
+    """One ``MetaTrainer`` run on a fixed unlabeled batch and clean batch (default settings of the bundles)."""
+    net = build_network(dims, features, device, options.get("channels_last", False))
+    opt = torch.optim.SGD(net.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+    unlabeled = synthetic_batch(num_unlabeled, shape, device, seed=1)
+    clean = synthetic_batch(num_clean, shape, device, seed=2)
+    trainer = MetaTrainer(
+        device,
+        max_epochs=1,
+        train_data_loader=[unlabeled],
+        clean_data_loader=[clean],
+        network=net,
+        optimizer=opt,
+        spatial_dims=dims,
+        epoch_length=warmup + iterations,
+        seed=0,
+        **engine_options(options),
+    )
+    return time_engine(trainer, device, warmup, iterations)
+
+
+def supervised(
+    dims: int,
+    features: Sequence[int],
+    shape: Sequence[int],
+    device: torch.device,
+    num_unlabeled: int,
+    num_clean: int,
+    options: dict,
+    warmup: int,
+    iterations: int,
+) -> dict:
+    """One plain supervised step (MONAI's ``SupervisedTrainer``, BCE, SGD) on the iteration's views."""
+    net = build_network(dims, features, device, options.get("channels_last", False))
+    opt = torch.optim.SGD(net.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+    batch = synthetic_batch(num_unlabeled + num_clean, shape, device, seed=1)
+    views = PLEViews(dims).set_random_state(0)
+    data = {"image": views(batch["image"]).contiguous(), "label": views.warp(batch["label"], threshold=0.5)}
+    trainer = SupervisedTrainer(
+        device,
+        max_epochs=1,
+        train_data_loader=[data],
+        network=net,
+        optimizer=opt,
+        loss_function=torch.nn.BCEWithLogitsLoss(),
+        inferer=SimpleInferer(),
+        epoch_length=warmup + iterations,
+        **engine_options(options),
+    )
+    return time_engine(trainer, device, warmup, iterations)
+
+
+def pair(dims: int, features: Sequence[int], shape: Sequence[int], device: torch.device, args: Any, **kw: Any) -> dict:
+    meta = stage2(dims, features, shape, device, warmup=args.warmup, iterations=args.iterations, **kw)
+    plain = supervised(dims, features, shape, device, warmup=args.warmup, iterations=args.iterations, **kw)
+    return {"stage2": meta, "supervised": plain, "ratio": round(meta["ms_median"] / plain["ms_median"], 3)}
+
+
+@torch.no_grad()
+def inference(net: torch.nn.Module, inferer: Any, volume: Sequence[int], device: torch.device, repeats: int) -> dict:
+    net.eval()
+    x = synthetic_batch(1, volume, device, seed=3)["image"]
+    inferer(x, net)  # warm-up
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        inferer(x, net)
+    sync(device)
+    seconds = (time.perf_counter() - start) / repeats
+    return {"s_per_volume": round(seconds, 4), "volumes_per_s": round(1 / seconds, 3), "peak_mib": peak_mib(device)}
+
+
+def hours(ms: float, iterations: float) -> float:
+    return round(ms * iterations / 3.6e6, 2)
+
+
+def projections(results: dict) -> dict:
+    out: dict[str, Any] = {}
+    slices = PROTOCOL_2D["epochs"] * PROTOCOL_2D["unlabeled_volumes"] * PROTOCOL_2D["slices_per_volume"]
+    two_d = results.get("2d_options", {})
+    for name, entry in two_d.items():
+        if "stage2" in entry:
+            out[f"2d_{name}_batch1_h"] = hours(entry["stage2"]["ms_median"], slices)
+    for batch, entry in results.get("2d_unlabeled_batch", {}).items():
+        if "ms_median" in entry:
+            out[f"2d_fp32_batch{batch}_h"] = hours(entry["ms_median"], math.ceil(slices / int(batch)))
+    if "stage2" in results.get("3d", {}):
+        out["3d_fp32_h"] = hours(results["3d"]["stage2"]["ms_median"], PROTOCOL_3D["iterations"])
+    return out
+
+
+class Budget:
+    """Skips the sections that start after ``seconds`` have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.start = time.perf_counter()
+        self.seconds = seconds
+
+    def run(self, results: dict, key: str, fn: Callable[[], dict]) -> None:
+        elapsed = time.perf_counter() - self.start
+        if elapsed > self.seconds:
+            results[key] = {"skipped": f"time budget ({self.seconds:.0f} s) spent"}
+            return
+        try:
+            results[key] = fn()
+        except Exception as e:  # one failing section (e.g. out of memory) must not lose the others
+            results[key] = {"error": f"{type(e).__name__}: {e}"}
+            traceback.print_exc()
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(f"[{time.perf_counter() - self.start:6.1f} s] {key}: {json.dumps(results[key])[:300]}", flush=True)
+
+
+def cell(entry: dict, key: str = "ms_median") -> str:
+    if "skipped" in entry or "error" in entry:
+        return entry.get("skipped") or entry["error"][:60]
+    value = entry.get(key)
+    return "-" if value is None else f"{value:g}"
+
+
+def markdown(report: dict) -> str:
+    r = report["results"]
+    cfg = report["config"]
+    lines = [
+        f"GPU check on {report['machine']['device_name']} ({report['machine']['device']}), "
+        f"torch {report['machine']['torch']}, {'quick sizes' if cfg['quick'] else 'full sizes'}; "
+        f"median of {cfg['iterations']} iterations after {cfg['warmup']} warm-up; memory: peak "
+        "`torch.cuda.max_memory_allocated` (none on CPU).",
+        "",
+        f"2D (NestedUNet {cfg['features_2d']}, {cfg['params_2d']:,} parameters, {cfg['image_2d']}): "
+        "1 unlabeled + 2 clean slices (15 views)",
+        "",
+        "| options | stage-2 ms | supervised ms | ratio | stage-2 peak MiB | supervised peak MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in r["2d_options"].items():
+        if "stage2" not in entry:
+            lines.append(f"| {name} | {cell(entry)} | | | | |")
+            continue
+        s, p = entry["stage2"], entry["supervised"]
+        lines.append(
+            f"| {name} | {cell(s)} | {cell(p)} | {entry['ratio']:g} | {cell(s, 'peak_mib')} | {cell(p, 'peak_mib')} |"
+        )
+    lines += ["", "| unlabeled batch | stage-2 ms | ms per unlabeled image | peak MiB |", "|---|---|---|---|"]
+    for batch, entry in r["2d_unlabeled_batch"].items():
+        lines.append(f"| {batch} | {cell(entry)} | {cell(entry, 'ms_per_image')} | {cell(entry, 'peak_mib')} |")
+    three = r["3d"]
+    lines += [
+        "",
+        f"3D (NestedUNet {cfg['features_3d']}, {cfg['params_3d']:,} parameters, patches {cfg['patch_3d']}, "
+        "2 labeled + 2 unlabeled)",
+        "",
+        "| | ms | peak MiB |",
+        "|---|---|---|",
+    ]
+    if "stage2" in three:
+        lines.append(f"| stage-2 iteration | {cell(three['stage2'])} | {cell(three['stage2'], 'peak_mib')} |")
+        lines.append(f"| supervised step | {cell(three['supervised'])} | {cell(three['supervised'], 'peak_mib')} |")
+        lines.append(f"| ratio | {three['ratio']:g} | |")
+    else:
+        lines.append(f"| stage-2 iteration | {cell(three)} | |")
+    lines += ["", f"Inference, one volume of {cfg['volume']}", "", "| | volumes/s | peak MiB |", "|---|---|---|"]
+    for name, entry in r["inference"].items():
+        lines.append(f"| {name} | {cell(entry, 'volumes_per_s')} | {cell(entry, 'peak_mib')} |")
+    lines += [
+        "",
+        "Projected stage-2 wall time of the full protocols at the measured sizes (hours)",
+        "",
+        "| protocol | hours |",
+        "|---|---|",
+    ]
+    for name, value in report["projection_h"].items():
+        lines.append(f"| {name} | {value:g} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run)")
+    p.add_argument("--out", default="gpu_check", help="output folder for gpu_check.json and gpu_check.md")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iterations", type=int, default=None, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per measurement (default 3; 1 quick)")
+    p.add_argument("--budget_s", type=float, default=420.0, help="sections starting later than this are skipped")
+    p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile option set")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    sizes = SIZES["quick" if args.quick else "full"]
+    args.iterations = args.iterations or sizes["iterations"]
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    option_sets = dict(OPTION_SETS)
+    if args.quick or args.no_compile:  # compiling costs minutes on a CPU; the quick run checks the other paths
+        option_sets = {k: v for k, v in option_sets.items() if not v.get("compile")}
+    f2, s2, f3, s3 = sizes["features_2d"], sizes["image_2d"], sizes["features_3d"], sizes["patch_3d"]
+    budget = Budget(args.budget_s)
+    results: dict[str, Any] = {"2d_options": {}, "2d_unlabeled_batch": {}, "inference": {}}
+    for name, options in option_sets.items():
+        budget.run(
+            results["2d_options"],
+            name,
+            lambda o=options: pair(2, f2, s2, device, args, num_unlabeled=1, num_clean=2, options=o),
+        )
+    for batch in sizes["unlabeled_batches"]:
+
+        def per_batch(b: int = batch) -> dict:
+            entry = stage2(2, f2, s2, device, b, 2, {}, args.warmup, args.iterations)
+            entry["ms_per_image"] = round(entry["ms_median"] / b, 2)
+            return entry
+
+        budget.run(results["2d_unlabeled_batch"], str(batch), per_batch)
+    budget.run(results, "3d", lambda: pair(3, f3, s3, device, args, num_unlabeled=2, num_clean=2, options={}))
+    volume, repeats = sizes["volume"], 1 if args.quick else 3
+    budget.run(
+        results["inference"],
+        "2d_slices",
+        lambda: inference(build_network(2, f2, device, False), SliceResizeInferer(s2), volume, device, repeats),
+    )
+    budget.run(
+        results["inference"],
+        "3d_sliding_window",
+        lambda: inference(
+            build_network(3, f3, device, False),
+            MinMaxSlidingWindowInferer(s3, sw_batch_size=4, overlap=0.5, mode="gaussian"),
+            volume,
+            device,
+            repeats,
+        ),
+    )
+    report = {
+        "machine": {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "CPU",
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "config": {
+            "quick": args.quick,
+            "iterations": args.iterations,
+            "warmup": args.warmup,
+            "features_2d": list(f2),
+            "image_2d": list(s2),
+            "params_2d": sum(p.numel() for p in NestedUNet(2, features=f2).parameters()),
+            "features_3d": list(f3),
+            "patch_3d": list(s3),
+            "params_3d": sum(p.numel() for p in NestedUNet(3, features=f3).parameters()),
+            "volume": list(volume),
+            "protocol_2d": PROTOCOL_2D,
+            "protocol_3d": PROTOCOL_3D,
+            "option_sets": option_sets,
+            "elapsed_s": None,
+        },
+        "results": results,
+    }
+    report["projection_h"] = projections(results)
+    report["config"]["elapsed_s"] = round(time.perf_counter() - budget.start, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / "gpu_check.md").write_text(table)
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
