@@ -27,9 +27,11 @@ from monai.utils import set_determinism
 from monai_mlbseg.data import (
     SliceDataset,
     build_datalist,
+    get_format,
     load_datalist,
     load_volume_transforms,
     make_synthetic_dataset,
+    read_case_list,
 )
 from monai_mlbseg.engines import (
     AtomicCheckpointSaver,
@@ -46,7 +48,7 @@ from monai_mlbseg.evaluation import SegmentationReport, compare_markdown, spacin
 from monai_mlbseg.inferers import SliceResizeInferer
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.pipeline import logged_series, slice_augmentation, slice_preprocessing
-from monai_mlbseg.utils import atomic_write_json, atomic_write_text
+from monai_mlbseg.utils import InputError, Problem, atomic_write_json, atomic_write_text
 from monai_mlbseg.visualize import save_overlays, save_training_curves, save_weight_maps
 
 __all__ = ["run_demo"]
@@ -151,8 +153,41 @@ def _overlay_slices(items, load, predictions: dict[str, dict[str, np.ndarray]], 
     return images, labels, preds, titles
 
 
+def _user_datalist(data_dir: Path, format: str, num_labeled: int, num_unlabeled: int, num_test: int) -> dict:
+    """
+    The demo's split of a user's folder: UA-MT style when it holds ``train.list`` (its first ``num_labeled`` cases
+    labeled, the next ``num_unlabeled`` unlabeled; test = the first ``num_test`` of ``test.list``, else the last
+    ``num_test`` of ``train.list``), otherwise the discovered cases in order (labeled, unlabeled, then test).
+    """
+    ids = read_case_list(data_dir / "train.list") if (data_dir / "train.list").is_file() else None
+    if ids is not None and (data_dir / "test.list").is_file():
+        test = read_case_list(data_dir / "test.list")[:num_test]
+    else:
+        ids = ids if ids is not None else list(get_format(format).discover(data_dir))
+        ids, test = ids[: len(ids) - num_test], ids[len(ids) - num_test :]
+    if len(ids) < num_labeled + 1 or not test:
+        raise InputError(
+            [
+                Problem(
+                    str(data_dir),
+                    f"{len(ids) + len(test)} cases: too few for {num_labeled} labeled, unlabeled and test",
+                )
+            ],
+            "demo data",
+        )
+    return build_datalist(
+        data_dir,
+        format,
+        labeled=ids[:num_labeled],
+        unlabeled=ids[num_labeled : num_labeled + num_unlabeled],
+        test=test,
+    )
+
+
 def run_demo(
     out: str = "mlbseg_demo",
+    data_dir: str | None = None,
+    format: str = "uamt_h5",
     num_labeled: int = 4,
     num_unlabeled: int = 16,
     num_test: int = 6,
@@ -180,6 +215,12 @@ def run_demo(
 
     Args:
         out: output folder (created; rerunning continues an interrupted run).
+        data_dir: run on this folder of real scans instead of generated ones (read only; nothing is written into
+            it): UA-MT style when it holds ``train.list`` / ``test.list`` (first ``num_labeled`` labeled, the next
+            ``num_unlabeled`` unlabeled, the first ``num_test`` of ``test.list`` for the report), otherwise its
+            discovered cases in order (labeled, unlabeled, and the last ``num_test`` for the report).
+        format: the layout of ``data_dir`` (``uamt_h5``, ``la_raw``, ``msd_heart``, ``promise12``,
+            ``msd_prostate``).
         num_labeled: labeled (clean) volumes.
         num_unlabeled: unlabeled volumes.
         num_test: held-out test volumes.
@@ -209,7 +250,10 @@ def run_demo(
     volume_shape = tuple(int(s) for s in volume_shape)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out).resolve()
-    data_dir = out_dir / "data"
+    user_data = data_dir is not None
+    data_dir = Path(data_dir).resolve() if user_data else out_dir / "data"
+    if not user_data:
+        format = "uamt_h5"
     fig_dir = out_dir / "figures"
     timings: dict[str, float] = {}
     start = time.time()
@@ -218,7 +262,10 @@ def run_demo(
     # 1. data: synthetic volumes in the UA-MT layout, split into labeled / unlabeled / test
     t0 = time.time()
     datalist_path = out_dir / "datalist.json"
-    if not datalist_path.is_file():
+    if not datalist_path.is_file() and user_data:
+        logger.info(f"using the {format} scans in {data_dir}")
+        atomic_write_json(datalist_path, _user_datalist(data_dir, format, num_labeled, num_unlabeled, num_test))
+    elif not datalist_path.is_file():
         total = num_labeled + num_unlabeled + num_test
         logger.info(f"generating {total} synthetic volumes {volume_shape} in {data_dir}")
         ids = make_synthetic_dataset(data_dir, "uamt_h5", num_cases=total, shape=volume_shape, seed=seed)
@@ -233,7 +280,7 @@ def run_demo(
     datalist = load_datalist(datalist_path, data_dir)
     timings["data"] = time.time() - t0
 
-    load = load_volume_transforms("uamt_h5", keys=("image", "label", "gt"))
+    load = load_volume_transforms(format, keys=("image", "label", "gt"))
     prep = slice_preprocessing((image_size, image_size))
     augment = slice_augmentation()
     inferer = SliceResizeInferer(roi_size=(image_size, image_size), sw_batch_size=64)
@@ -332,15 +379,17 @@ def run_demo(
         figures.append("training_curves.png")
     timings["total"] = time.time() - start
     settings = {
-        "volumes (labeled / unlabeled / test)": f"{num_labeled} / {num_unlabeled} / {num_test}",
-        "volume shape": "x".join(map(str, volume_shape)),
+        "data": f"{format} scans in {data_dir}" if user_data else f"synthetic, {'x'.join(map(str, volume_shape))}",
+        "volumes (labeled / unlabeled / test)": " / ".join(
+            str(len(datalist[k])) for k in ("labeled", "unlabeled", "test")
+        ),
         "slice size": f"{image_size}x{image_size}",
         "network": f"NestedUNet features {features}, {sum(p.numel() for p in network.parameters()):,} parameters",
         "iterations (stage 1 / stage 2)": f"{stage1_iterations} / {stage2_iterations}",
         "stage-2 mode": _mode_name(reuse_meta_grad, meta_params),
         "device": str(dev),
     }
-    text = _report_text(report1, report2, settings, timings, figures)
+    text = _report_text(report1, report2, settings, timings, figures, user_data)
     atomic_write_json(out_dir / "summary.json", {"settings": settings, "wall_time_s": timings})
     report_path = atomic_write_text(out_dir / "report.md", text)
     logger.info(f"report written to {report_path}")
@@ -355,6 +404,7 @@ def _report_text(
     settings: dict[str, str],
     timings: dict[str, float],
     figures: list[str],
+    user_data: bool = False,
 ) -> str:
     d1 = report1.summary()["dice"]["mean"] * 100
     d2 = report2.summary()["dice"]["mean"] * 100
@@ -362,13 +412,18 @@ def _report_text(
         f"MLB-Seg changed the mean test Dice by {d2 - d1:+.1f} points over labeled-only training "
         f"({d1:.1f}% -> {d2:.1f}%)."
     )
+    source = (
+        "The scans of the folder named under Settings"
+        if user_data
+        else "Synthetic left-atrium-like MRI volumes (UA-MT HDF5 layout)"
+    )
     lines = [
         "# MLB-Seg demo report",
         "",
-        "Synthetic left-atrium-like MRI volumes (UA-MT HDF5 layout), few labeled, more unlabeled, a held-out test "
-        "set. Stage 1 trains on the labeled slices only; stage 2 (MLB-Seg) starts from it and learns per-pixel "
-        "weights for the initial labels and the PLE pseudo labels of the unlabeled slices. Metrics are per test "
-        "volume (3D), from `metrics_stage1.csv` and `metrics_stage2.csv`.",
+        f"{source}, few labeled, more unlabeled, a held-out test set. Stage 1 trains on the labeled slices only; "
+        "stage 2 (MLB-Seg) starts from it and learns per-pixel weights for the initial labels and the PLE pseudo "
+        "labels of the unlabeled slices. Metrics are per test volume (3D), from `metrics_stage1.csv` and "
+        "`metrics_stage2.csv`.",
         "",
         "## Test metrics",
         "",

@@ -72,3 +72,42 @@ def test_demo_fast_modes_reach_the_trainer(tmp_path, kwargs, mode):
 def test_demo_rejects_meta_params_that_select_nothing(tmp_path):
     with pytest.raises(ValueError, match="select none"):
         run_demo(out=str(tmp_path), quick=True, progress=False, meta_params="decoder_that_does_not_exist")
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("fmt", ["uamt_h5", "promise12"])
+def test_demo_runs_on_a_users_folder_without_writing_into_it(tmp_path, fmt):
+    from monai_mlbseg.data import make_synthetic_dataset
+
+    data = tmp_path / "scans"
+    ids = make_synthetic_dataset(data, fmt, num_cases=8, shape=(40, 36, 8), seed=3)
+    before = _tree(data)
+    proc = demo(tmp_path / "out", "--data_dir", str(data), "--format", fmt)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _tree(data) == before, "the user's folder was modified"
+    datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    if fmt == "uamt_h5":  # UA-MT lists: labeled = first of train.list, report on test.list
+        train, test = (data / "train.list").read_text().split(), (data / "test.list").read_text().split()
+        assert [i["case_id"] for i in datalist["labeled"]] == train[:2]
+        assert [i["case_id"] for i in datalist["test"]] == test[:2]
+    else:
+        assert [i["case_id"] for i in datalist["test"]] == ids[-2:]
+        assert [i["case_id"] for i in datalist["labeled"]] == ids[:2]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"{fmt} scans in {data}" in report and "| MLB-Seg (stage 2) |" in report
+    rows = json.loads((tmp_path / "out" / "metrics_stage2.json").read_text())["cases"]
+    assert [r["case_id"] for r in rows] == [i["case_id"] for i in datalist["test"]]
+
+
+def test_demo_on_a_folder_with_too_few_cases_is_refused(tmp_path):
+    from monai_mlbseg.data import make_synthetic_dataset
+
+    data = tmp_path / "scans"
+    make_synthetic_dataset(data, "promise12", num_cases=3, shape=(40, 36, 8), seed=3)
+    proc = demo(tmp_path / "out", "--data_dir", str(data), "--format", "promise12")
+    assert proc.returncode != 0
+    assert str(data) in proc.stderr and "too few" in proc.stderr
+    assert not (tmp_path / "out" / "models").exists()
