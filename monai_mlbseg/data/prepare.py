@@ -27,9 +27,7 @@ def _unwritable(out: Path) -> Problem | None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        return Problem(
-            str(folder), f"is not a folder, cannot write {out.name} there; choose another file with --output"
-        )
+        return Problem(str(folder), f"is not a folder, cannot write {out.name}; {_USE_OUTPUT}")
     if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         return Problem(str(folder), f"is not writable, cannot write {out.name}; {_USE_OUTPUT}")
     return None
@@ -136,9 +134,7 @@ def prepare(
         try:
             atomic_write_text(out, text)
         except OSError as e:
-            problem = Problem(
-                str(out.parent), f"cannot write {out.name} ({e.strerror or e}); choose another file with --output"
-            )
+            problem = Problem(str(out.parent), f"cannot write {out.name} ({e.strerror or e}); {_USE_OUTPUT}")
             raise InputError([problem], "prepare: nothing written") from None
     print(f"prepare: wrote {out} [{datalist['format']}]: {_counts(datalist)}")
     return str(out)
