@@ -253,11 +253,12 @@ def projections(results: dict) -> dict:
 
 
 class Budget:
-    """Skips the sections that start after ``seconds`` have passed."""
+    """Runs the sections, skipping those that would start after ``seconds``; ``save`` is called after each."""
 
     def __init__(self, seconds: float) -> None:
         self.start = time.perf_counter()
         self.seconds = seconds
+        self.save: Callable[[], None] | None = None
 
     def run(self, results: dict, key: str, fn: Callable[[], dict]) -> None:
         elapsed = time.perf_counter() - self.start
@@ -273,6 +274,8 @@ class Budget:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         print(f"[{time.perf_counter() - self.start:6.1f} s] {key}: {json.dumps(results[key])[:300]}", flush=True)
+        if self.save is not None:
+            self.save()
 
 
 def cell(entry: dict, key: str = "ms_median") -> str:
@@ -287,7 +290,8 @@ def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [
         f"GPU check on {report['machine']['device_name']} ({report['machine']['device']}), "
-        f"torch {report['machine']['torch']}, {'quick sizes' if cfg['quick'] else 'full sizes'}; "
+        f"torch {report['machine']['torch']}, {'quick sizes' if cfg['quick'] else 'full sizes'}"
+        f"{'' if report['complete'] else ' (PARTIAL: the run was cut short)'}; "
         f"median of {cfg['iterations']} iterations after {cfg['warmup']} warm-up; memory: peak "
         "`torch.cuda.max_memory_allocated` (none on CPU).",
         "",
@@ -308,7 +312,7 @@ def markdown(report: dict) -> str:
     lines += ["", "| unlabeled batch | stage-2 ms | ms per unlabeled image | peak MiB |", "|---|---|---|---|"]
     for batch, entry in r["2d_unlabeled_batch"].items():
         lines.append(f"| {batch} | {cell(entry)} | {cell(entry, 'ms_per_image')} | {cell(entry, 'peak_mib')} |")
-    three = r["3d"]
+    three = r["3d"] or {"skipped": "not run yet"}
     lines += [
         "",
         f"3D (NestedUNet {cfg['features_3d']}, {cfg['params_3d']:,} parameters, patches {cfg['patch_3d']}, "
@@ -333,7 +337,7 @@ def markdown(report: dict) -> str:
         "| protocol | hours |",
         "|---|---|",
     ]
-    for name, value in report["projection_h"].items():
+    for name, value in report.get("projection_h", {}).items():
         lines.append(f"| {name} | {value:g} |")
     return "\n".join(lines) + "\n"
 
@@ -362,41 +366,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.quick or args.no_compile:  # compiling costs minutes on a CPU; the quick run checks the other paths
         option_sets = {k: v for k, v in option_sets.items() if not v.get("compile")}
     f2, s2, f3, s3 = sizes["features_2d"], sizes["image_2d"], sizes["features_3d"], sizes["patch_3d"]
-    budget = Budget(args.budget_s)
-    results: dict[str, Any] = {"2d_options": {}, "2d_unlabeled_batch": {}, "inference": {}}
-    for name, options in option_sets.items():
-        budget.run(
-            results["2d_options"],
-            name,
-            lambda o=options: pair(2, f2, s2, device, args, num_unlabeled=1, num_clean=2, options=o),
-        )
-    for batch in sizes["unlabeled_batches"]:
-
-        def per_batch(b: int = batch) -> dict:
-            entry = stage2(2, f2, s2, device, b, 2, {}, args.warmup, args.iterations)
-            entry["ms_per_image"] = round(entry["ms_median"] / b, 2)
-            return entry
-
-        budget.run(results["2d_unlabeled_batch"], str(batch), per_batch)
-    budget.run(results, "3d", lambda: pair(3, f3, s3, device, args, num_unlabeled=2, num_clean=2, options={}))
     volume, repeats = sizes["volume"], 1 if args.quick else 3
-    budget.run(
-        results["inference"],
-        "2d_slices",
-        lambda: inference(build_network(2, f2, device, False), SliceResizeInferer(s2), volume, device, repeats),
-    )
-    budget.run(
-        results["inference"],
-        "3d_sliding_window",
-        lambda: inference(
-            build_network(3, f3, device, False),
-            MinMaxSlidingWindowInferer(s3, sw_batch_size=4, overlap=0.5, mode="gaussian"),
-            volume,
-            device,
-            repeats,
-        ),
-    )
-    report = {
+    results: dict[str, Any] = {"2d_options": {}, "2d_unlabeled_batch": {}, "3d": {}, "inference": {}}
+    report: dict[str, Any] = {
+        "complete": False,
         "machine": {
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device)
@@ -424,14 +397,57 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
         "results": results,
     }
-    report["projection_h"] = projections(results)
-    report["config"]["elapsed_s"] = round(time.perf_counter() - budget.start, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (out / "gpu_check.md").write_text(table)
-    print(table)
+    budget = Budget(args.budget_s)
+
+    def save() -> None:
+        """Write what is measured so far (a run cut short by the time limit keeps its figures)."""
+        report["projection_h"] = projections(results)
+        report["config"]["elapsed_s"] = round(time.perf_counter() - budget.start, 1)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "gpu_check.md").write_text(markdown(report))
+
+    budget.save = save
+
+    def two_d(options: dict) -> Callable[[], dict]:
+        return lambda: pair(2, f2, s2, device, args, num_unlabeled=1, num_clean=2, options=options)
+
+    def per_batch(b: int) -> Callable[[], dict]:
+        def run() -> dict:
+            entry = stage2(2, f2, s2, device, b, 2, {}, args.warmup, args.iterations)
+            entry["ms_per_image"] = round(entry["ms_median"] / b, 2)
+            return entry
+
+        return run
+
+    # in order of importance: the compiled option set (minutes of compilation) comes last
+    names = list(option_sets)
+    budget.run(results["2d_options"], names[0], two_d(option_sets[names[0]]))
+    budget.run(results, "3d", lambda: pair(3, f3, s3, device, args, num_unlabeled=2, num_clean=2, options={}))
+    for batch in sizes["unlabeled_batches"]:
+        budget.run(results["2d_unlabeled_batch"], str(batch), per_batch(batch))
+    budget.run(
+        results["inference"],
+        "2d_slices",
+        lambda: inference(build_network(2, f2, device, False), SliceResizeInferer(s2), volume, device, repeats),
+    )
+    budget.run(
+        results["inference"],
+        "3d_sliding_window",
+        lambda: inference(
+            build_network(3, f3, device, False),
+            MinMaxSlidingWindowInferer(s3, sw_batch_size=4, overlap=0.5, mode="gaussian"),
+            volume,
+            device,
+            repeats,
+        ),
+    )
+    for name in names[1:]:
+        budget.run(results["2d_options"], name, two_d(option_sets[name]))
+    report["complete"] = True
+    save()
+    print(markdown(report))
     return report
 
 
