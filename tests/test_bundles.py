@@ -259,3 +259,15 @@ def test_monai_label_style_overrides_train_from_labeled_pairs_only(tmp_path):
     run = next((bundle / "work").iterdir())
     assert not (run / "stage1.pt").exists(), "no unlabeled data: stage 1 and the bootstrap are skipped"
     assert any("final_iteration" in p.name for p in (run / "stage2").iterdir())
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_stage2_label_sources_and_batch_norm_reach_the_trainer(name, tmp_path):
+    bundle = copy_bundle(name, tmp_path)
+    data, split = make_data(tmp_path, DEFAULT_FORMAT[name])
+    over = overrides(bundle, data, DEFAULT_FORMAT[name], split)
+    default = workflow(bundle, ["train.json"], "train", **over).parser.get_parsed_content("train#trainer")
+    assert default.label_sources == ("initial", "pseudo") and default.batch_norm == "train"
+    changed = {"train#trainer#batch_norm": "frozen", "train#trainer#label_sources": ["initial"]}
+    trainer = workflow(bundle, ["train.json"], "train", **over, **changed).parser.get_parsed_content("train#trainer")
+    assert trainer.label_sources == ("initial",) and trainer.batch_norm == "frozen"
