@@ -105,3 +105,28 @@ def test_frozen_batch_norm_makes_a_views_prediction_independent_of_its_batch():
     x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(net(x)[:1], net(x[:1]), rtol=1e-5, atol=1e-5)
+
+
+def test_sign_weighting_weights_every_agreeing_pixel_alike():
+    from monai_mlbseg.meta import normalise_weights
+
+    x = torch.tensor([[-2.0, 0.5, 3.0, 0.0, 1e-3]])
+    torch.testing.assert_close(normalise_weights(x), torch.tensor([[0.0, 0.5, 3.0, 0.0, 1e-3]]) / 3.501)
+    torch.testing.assert_close(normalise_weights(x, weighting="sign"), torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0]]) / 3)
+    assert torch.equal(normalise_weights(-x.abs(), weighting="sign"), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="weighting"):
+        normalise_weights(x, weighting="cosine")
+
+
+def test_sign_meta_weighting_in_the_trainer_uses_the_same_meta_gradient():
+    """Both weightings are functions of one raw map: the sign weights are its positive support, normalised."""
+    maps = {}
+    for weighting in ("gradient", "sign"):
+        trainer = make_trainer(iterations=1, meta_weighting=weighting)
+        trainer.run()
+        maps[weighting] = trainer.state.weight_maps["weights"]
+    support = (maps["gradient"] > 0).float()
+    torch.testing.assert_close(maps["sign"], support / support.sum())
+    assert float(maps["sign"].sum()) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="meta_weighting"):
+        make_trainer(meta_weighting="cosine", reweight=False)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from monai_mlbseg.losses import MeanTeacherLoss, MetaReweightLoss, ViewConsistencyLoss
-from monai_mlbseg.meta import MetaLookAhead, unwrap_network
+from monai_mlbseg.meta import WEIGHTINGS, MetaLookAhead, unwrap_network
 from monai_mlbseg.transforms import PLEViews, ViewParams, ViewTransform, ple_pseudo_labels, warp_to_views
 
 from .guards import check_finite
@@ -135,6 +135,9 @@ class MetaTrainer(SupervisedTrainer):
             order (default both, as the reference). ``("initial",)`` with ``reweight=False`` is plain self-training
             on the bootstrapped labels; ``()`` drops the weighted term (e.g. a mean-teacher baseline: only the
             regularisers act on the unlabeled views).
+        meta_weighting: how the meta-gradient becomes weight maps: ``"gradient"`` (the reference: proportional to
+            the positive part of ``-dL_meta/d eps``, which grows with each pixel's loss gradient) or ``"sign"`` (every
+            pixel with a positive entry weighted alike), see :py:func:`~monai_mlbseg.meta.normalise_weights`.
         batch_norm: ``"train"`` (the reference): BatchNorm layers normalise every forward with its batch's
             statistics (the five views of one slice) and update their running statistics; ``"frozen"``: BatchNorm
             layers of the student and the teacher stay in eval mode throughout stage 2, normalising with the
@@ -185,6 +188,7 @@ class MetaTrainer(SupervisedTrainer):
         threshold: float = 0.5,
         label_sources: Sequence[str] = LABEL_SOURCES,
         batch_norm: str = "train",
+        meta_weighting: str = "gradient",
         seed: int | None = None,
         image_key: str = "image",
         label_key: str = "label",
@@ -203,6 +207,8 @@ class MetaTrainer(SupervisedTrainer):
             raise ValueError("reweight=True needs at least one label source.")
         if not label_sources and pc_weight <= 0 and not (use_teacher and mt_weight > 0):
             raise ValueError("without label sources, pc_weight or the mean teacher must act on the unlabeled views.")
+        if meta_weighting not in WEIGHTINGS:
+            raise ValueError(f"meta_weighting must be one of {WEIGHTINGS}, got {meta_weighting!r}.")
         if batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {batch_norm!r}.")
         self.supervised_only = _is_empty(train_data_loader)
@@ -245,7 +251,7 @@ class MetaTrainer(SupervisedTrainer):
         self.image_key, self.label_key, self.gt_key = image_key, label_key, gt_key
         self.pc_loss = ViewConsistencyLoss()
         self.mt_loss = MeanTeacherLoss()
-        self.lookahead = MetaLookAhead(network, optimizer, meta_params) if reweight else None
+        self.lookahead = MetaLookAhead(network, optimizer, meta_params, weighting=meta_weighting) if reweight else None
         self.teacher: nn.Module | None = None
         if self.use_teacher:
             self.teacher = teacher if teacher is not None else copy.deepcopy(unwrap_network(network))

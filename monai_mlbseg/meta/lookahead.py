@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from monai_mlbseg.losses.reweight import pixel_bce
 
-__all__ = ["LookAheadResult", "MetaLookAhead", "meta_weight_maps", "normalise_weights", "unwrap_network"]
+__all__ = ["LookAheadResult", "MetaLookAhead", "WEIGHTINGS", "meta_weight_maps", "normalise_weights", "unwrap_network"]
 
 
 class LookAheadResult(NamedTuple):
@@ -61,15 +61,30 @@ def unwrap_network(network: nn.Module) -> nn.Module:
             return network
 
 
-def normalise_weights(neg_meta_grad: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+#: how the raw map ``x = -dL_meta/d eps`` becomes weights (see :py:func:`normalise_weights`).
+WEIGHTINGS = ("gradient", "sign")
+
+
+def normalise_weights(neg_meta_grad: torch.Tensor, eps: float = 1e-10, weighting: str = "gradient") -> torch.Tensor:
     """
-    ``w = relu(x) / (sum relu(x) + eps)``, the sum taken jointly over all entries; all zeros when nothing is positive.
+    ``"gradient"`` (the reference): ``w = relu(x) / (sum relu(x) + eps)``; ``"sign"``: ``w = 1[x > 0] / (#{x > 0} +
+    eps)``, every pixel whose loss gradient agrees with the clean data's weighted alike, however large its gradient.
+    Sums are taken jointly over all entries; all zeros when nothing is positive.
 
     Args:
         neg_meta_grad: the raw map ``-dL_meta/d eps``.
         eps: stabiliser of the denominator.
+        weighting: one of :py:data:`WEIGHTINGS`.
+
+    Raises:
+        ValueError: for an unknown ``weighting``.
     """
-    positive = torch.relu(neg_meta_grad)
+    if weighting == "gradient":
+        positive = torch.relu(neg_meta_grad)
+    elif weighting == "sign":
+        positive = (neg_meta_grad > 0).to(neg_meta_grad.dtype)
+    else:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     return positive / (positive.sum() + eps)
 
 
@@ -158,6 +173,8 @@ class MetaLookAhead:
             (default: every optimized parameter, the exact method). A subset (e.g. ``("nodes.conv0_4", "final")``)
             approximates the meta-gradient by those parameters only, at a fraction of the cost.
         eps: stabiliser of the weight normalisation.
+        weighting: how the meta-gradient becomes weights, see :py:func:`normalise_weights` (default the
+            reference's ``"gradient"``).
 
     Raises:
         TypeError: when the optimizer is not SGD.
@@ -177,7 +194,11 @@ class MetaLookAhead:
         optimizer: torch.optim.Optimizer,
         meta_params: Sequence[str] | None = None,
         eps: float = 1e-10,
+        weighting: str = "gradient",
     ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+        self.weighting = weighting
         self.network = network
         self.optimizer = optimizer
         self.meta_params = None if meta_params is None else tuple(meta_params)
@@ -243,7 +264,7 @@ class MetaLookAhead:
         primals = {n: theta[n] for n in self.meta_names}
         _, neg_meta_grad = jvp(pixel_losses, (primals,), (tangents,))
         neg_meta_grad = neg_meta_grad.detach()
-        weights = normalise_weights(neg_meta_grad, self.eps)
+        weights = normalise_weights(neg_meta_grad, self.eps, self.weighting)
         return LookAheadResult(weights, neg_meta_grad, meta_loss.detach(), meta_grads)
 
     @staticmethod
