@@ -263,7 +263,8 @@ def test_test_case_also_in_training(data):
 
 def test_duplicate_within_split(data):
     root = data("msd_heart")
-    _fails(root, {**HEART, "labeled": "la_000,la_001,la_000"}, "labeled: case id 'la_000' given twice: positions 1 and 3")
+    expected = "labeled: case id 'la_000' given twice: positions 1 and 3"
+    _fails(root, {**HEART, "labeled": "la_000,la_001,la_000"}, expected)
 
 
 def test_path_outside_data_folder(data):
