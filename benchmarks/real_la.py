@@ -200,7 +200,6 @@ class Benchmark:
         """Stage 1 and the bootstrap of one seed; returns the weights, the unlabeled items and its result."""
         args, folder = self.args, self.out / f"seed{seed}" / "stage1"
         weights, result_file = folder / "stage1.pt", folder / "result.json"
-        network = self.network()
         unlabeled = initial_label_items(self.datalist["unlabeled"], folder / "initial_labels")
         if not result_file.is_file():
             set_determinism(seed=seed)
