@@ -22,7 +22,7 @@ def demo(out, *args):
 def test_cli_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "monai_mlbseg", "--help"], capture_output=True, text=True, timeout=120)
     text = proc.stdout + proc.stderr
-    for command in ("demo", "prepare", "synth", "evaluate"):
+    for command in ("demo", "prepare", "synth", "evaluate", "bundles"):
         assert re.search(rf"\b{command}\b", text), f"{command} missing from --help"
 
 
