@@ -1,16 +1,19 @@
 """The two bundles through MONAI's own bundle machinery, on small synthetic data in every supported format."""
 
 import json
+import math
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, verify_net_in_out
+from monai.transforms import RandFlipd, RandRotated
 
 from monai_mlbseg.bundles import TEMPLATE_DIR, TEMPLATE_FILES, bundles, render_bundle, stale_files, write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list
 from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.pipeline import slice_preprocessing
 from monai_mlbseg.utils import InputError
 
 from .bundle_utils import BUNDLES, REPO, copy_bundle, make_data, overrides, workflow
@@ -53,6 +56,19 @@ def test_generator_fills_every_placeholder_and_uses_every_value(tmp_path, capsys
     assert info.value.code == 1 and str(tmp_path / "mlbseg_la" / "configs" / "train.json") in capsys.readouterr().out
     bundles(write=True, root=str(tmp_path))
     assert stale_files(tmp_path) == [] and bundles(root=str(tmp_path)) == []
+
+
+def test_train_config_instantiates_the_pipeline_slice_transforms():
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES["mlbseg_la"] / "configs" / "train.json"))
+    parser["image_size"] = [48, 40]
+    parser["slice_augmentation#rotate_degrees"] = 15.0
+    prep, augment = parser.get_parsed_content("slice_preprocessing"), parser.get_parsed_content("slice_augmentation")
+    expected = slice_preprocessing((48, 40))
+    assert [type(t) for t in prep.transforms] == [type(t) for t in expected.transforms]
+    assert tuple(prep.transforms[1].resizer.spatial_size) == (48, 40)
+    assert [type(t) for t in augment.transforms] == [RandFlipd, RandRotated]
+    assert augment.transforms[1].rand_rotate.range_x == pytest.approx((-math.radians(15), math.radians(15)))
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLES))
