@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fire
 
+from monai_mlbseg.bundles import bundles
 from monai_mlbseg.data import check, make_synthetic_dataset, prepare
 from monai_mlbseg.demo import run_demo
 from monai_mlbseg.evaluation import evaluate_files
@@ -64,6 +65,7 @@ COMMANDS = {
         "check": check,
         "synth": synth,
         "evaluate": evaluate,
+        "bundles": bundles,
     }.items()
 }
 

@@ -1,10 +1,14 @@
 """
-``python -m monai_mlbseg demo``: the whole method on a generated left-atrium-like data set, on a laptop CPU.
+``python -m monai_mlbseg demo``: the left-atrium bundle (``bundles/mlbseg_la``) end to end on a generated
+left-atrium-like data set, on a laptop CPU.
 
-It writes synthetic volumes in the UA-MT HDF5 layout (the real loaders read them), trains stage 1 on the few labeled
-volumes, bootstraps initial labels for the unlabeled ones, trains stage 2 (MLB-Seg), evaluates both stages on
-held-out volumes, and writes metrics, figures and a ``report.md``. Every step is resumable: rerunning the same
-command after an interruption continues where it stopped.
+It writes synthetic volumes in the UA-MT HDF5 layout (the real loaders read them) and the demo's split of them as a
+datalist, writes the bundle (from the package's bundle template, the same files as ``bundles/mlbseg_la``) to
+``<out>/bundle``, and runs the bundle's own workflows through :py:class:`monai.bundle.ConfigWorkflow` with small sizes
+as overrides: the training workflow step by step (data check, stage 1, bootstrap, stage 2), and the evaluation
+workflow on the held-out volumes after stage 1 and after stage 2. It writes metrics, figures and a ``report.md``.
+Every step is resumable as the bundle's are: rerunning the same command after an interruption reuses stage 1 and
+the initial labels, and stage 2 continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Events
 from ignite.handlers import ProgressBar
-from monai.data import DataLoader
-from monai.engines import SupervisedTrainer
-from monai.handlers import LrScheduleHandler, MetricLogger, from_engine
+from monai.bundle import ConfigWorkflow
+from monai.handlers import MetricLogger, from_engine
 from monai.utils import set_determinism
 
+from monai_mlbseg.bundles import write_bundle
 from monai_mlbseg.data import (
-    SliceDataset,
     build_datalist,
     get_format,
     load_datalist,
@@ -33,22 +37,10 @@ from monai_mlbseg.data import (
     make_synthetic_dataset,
     read_case_list,
 )
-from monai_mlbseg.engines import (
-    AtomicCheckpointSaver,
-    MetaIterationEvents,
-    MetaTrainer,
-    NonFiniteLossGuard,
-    ResumeFromCheckpoint,
-    bootstrap_labels,
-    initial_label_items,
-    run_stage,
-    stage2_terms,
-)
-from monai_mlbseg.evaluation import SegmentationReport, compare_markdown, spacing_from_affine
-from monai_mlbseg.inferers import SliceResizeInferer
-from monai_mlbseg.networks import NestedUNet
-from monai_mlbseg.pipeline import logged_series, slice_augmentation, slice_preprocessing
-from monai_mlbseg.utils import InputError, Problem, atomic_write_json, atomic_write_text
+from monai_mlbseg.engines import MetaIterationEvents, stage2_terms
+from monai_mlbseg.evaluation import SegmentationReport, compare_markdown
+from monai_mlbseg.pipeline import logged_series
+from monai_mlbseg.utils import InputError, Problem, atomic_write_json, atomic_write_text, find_input_error
 from monai_mlbseg.visualize import save_overlays, save_training_curves, save_weight_maps
 
 __all__ = ["run_demo"]
@@ -121,21 +113,70 @@ class _WeightMapKeeper:
         }
 
 
-def _evaluate(network, inferer, items, load, device, name: str) -> tuple[SegmentationReport, dict[str, np.ndarray]]:
-    report = SegmentationReport()
-    predictions = {}
-    network.eval()
-    with torch.no_grad():
-        for item in items:
-            data = load(dict(item))
-            image, label = data["image"], data["label"]
-            logits = inferer(image.as_tensor()[None].to(device), network)
-            pred = (torch.sigmoid(logits) > 0.5)[0, 0].cpu()
-            spacing = spacing_from_affine(image.affine, 3)
-            report.add(item["case_id"], pred, label[0], spacing=spacing, method=name)
-            predictions[item["case_id"]] = pred.numpy()
-    network.train()
-    return report, predictions
+#: the steps of the bundle's ``training`` list, in order
+TRAINING_STEPS = ("data check", "stage 1", "bootstrap", "stage 2")
+
+
+def _parsed(workflow: ConfigWorkflow, id: str) -> Any:
+    """
+    ``workflow.parser.get_parsed_content(id)``, raising the error behind MONAI's wrapping ``RuntimeError`` (an
+    :py:class:`~monai_mlbseg.utils.InputError` anywhere in the chain, else the direct cause) so that the demo
+    reports bad data or options as such.
+    """
+    try:
+        return workflow.parser.get_parsed_content(id)
+    except RuntimeError as e:
+        cause = find_input_error(e) or e.__cause__
+        if cause is None:
+            raise
+        raise cause from e
+
+
+def _workflow(bundle: Path, configs: Sequence[str], workflow_type: str, overrides: dict[str, Any]) -> ConfigWorkflow:
+    """A ``ConfigWorkflow`` of the bundle's ``configs`` with ``overrides``, initialised."""
+    files = [str(bundle / "configs" / c) for c in configs]
+    workflow = ConfigWorkflow(
+        config_file=files,
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        **overrides,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def _evaluate(
+    bundle: Path, overrides: dict[str, Any], model: Path, out_dir: Path, name: str
+) -> tuple[SegmentationReport, dict[str, np.ndarray]]:
+    """
+    The bundle's evaluation workflow (``inference.json`` + ``evaluate.json``) with the weights ``model``: the masks
+    in ``<out_dir>/eval_<name>``, the metrics in ``<out_dir>/metrics_<name>.csv`` / ``.json``. Returns the report
+    and the predicted masks by case id.
+    """
+    workflow = _workflow(
+        bundle,
+        ["inference.json", "evaluate.json"],
+        "infer",
+        {
+            **overrides,
+            "model_path": str(model),
+            "output_dir": str(out_dir / f"eval_{name}"),
+            "handlers#1#output_dir": str(out_dir),
+            "handlers#1#prefix": f"metrics_{name}",
+        },
+    )
+    predictions: dict[str, np.ndarray] = {}
+
+    def keep(engine: Any) -> None:
+        for item, output in zip(engine.state.batch, engine.state.output):
+            predictions[str(item["case_id"])] = output["pred"][0].cpu().numpy()
+
+    evaluator = _parsed(workflow, "evaluator")
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, keep)
+    workflow.run()
+    workflow.finalize()
+    return _parsed(workflow, "handlers#1").report, predictions
 
 
 def _overlay_slices(items, load, predictions: dict[str, dict[str, np.ndarray]], max_cases: int = 4):
@@ -206,10 +247,15 @@ def run_demo(
     progress: bool = True,
 ) -> str:
     """
-    Run MLB-Seg end to end on synthetic left-atrium-like MRI and write a report.
+    Run the left-atrium bundle end to end on synthetic left-atrium-like MRI and write a report.
 
-    The defaults finish in a few minutes on 2 CPU cores; every size is an option (e.g. ``--features 16,32,64,128,256
-    --image_size 144 --stage2_iterations 3000`` on a GPU). The method's settings are the reference's (views, losses,
+    The bundle is written to ``<out>/bundle`` and run with overrides (data folder and datalist, sizes, iterations,
+    learning rate, seed, device; stage-1 weights, initial labels and checkpoints under ``out``, the final weights in
+    ``<out>/models``); stage 2 is reseeded, so that its randomness does not depend on whether stage 1 ran in this
+    process. Both stages are evaluated by the bundle's evaluation workflow (masks in ``<out>/eval_stage1`` and
+    ``<out>/eval_stage2``, metrics in ``<out>/metrics_stage1.csv`` / ``.json`` and ``metrics_stage2``). The
+    defaults finish in a few minutes on 2 CPU cores; every size is an option (e.g. ``--features 16,32,64,128,256
+    --image_size 144 --stage2_iterations 3000`` on a GPU). The method's settings are the bundle's (views, losses,
     look-ahead, EMA 0.99, clip 0.2, SGD momentum 0.9, weight decay 5e-4) except the learning rate, larger here for
     the short schedule.
 
@@ -257,7 +303,6 @@ def run_demo(
     fig_dir = out_dir / "figures"
     timings: dict[str, float] = {}
     start = time.time()
-    set_determinism(seed=seed)
 
     # 1. data: synthetic volumes in the UA-MT layout, split into labeled / unlabeled / test
     t0 = time.time()
@@ -280,93 +325,75 @@ def run_demo(
     datalist = load_datalist(datalist_path, data_dir)
     timings["data"] = time.time() - t0
 
-    load = load_volume_transforms(format, keys=("image", "label", "gt"))
-    prep = slice_preprocessing((image_size, image_size))
-    augment = slice_augmentation()
-    inferer = SliceResizeInferer(roi_size=(image_size, image_size), sw_batch_size=64)
-    network = NestedUNet(2, 1, 1, features=features).to(dev)
-    history: dict[str, list[tuple[int, float]]] = {}
-
-    # 2. stage 1: supervised training on the labeled slices
-    t0 = time.time()
-    clean = SliceDataset(datalist["labeled"], load, prep, augment, progress=progress)
-    epoch_length, epochs = _stage_settings(stage1_iterations, 50)
-    opt1 = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    save1 = {"network": network, "optimizer": opt1}
+    # 2. the left-atrium bundle, with the demo's data and sizes as overrides
+    bundle = write_bundle("mlbseg_la", out_dir / "bundle")
+    common = {
+        "bundle_root": str(bundle),
+        "dataset_dir": str(data_dir),
+        "data_format": format,
+        "datalist_file": str(datalist_path),
+        "image_size": [image_size, image_size],
+        "features": list(features),
+        "device": str(dev),
+    }
+    epoch_length1, epochs1 = _stage_settings(stage1_iterations, 50)
+    epoch_length2, epochs2 = _stage_settings(stage2_iterations, 50)
+    training = _workflow(
+        bundle,
+        ["train.json"],
+        "train",
+        {
+            **common,
+            "seed": seed,
+            "lr": lr,
+            "run_dir": str(out_dir),
+            "ckpt_dir": str(out_dir / "models"),
+            "stage1#model": str(out_dir / "models" / "stage1.pt"),
+            "stage1#checkpoint_dir": str(out_dir / "checkpoints" / "stage1"),
+            "train#checkpoint_dir": str(out_dir / "checkpoints" / "stage2"),
+            "stage1#batch_size": stage1_batch,
+            "stage1#max_epochs": epochs1,
+            "stage1#trainer#epoch_length": epoch_length1,
+            "train#trainer#max_epochs": epochs2,
+            "train#trainer#epoch_length": epoch_length2,
+            "train#trainer#reuse_meta_grad": reuse_meta_grad,
+            "train#trainer#meta_params": None if meta_params is None else [str(m) for m in _as_sequence(meta_params)],
+            "train#dataset#progress": progress,
+            "train#unlabeled#dataset#progress": progress,
+        },
+    )
+    steps = training.parser["training"]
+    if len(steps) != len(TRAINING_STEPS):
+        raise RuntimeError(f"the bundle's training has {len(steps)} steps, the demo knows {TRAINING_STEPS}.")
+    stage1, stage2 = _parsed(training, "stage1#trainer"), _parsed(training, "train#trainer")
     logger1 = MetricLogger(loss_transform=from_engine(["loss"], first=True))
-    stage1 = SupervisedTrainer(
-        device=dev,
-        max_epochs=epochs,
-        epoch_length=epoch_length,
-        train_data_loader=DataLoader(clean, batch_size=stage1_batch, shuffle=True, drop_last=len(clean) > stage1_batch),
-        network=network,
-        optimizer=opt1,
-        loss_function=torch.nn.BCEWithLogitsLoss(),
-        train_handlers=[ResumeFromCheckpoint(out_dir / "checkpoints" / "stage1", save1), NonFiniteLossGuard(), logger1],
-    )
-    AtomicCheckpointSaver(
-        str(out_dir / "checkpoints" / "stage1"), save1, save_interval=50, epoch_level=False, n_saved=1, save_final=True
-    ).attach(stage1)
-    if progress:
-        ProgressBar(desc="stage 1").attach(stage1, output_transform=from_engine(["loss"], first=True))
-    run_stage(stage1, out_dir / "models" / "stage1.pt")
-    history.update(logged_series(logger1, "stage 1"))
-    timings["stage 1"] = time.time() - t0
-
-    report1, pred1 = _evaluate(network, inferer, datalist["test"], load, dev, "labeled only (stage 1)")
-    report1.write(out_dir, "metrics_stage1")
-
-    # 3. bootstrap: initial labels of the unlabeled volumes, written as new files
-    t0 = time.time()
-    unlabeled = initial_label_items(datalist["unlabeled"], out_dir / "initial_labels")
-    bootstrap_labels(network, inferer, unlabeled, load, device=dev, progress=progress)
-    atomic_write_json(out_dir / "datalist_stage2.json", {**datalist, "unlabeled": unlabeled})
-    timings["bootstrap"] = time.time() - t0
-
-    # 4. stage 2: MLB-Seg; reseeded so that its randomness does not depend on whether stage 1 ran in this process
-    t0 = time.time()
-    set_determinism(seed=seed + 1)
-    unlabeled_ds = SliceDataset(unlabeled, load, prep, augment, progress=progress)
-    epoch_length, epochs = _stage_settings(stage2_iterations, 50)
-    opt2 = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt2, lambda e: 20.0 / (e + 20.0))
-    teacher = NestedUNet(2, 1, 1, features=features).to(dev)
-    save2 = {"network": network, "teacher": teacher, "optimizer": opt2, "lr_scheduler": sched}
     logger2 = MetricLogger(loss_transform=stage2_terms)
-    stage2 = MetaTrainer(
-        device=dev,
-        max_epochs=epochs,
-        epoch_length=epoch_length,
-        train_data_loader=DataLoader(unlabeled_ds, batch_size=1, shuffle=True),
-        clean_data_loader=DataLoader(clean, batch_size=2, shuffle=True, drop_last=True),
-        network=network,
-        optimizer=opt2,
-        teacher=teacher,
-        reuse_meta_grad=reuse_meta_grad,
-        meta_params=None if meta_params is None else [str(m) for m in _as_sequence(meta_params)],
-        train_handlers=[
-            ResumeFromCheckpoint(out_dir / "checkpoints" / "stage2", save2),
-            LrScheduleHandler(sched, print_lr=False),
-            logger2,
-        ],
-    )
-    stage2.set_random_state(seed)
-    AtomicCheckpointSaver(
-        str(out_dir / "checkpoints" / "stage2"), save2, save_interval=50, epoch_level=False, n_saved=1, save_final=True
-    ).attach(stage2)
+    logger1.attach(stage1)
+    logger2.attach(stage2)
     keeper = _WeightMapKeeper()
     stage2.add_event_handler(MetaIterationEvents.WEIGHTS_COMPLETED, keeper)
     if progress:
+        ProgressBar(desc="stage 1").attach(stage1, output_transform=from_engine(["loss"], first=True))
         ProgressBar(desc="stage 2").attach(stage2, output_transform=lambda o: {"loss": o["loss"]})
-    run_stage(stage2, out_dir / "models" / "model.pt", skip_if_done=False)
+
+    # 3. the bundle's training, step by step; the stage-1 weights are evaluated before stage 2 starts
+    for i, step in enumerate(TRAINING_STEPS):
+        t0 = time.time()
+        _parsed(training, f"training#{i}")
+        timings[step] = time.time() - t0
+        if step == "stage 1":
+            report1, pred1 = _evaluate(bundle, common, out_dir / "models" / "stage1.pt", out_dir, "stage1")
+        if step == "bootstrap":  # stage 2's randomness does not depend on whether stage 1 ran in this process
+            set_determinism(seed=seed + 1)
+            stage2.set_random_state(seed)
+    report2, pred2 = _evaluate(bundle, common, out_dir / "models" / "model.pt", out_dir, "stage2")
+    network = _parsed(training, "network")
+    history = logged_series(logger1, "stage 1")
     for group, names in STAGE2_CURVES.items():
         history.update(logged_series(logger2, group, offset=stage1_iterations, select=names))
-    timings["stage 2"] = time.time() - t0
 
-    report2, pred2 = _evaluate(network, inferer, datalist["test"], load, dev, "MLB-Seg (stage 2)")
-    report2.write(out_dir, "metrics_stage2")
-
-    # 5. figures and report
+    # 4. figures and report
+    load = load_volume_transforms(format, keys=("image", "label"))
     images, labels, preds, titles = _overlay_slices(datalist["test"], load, {"labeled only": pred1, "MLB-Seg": pred2})
     save_overlays(fig_dir / "test_overlays.png", images, labels, preds, titles=titles)
     figures = ["test_overlays.png"]
@@ -388,6 +415,7 @@ def run_demo(
         "iterations (stage 1 / stage 2)": f"{stage1_iterations} / {stage2_iterations}",
         "stage-2 mode": _mode_name(reuse_meta_grad, meta_params),
         "device": str(dev),
+        "bundle": str(bundle),
     }
     text = _report_text(report1, report2, settings, timings, figures, user_data)
     atomic_write_json(out_dir / "summary.json", {"settings": settings, "wall_time_s": timings})
@@ -422,8 +450,9 @@ def _report_text(
         "",
         f"{source}, few labeled, more unlabeled, a held-out test set. Stage 1 trains on the labeled slices only; "
         "stage 2 (MLB-Seg) starts from it and learns per-pixel weights for the initial labels and the PLE pseudo "
-        "labels of the unlabeled slices. Metrics are per test volume (3D), from `metrics_stage1.csv` and "
-        "`metrics_stage2.csv`.",
+        "labels of the unlabeled slices. Both run as the left-atrium bundle's training workflow (`bundle/`), and "
+        "the bundle's evaluation workflow measures both on the test volumes: per volume (3D), in "
+        "`metrics_stage1.csv` and `metrics_stage2.csv` (the masks in `eval_stage1/` and `eval_stage2/`).",
         "",
         "## Test metrics",
         "",

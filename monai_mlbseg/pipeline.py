@@ -1,5 +1,8 @@
-"""Building blocks of the reference 2D pipeline shared by the demo and library users (the bundles spell the same
-steps out in their configs)."""
+"""
+Building blocks of the reference 2D pipeline: the one definition of the slice preparation and augmentation. The
+bundles' ``train.json`` instantiates them (``"_target_": "monai_mlbseg.pipeline.slice_preprocessing"``), the demo runs
+the left-atrium bundle, and library users call them directly.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +29,14 @@ def slice_preprocessing(
         image_size: the network input size.
         image_key: image key.
         label_keys: label keys (missing ones are skipped).
+
+    Returns:
+        the composed transform of one slice dict.
+
+    Example::
+
+        prep = slice_preprocessing((144, 144))
+        out = prep({"image": torch.rand(1, 200, 180), "label": torch.zeros(1, 200, 180)})  # [1, 144, 144] each
     """
     keys = [image_key, *label_keys]
     modes = ["bilinear"] + ["nearest"] * len(label_keys)
@@ -47,6 +58,15 @@ def slice_augmentation(
     The reference's training augmentation of 2D slices: a random horizontal flip (probability ``flip_prob``) and a
     rotation by a uniform angle in ``[-rotate_degrees, rotate_degrees]``, image and labels alike (nearest
     interpolation for labels).
+
+    Args:
+        keys: the keys to augment (missing ones are skipped).
+        label_keys: those of ``keys`` interpolated with nearest neighbours.
+        rotate_degrees: the largest rotation angle, in degrees.
+        flip_prob: probability of the horizontal flip.
+
+    Returns:
+        the composed random transform of one slice dict.
     """
     modes = ["nearest" if k in label_keys else "bilinear" for k in keys]
     angle = math.radians(rotate_degrees)

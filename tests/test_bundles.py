@@ -1,38 +1,74 @@
 """The two bundles through MONAI's own bundle machinery, on small synthetic data in every supported format."""
 
 import json
+import math
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, verify_net_in_out
+from monai.transforms import RandFlipd, RandRotated
 
+from monai_mlbseg.bundles import TEMPLATE_DIR, TEMPLATE_FILES, bundles, render_bundle, stale_files, write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list
 from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.pipeline import slice_preprocessing
 from monai_mlbseg.utils import InputError
 
-from .bundle_utils import BUNDLES, copy_bundle, make_data, overrides, workflow
+from .bundle_utils import BUNDLES, REPO, copy_bundle, make_data, overrides, workflow
 
 FORMATS = {"mlbseg_la": ["uamt_h5", "la_raw", "msd_heart"], "mlbseg_prostate": ["promise12", "msd_prostate"]}
 DEFAULT_FORMAT = {"mlbseg_la": "uamt_h5", "mlbseg_prostate": "promise12"}
 
 
+def test_committed_bundles_equal_the_generated_ones():
+    assert stale_files(REPO / "bundles") == [], "run `python -m monai_mlbseg bundles --write` and commit the result"
+
+
 def test_the_bundles_differ_only_in_their_data():
     data_keys = {"dataset_dir", "data_format", "h5_spacing", "split"}
+    la, pr = render_bundle("mlbseg_la"), render_bundle("mlbseg_prostate")
     for name in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json"):
-        la = json.loads((BUNDLES["mlbseg_la"] / "configs" / name).read_text())
-        pr = json.loads((BUNDLES["mlbseg_prostate"] / "configs" / name).read_text())
-        differing = {k for k in set(la) | set(pr) if la.get(k) != pr.get(k)}
+        a, b = json.loads(la[f"configs/{name}"]), json.loads(pr[f"configs/{name}"])
+        differing = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
         assert differing <= data_keys, f"{name}: {sorted(differing - data_keys)} differ beyond the data"
-    assert (BUNDLES["mlbseg_la"] / "configs" / "logging.conf").read_text() == (
-        BUNDLES["mlbseg_prostate"] / "configs" / "logging.conf"
-    ).read_text()
-    la = json.loads((BUNDLES["mlbseg_la"] / "configs" / "metadata.json").read_text())
-    pr = json.loads((BUNDLES["mlbseg_prostate"] / "configs" / "metadata.json").read_text())
+    assert la["configs/logging.conf"] == pr["configs/logging.conf"] and la["LICENSE"] == pr["LICENSE"]
+    a, b = json.loads(la["configs/metadata.json"]), json.loads(pr["configs/metadata.json"])
     for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version"):
-        assert la[key] == pr[key]
-    assert la["network_data_format"]["inputs"] == pr["network_data_format"]["inputs"]
+        assert a[key] == b[key]
+    assert a["network_data_format"]["inputs"] == b["network_data_format"]["inputs"]
+
+
+def test_generator_fills_every_placeholder_and_uses_every_value(tmp_path, capsys):
+    values = json.loads((TEMPLATE_DIR / "values" / "mlbseg_la.json").read_text())
+    train = json.loads(render_bundle("mlbseg_la", values)["configs/train.json"])
+    assert train["dataset_dir"] == values["dataset_dir"] and "<<" not in json.dumps(train)
+    with pytest.raises(KeyError, match="<<split>>"):
+        render_bundle("mlbseg_la", {k: v for k, v in values.items() if k != "split"})
+    with pytest.raises(ValueError, match="not_a_placeholder"):
+        render_bundle("mlbseg_la", {**values, "not_a_placeholder": 1})
+    write_bundle("mlbseg_prostate", tmp_path / "mlbseg_prostate")
+    (tmp_path / "mlbseg_la" / "configs").mkdir(parents=True)
+    assert stale_files(tmp_path) == [tmp_path / "mlbseg_la" / p for p in TEMPLATE_FILES]
+    with pytest.raises(SystemExit) as info:
+        bundles(root=str(tmp_path))
+    assert info.value.code == 1 and str(tmp_path / "mlbseg_la" / "configs" / "train.json") in capsys.readouterr().out
+    bundles(write=True, root=str(tmp_path))
+    assert stale_files(tmp_path) == [] and bundles(root=str(tmp_path)) == []
+
+
+def test_train_config_instantiates_the_pipeline_slice_transforms():
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES["mlbseg_la"] / "configs" / "train.json"))
+    parser["image_size"] = [48, 40]
+    parser["slice_augmentation#rotate_degrees"] = 15.0
+    prep, augment = parser.get_parsed_content("slice_preprocessing"), parser.get_parsed_content("slice_augmentation")
+    expected = slice_preprocessing((48, 40))
+    assert [type(t) for t in prep.transforms] == [type(t) for t in expected.transforms]
+    assert tuple(prep.transforms[1].resizer.spatial_size) == (48, 40)
+    assert [type(t) for t in augment.transforms] == [RandFlipd, RandRotated]
+    assert augment.transforms[1].rand_rotate.range_x == pytest.approx((-math.radians(15), math.radians(15)))
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLES))

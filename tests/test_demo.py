@@ -9,6 +9,8 @@ import pytest
 
 from monai_mlbseg.demo import run_demo
 
+from .bundle_utils import BUNDLES
+
 
 def demo(out, *args):
     return subprocess.run(
@@ -22,7 +24,7 @@ def demo(out, *args):
 def test_cli_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "monai_mlbseg", "--help"], capture_output=True, text=True, timeout=120)
     text = proc.stdout + proc.stderr
-    for command in ("demo", "prepare", "synth", "evaluate"):
+    for command in ("demo", "prepare", "synth", "evaluate", "bundles"):
         assert re.search(rf"\b{command}\b", text), f"{command} missing from --help"
 
 
@@ -37,12 +39,15 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
     assert {"figures/test_overlays.png", "figures/weight_maps.png", "figures/training_curves.png"} <= set(
         re.findall(r"\]\((figures/[^)]+\.png)\)", report)
     )
-    for stage in ("metrics_stage1", "metrics_stage2"):
-        metrics = json.loads((out / f"{stage}.json").read_text())
+    for stage in ("stage1", "stage2"):
+        metrics = json.loads((out / f"metrics_{stage}.json").read_text())
         assert len(metrics["cases"]) == 2 and 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
-        assert (out / f"{stage}.csv").read_text().count("\n") == 2 + 2 + 1  # header, 2 cases, mean and std rows
+        assert (out / f"metrics_{stage}.csv").read_text().count("\n") == 2 + 2 + 1  # header, 2 cases, mean and std rows
+        assert len(list((out / f"eval_{stage}").rglob("*_seg.nii.gz"))) == 2, "the bundle's evaluation wrote the masks"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["stage-2 mode"] == "faithful (reference)"
+    for name in ("train.json", "inference.json", "evaluate.json"):  # the demo ran the left-atrium bundle itself
+        assert (out / "bundle" / "configs" / name).read_text() == (BUNDLES["mlbseg_la"] / "configs" / name).read_text()
     assert set(summary["wall_time_s"]) >= {"stage 1", "stage 2", "total"}
     assert len(list((out / "initial_labels").glob("*.nii.gz"))) == 3, "one initial label per unlabeled volume"
     stage1 = (out / "models" / "stage1.pt").stat().st_mtime_ns

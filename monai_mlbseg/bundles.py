@@ -1,0 +1,163 @@
+"""
+The two bundles (``bundles/mlbseg_la``, ``bundles/mlbseg_prostate``) generated from one template.
+
+What the bundles share lives once, in the package data folder ``monai_mlbseg/bundle_template/``: the config files
+(``configs/*.json``, ``configs/logging.conf``), ``LICENSE`` and ``large_files.yml``. A string value
+``"<<name>>"`` anywhere in a template JSON file is a placeholder, replaced by entry ``name`` of the bundle's values
+file ``bundle_template/values/<bundle>.json`` (any JSON value: the data folder, format, split, spacing, metadata
+texts). Every placeholder must have a value and every value must be used. Each generated bundle is an ordinary,
+self-contained MONAI bundle folder; its files not in the template (``docs/README.md``, the left-atrium bundle's
+``train.list`` / ``test.list`` and 3D configs) are written by hand.
+
+``python -m monai_mlbseg bundles --write`` regenerates the committed bundles, ``python -m monai_mlbseg bundles``
+checks that they are up to date (``tests/test_bundles.py`` runs the check).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from monai_mlbseg.utils import atomic_write_text
+
+__all__ = ["BUNDLE_NAMES", "TEMPLATE_FILES", "render_bundle", "write_bundle", "stale_files", "bundles"]
+
+#: the bundles generated from the template (their values files are ``bundle_template/values/<name>.json``)
+BUNDLE_NAMES = ("mlbseg_la", "mlbseg_prostate")
+#: the files of every bundle that come from the template, relative to the bundle folder
+TEMPLATE_FILES = (
+    "configs/train.json",
+    "configs/inference.json",
+    "configs/evaluate.json",
+    "configs/multi_gpu_train.json",
+    "configs/metadata.json",
+    "configs/logging.conf",
+    "LICENSE",
+    "large_files.yml",
+)
+#: the template folder (package data)
+TEMPLATE_DIR = Path(__file__).resolve().parent / "bundle_template"
+#: the committed bundles of a source checkout
+DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def _template(path: str) -> str:
+    return (TEMPLATE_DIR / path).read_text(encoding="utf-8")
+
+
+def _placeholder(value: Any) -> str | None:
+    if isinstance(value, str) and value.startswith("<<") and value.endswith(">>"):
+        return value[2:-2]
+    return None
+
+
+def _fill(node: Any, values: Mapping[str, Any], used: set[str], where: str) -> Any:
+    """``node`` with every placeholder replaced by its value (recording the names used)."""
+    name = _placeholder(node)
+    if name is not None:
+        if name not in values:
+            raise KeyError(f"{where}: placeholder <<{name}>> has no value.")
+        used.add(name)
+        return values[name]
+    if isinstance(node, dict):
+        return {k: _fill(v, values, used, where) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, values, used, where) for v in node]
+    return node
+
+
+def render_bundle(name: str, values: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """
+    The text of every template file of bundle ``name``: JSON files with their placeholders filled (written with an
+    indent of 4 and a final newline), the other files as they are.
+
+    Args:
+        name: one of :py:data:`BUNDLE_NAMES` (selects the values file).
+        values: the placeholder values; default: the bundle's values file.
+
+    Returns:
+        ``{path relative to the bundle folder: file text}`` for the paths of :py:data:`TEMPLATE_FILES`.
+
+    Raises:
+        ValueError: ``name`` is not a bundle of the template, or a value is not used by any template file.
+        KeyError: a placeholder has no value.
+
+    Example::
+
+        files = render_bundle("mlbseg_la")
+        json.loads(files["configs/train.json"])["data_format"]  # "uamt_h5"
+    """
+    if name not in BUNDLE_NAMES:
+        raise ValueError(f"unknown bundle {name!r}, expected one of {BUNDLE_NAMES}.")
+    if values is None:
+        values = json.loads(_template(f"values/{name}.json"))
+    used: set[str] = set()
+    files = {}
+    for path in TEMPLATE_FILES:
+        text = _template(path)
+        if path.endswith(".json"):
+            text = json.dumps(_fill(json.loads(text), values, used, path), indent=4) + "\n"
+        files[path] = text
+    unused = set(values) - used
+    if unused:
+        raise ValueError(f"{name}: values {sorted(unused)} are not used by any template file.")
+    return files
+
+
+def write_bundle(name: str, dest: str | os.PathLike) -> Path:
+    """
+    Write the template files of bundle ``name`` into the folder ``dest`` (created; other files there are kept).
+
+    Returns:
+        ``dest`` as a resolved path.
+    """
+    dest = Path(dest).resolve()
+    for path, text in render_bundle(name).items():
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(dest / path, text)
+    return dest
+
+
+def stale_files(root: str | os.PathLike = DEFAULT_ROOT) -> list[Path]:
+    """
+    The template files of the bundles under ``root`` (one folder per bundle) that are missing or differ from what
+    the template generates.
+    """
+    root = Path(root)
+    stale = []
+    for name in BUNDLE_NAMES:
+        for path, text in render_bundle(name).items():
+            target = root / name / path
+            if not target.is_file() or target.read_text(encoding="utf-8") != text:
+                stale.append(target)
+    return stale
+
+
+def bundles(write: bool = False, root: str = str(DEFAULT_ROOT)) -> list[str]:
+    """
+    Check (default) or regenerate the bundles' template files.
+
+    Args:
+        write: write the generated files into ``root``; otherwise only compare them.
+        root: the folder holding one folder per bundle (default: the repository's ``bundles/``).
+
+    Returns:
+        the stale files (empty after ``write``).
+
+    Raises:
+        SystemExit: with status 1 when checking finds stale files.
+    """
+    if write:
+        for name in BUNDLE_NAMES:
+            print(f"wrote {write_bundle(name, Path(root) / name)}")
+        return []
+    stale = [str(p) for p in stale_files(root)]
+    if stale:
+        print("out of date (edit monai_mlbseg/bundle_template/, then run `python -m monai_mlbseg bundles --write`):")
+        print("\n".join(stale))
+        raise SystemExit(1)
+    print(f"the bundles in {root} match the template")
+    return stale
