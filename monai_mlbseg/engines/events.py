@@ -13,8 +13,8 @@ class MetaIterationEvents(EventEnum):
     MONAI's ``IterationEvents`` (which keep ``SupervisedTrainer``'s meaning: the weighted step is the iteration's
     model step).
 
-    - ``PLE_COMPLETED``: after ``FORWARD_COMPLETED``: the views, initial labels and student predictions are in
-      ``engine.state.output`` (``image``/``label``/``pred``), the pseudo labels in ``engine.state.pseudo_labels``.
+    - ``PLE_COMPLETED``: after ``FORWARD_COMPLETED`` and the pseudo labels; ``engine.state.output`` holds the
+      views, the initial labels in the views and the student's logits (``image``/``label``/``pred``).
     - ``WEIGHTS_COMPLETED``: the label sources and weight maps are in ``engine.state.weight_maps``.
     - ``REAL_STEP_COMPLETED``: after the weighted optimizer step (the mean teacher updates here).
     - ``CLEAN_STEP_STARTED``: before the clean step's forward.
@@ -22,8 +22,9 @@ class MetaIterationEvents(EventEnum):
       and the optimizer step) and its loss is ``engine.state.output["loss_clean"]``.
     - ``CLEAN_STEP_COMPLETED``: after the clean-batch optimizer step (the mean teacher updates here too).
 
-    In the supervised mode (no unlabeled data) an iteration is one clean step: ``CLEAN_STEP_STARTED``, MONAI's
-    forward, loss and backward events, ``CLEAN_STEP_COMPLETED``.
+    In the supervised mode (no unlabeled data) an iteration is one clean step: ``CLEAN_STEP_STARTED`` (the clean
+    views and their labels in ``engine.state.output``), MONAI's forward, loss and backward events,
+    ``CLEAN_STEP_COMPLETED``, ``MODEL_COMPLETED``.
     """
 
     PLE_COMPLETED = "ple_completed"
