@@ -145,7 +145,7 @@ class MetaTrainer(SupervisedTrainer):
     Every iteration takes one batch of unlabeled images with their initial labels (``train_data_loader``) and one
     clean batch (``clean_data_loader``, cycled without being rebuilt); both go through ``engine.prepare_batch``
     (image and label; a ground truth under ``gt_key`` of an unlabeled batch is used only for monitoring). The
-    iteration runs these phases on one :py:class:`Stage2State`, each inside
+    iteration runs these phases on one :py:class:`Stage2State`, each (the method ``_<phase>_phase``) inside
     ``torch.profiler.record_function("mlbseg.<phase>")`` (names in :py:data:`STAGE2_PHASES`):
 
     1. ``mlbseg.views``: both batches expand into the PLE views; the student runs once on the unlabeled views
@@ -486,10 +486,9 @@ class MetaTrainer(SupervisedTrainer):
         images, initial = self._prepare(batchdata, "an unlabeled batch (the initial label)")
         gt = batchdata.get(self.gt_key) if isinstance(batchdata, dict) else None
         state = Stage2State(images, initial, gt=None if gt is None else self._tensor(gt))
-        phases = (self._views_phase, self._label_sources_phase, self._weight_maps_phase, self._weighted_step_phase)
-        for name, phase in zip(STAGE2_PHASES, (*phases, self._clean_step_phase)):
+        for name in STAGE2_PHASES:
             with record_function(f"mlbseg.{name}"):
-                phase(state)
+                getattr(self, f"_{name}_phase")(state)
         output = self.state.output
         output.update(self._terms(state))
         if state.gt is not None:
