@@ -441,7 +441,7 @@ def view_instrumentation(trainer: Any, timer: OutermostTimer, context: Outermost
         context.patch_method(type(trainer.lookahead), "__call__", "look-ahead (A-C)")
     for attr, label in (
         ("_step", "backward + clip + SGD step (both steps)"),
-        ("_clean_loss", "clean-step forward (student + teacher + regularisers)"),
+        ("_clean_step_loss", "clean-step forward (student + teacher + regularisers)"),
         ("_teacher_probs", "teacher forward on the unlabeled views"),
     ):
         context.patch_method(trainer, attr, label)

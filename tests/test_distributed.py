@@ -11,8 +11,8 @@ from monai.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from monai_mlbseg.engines import MetaTrainer
-from monai_mlbseg.meta import unwrap_network
 from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.utils import unwrap_network
 
 from .bundle_utils import copy_bundle, make_data
 from .helpers import corrupt, disc_samples

@@ -9,8 +9,9 @@ from monai.data import DataLoader
 from monai.utils import set_determinism
 
 from monai_mlbseg.engines import STAGE2_TERMS, MetaTrainer
-from monai_mlbseg.meta import MetaLookAhead, unwrap_network
+from monai_mlbseg.meta import MetaLookAhead
 from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.utils import unwrap_network
 
 from .bundle_utils import BUNDLES, TINY
 from .helpers import corrupt, disc_samples

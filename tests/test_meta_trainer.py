@@ -27,13 +27,15 @@ class CountingLoader:
         return iter(self.loader)
 
 
-def make_trainer(iterations=2, unlabeled=None, clean=None, seed=0, size=16, unlabeled_batch_size=1, **kwargs):
+def make_trainer(
+    iterations=2, unlabeled=None, clean=None, seed=0, size=16, unlabeled_batch_size=1, cls=MetaTrainer, **kwargs
+):
     torch.manual_seed(seed)
     unlabeled = corrupt(disc_samples(4, size, seed=1)) if unlabeled is None else unlabeled
     clean = disc_samples(4, size, seed=2) if clean is None else clean
     net = NestedUNet(2, features=(4, 8))
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    trainer = MetaTrainer(
+    trainer = cls(
         "cpu",
         max_epochs=1,
         train_data_loader=DataLoader(unlabeled, batch_size=unlabeled_batch_size, shuffle=False),

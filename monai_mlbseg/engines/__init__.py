@@ -2,18 +2,22 @@
 
 from .bootstrap import bootstrap_labels, initial_label_items, run_stage
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, latest_checkpoint, load_weights, save_weights
+from .events import MetaIterationEvents
 from .guards import NonFiniteLossGuard, check_finite
-from .meta_trainer import STAGE2_TERMS, MetaIterationEvents, MetaTrainer, stage2_terms
+from .meta_trainer import LABEL_SOURCES, STAGE2_PHASES, STAGE2_TERMS, MetaTrainer, Stage2State, stage2_terms
 from .teacher import MeanTeacherHandler
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "LABEL_SOURCES",
     "MeanTeacherHandler",
     "NonFiniteLossGuard",
     "MetaIterationEvents",
     "MetaTrainer",
     "ResumeFromCheckpoint",
+    "STAGE2_PHASES",
     "STAGE2_TERMS",
+    "Stage2State",
     "bootstrap_labels",
     "check_finite",
     "initial_label_items",

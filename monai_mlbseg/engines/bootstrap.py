@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_mlbseg.data.writers import AtomicNibabelWriter
-from monai_mlbseg.meta import unwrap_network
+from monai_mlbseg.utils import unwrap_network
 from monai_mlbseg.utils.io import TEMP_MARKER
 
 from .checkpoint import load_weights, save_weights

@@ -14,8 +14,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
-from monai_mlbseg.meta import unwrap_network
-from monai_mlbseg.utils import InputError, Problem, atomic_torch_save
+from monai_mlbseg.utils import InputError, Problem, atomic_torch_save, unwrap_network
 
 __all__ = ["AtomicCheckpointSaver", "ResumeFromCheckpoint", "latest_checkpoint", "load_weights", "save_weights"]
 

@@ -5,33 +5,49 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine, EventEnum
+from ignite.engine import Engine
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from monai_mlbseg.losses import MeanTeacherLoss, MetaReweightLoss, ViewConsistencyLoss
-from monai_mlbseg.meta import WEIGHTINGS, MetaLookAhead, unwrap_network
+from monai_mlbseg.meta import WEIGHTINGS, MetaLookAhead
 from monai_mlbseg.transforms import PLEViews, ViewParams, ViewTransform, ple_pseudo_labels, warp_to_views
+from monai_mlbseg.utils import unwrap_network
 
+from .events import MetaIterationEvents
 from .guards import check_finite
 from .teacher import MeanTeacherHandler
 
-__all__ = ["BATCH_NORM_MODES", "LABEL_SOURCES", "MetaIterationEvents", "MetaTrainer", "STAGE2_TERMS", "stage2_terms"]
+__all__ = [
+    "BATCH_NORM_MODES",
+    "LABEL_SOURCES",
+    "MetaTrainer",
+    "STAGE2_PHASES",
+    "STAGE2_TERMS",
+    "Stage2State",
+    "stage2_terms",
+]
 
-#: the label sources of the weighted term: the bootstrapped initial labels and the PLE pseudo labels.
+#: the built-in label sources of the weighted term: the bootstrapped initial labels and the PLE pseudo labels.
 LABEL_SOURCES = ("initial", "pseudo")
 
 #: how stage 2 treats BatchNorm layers (see :py:class:`MetaTrainer`).
 BATCH_NORM_MODES = ("train", "frozen")
 
-#: the scalar entries of ``engine.state.output`` of a :py:class:`MetaTrainer` iteration.
+#: the phases of a :py:class:`MetaTrainer` iteration, in order; each runs in ``record_function("mlbseg.<phase>")``.
+STAGE2_PHASES = ("views", "label_sources", "weight_maps", "weighted_step", "clean_step")
+
+#: the scalar entries of ``engine.state.output`` of a :py:class:`MetaTrainer` iteration (plus ``weight_<name>`` of
+#: any further label source).
 STAGE2_TERMS = (
     "loss",
     "loss_weighted",
@@ -52,22 +68,6 @@ def stage2_terms(output: dict) -> dict[str, float]:
     }
 
 
-class MetaIterationEvents(EventEnum):
-    """
-    Events fired inside a :py:class:`MetaTrainer` iteration (in addition to MONAI's ``IterationEvents``).
-
-    - ``PLE_COMPLETED``: views, student predictions and pseudo labels are in ``engine.state.output``.
-    - ``WEIGHTS_COMPLETED``: the weight maps are in ``engine.state.weight_maps`` (see :py:class:`MetaTrainer`).
-    - ``REAL_STEP_COMPLETED``: after the weighted optimizer step (the mean teacher updates here).
-    - ``CLEAN_STEP_COMPLETED``: after the clean-batch optimizer step (the mean teacher updates here too).
-    """
-
-    PLE_COMPLETED = "ple_completed"
-    WEIGHTS_COMPLETED = "weights_completed"
-    REAL_STEP_COMPLETED = "real_step_completed"
-    CLEAN_STEP_COMPLETED = "clean_step_completed"
-
-
 def _cycle(loader: Iterable) -> Iterator:
     """Iterate ``loader`` forever, re-iterating the same loader object (never rebuilding it)."""
     while True:
@@ -85,27 +85,94 @@ def _dice(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 1.0 if total == 0 else float(2 * inter / total)
 
 
+@dataclass
+class Stage2State:
+    """
+    What the phases of one :py:class:`MetaTrainer` iteration share, filled phase by phase (``None`` until set).
+    ``N = B K`` is the number of views of the ``B`` unlabeled images, ``S`` the spatial shape.
+
+    Attributes:
+        images: ``[B, C, *S]`` the unlabeled images, from ``engine.prepare_batch``.
+        initial: ``[B, 1, *S]`` their initial labels.
+        gt: their ground truth under ``gt_key`` (monitoring only) or ``None``.
+        clean_images: ``[M, C, *S]`` the clean batch's images.
+        clean_labels: ``[M, 1, *S]`` their expert labels.
+        views: ``[N, C, *S]`` the PLE views of ``images``; ``params`` their view parameters.
+        initial_views: ``[N, 1, *S]`` the initial labels warped into the views.
+        logits: ``[N, 1, *S]`` the student's logits on ``views`` (``probs`` their sigmoid).
+        pseudo: ``[N, 1, *S]`` the pseudo labels; ``back`` the view predictions mapped back (``None`` without PLE).
+        sources: the label sources of the weighted term by name, each ``[N, 1, *S]``
+            (:py:meth:`MetaTrainer.label_source_maps`); weight channel ``i`` belongs to the ``i``-th.
+        l_pc: the view-consistency term; ``l_mt`` the mean-teacher term.
+        regularisation: ``pc_weight * l_pc + mt_weight * l_mt``.
+        clean_views: the clean batch's views (with ``clean_view_labels``, ``clean_params``), made when first needed.
+        weights: ``[N, len(sources), *S]`` the weight maps.
+        meta_loss: the look-ahead's meta loss; ``meta_grads`` its gradient by parameter name (``reweight`` only).
+        loss_weighted: the weighted term; ``loss`` the weighted step's loss; ``loss_clean`` the clean step's.
+    """
+
+    images: torch.Tensor
+    initial: torch.Tensor
+    gt: torch.Tensor | None = None
+    clean_images: torch.Tensor | None = None
+    clean_labels: torch.Tensor | None = None
+    views: torch.Tensor | None = None
+    initial_views: torch.Tensor | None = None
+    params: ViewParams | None = None
+    logits: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    pseudo: torch.Tensor | None = None
+    back: torch.Tensor | None = None
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)
+    l_pc: torch.Tensor | None = None
+    l_mt: torch.Tensor | None = None
+    regularisation: torch.Tensor | None = None
+    clean_views: torch.Tensor | None = None
+    clean_view_labels: torch.Tensor | None = None
+    clean_params: ViewParams | None = None
+    weights: torch.Tensor | None = None
+    meta_loss: torch.Tensor | None = None
+    meta_grads: dict[str, torch.Tensor] | None = None
+    loss_weighted: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    loss_clean: torch.Tensor | None = None
+
+
 class MetaTrainer(SupervisedTrainer):
     """
     Stage 2 of MLB-Seg (ALGORITHM steps A-E) as a MONAI ``SupervisedTrainer``.
 
-    Every iteration takes one batch of unlabeled images with their initial labels (``train_data_loader``, keys
-    ``image`` and ``label``; a ground truth under ``gt`` is used only for monitoring) and one clean batch
-    (``clean_data_loader``, cycled without being rebuilt), and
+    Every iteration takes one batch of unlabeled images with their initial labels (``train_data_loader``) and one
+    clean batch (``clean_data_loader``, cycled without being rebuilt); both go through ``engine.prepare_batch``
+    (image and label; a ground truth under ``gt_key`` of an unlabeled batch is used only for monitoring). The
+    iteration runs these phases on one :py:class:`Stage2State`, each (the method ``_<phase>_phase``) inside
+    ``torch.profiler.record_function("mlbseg.<phase>")`` (names in :py:data:`STAGE2_PHASES`):
 
-    1. expands both into the PLE views and runs the student once on the unlabeled views: this forward serves the
-       pseudo labels, the regularisers, the look-ahead and the weighted step;
-    2. PLE pseudo labels: the view predictions mapped back, averaged, warped into every view, thresholded;
-    3. look-ahead weight maps for (initial label, pseudo label) per pixel
-       (:py:class:`~monai_mlbseg.meta.MetaLookAhead`);
-    4. weighted step: ``sum(w * l) + pc_weight * L_pc + mt_weight * L_mt``, gradient-norm clip, SGD step, EMA;
-    5. clean step: mean BCE on the clean views ``+ L_pc + L_mt``, clip, SGD step, EMA.
+    1. ``mlbseg.views``: both batches expand into the PLE views; the student runs once on the unlabeled views
+       (through ``engine.inferer``): this forward serves the pseudo labels, the regularisers, the look-ahead and
+       the weighted step; PLE pseudo labels: the view predictions mapped back, averaged, warped into every view,
+       thresholded;
+    2. ``mlbseg.label_sources``: the label sources of the weighted term, :py:meth:`label_source_maps` (a hook);
+    3. ``mlbseg.weight_maps``: the regularisers L_pc and L_mt, and look-ahead weight maps for every label source
+       per pixel (:py:class:`~monai_mlbseg.meta.MetaLookAhead`, differentiating the loss function's
+       ``pixel_loss``);
+    4. ``mlbseg.weighted_step``: ``sum(w * l) + pc_weight * L_pc + mt_weight * L_mt``, gradient-norm clip, SGD
+       step, EMA;
+    5. ``mlbseg.clean_step``: mean BCE on the clean views ``+ L_pc + L_mt``, clip, SGD step, EMA.
 
-    ``engine.state.output`` holds MONAI's ``image``/``label``/``pred``/``loss`` plus the scalar terms of
-    :py:data:`STAGE2_TERMS` (and ``dice_*_gt`` monitoring entries when a ground truth is given);
-    ``engine.state.weight_maps`` holds the latest views, labels and weight maps for visualisation handlers.
-    When the unlabeled loader is empty, the trainer falls back to supervised training on the clean loader
-    (clean steps only), so a bundle still trains when it is handed labeled pairs only.
+    Events keep ``SupervisedTrainer``'s contract, with the weighted step as the iteration's model step:
+    ``FORWARD_COMPLETED`` once ``engine.state.output`` holds ``image``/``label``/``pred`` (views, initial labels in
+    the views, logits), ``LOSS_COMPLETED`` once it holds ``loss``, ``BACKWARD_COMPLETED`` after the weighted
+    backward, ``MODEL_COMPLETED`` at the end; each once per iteration. The other steps fire
+    :py:class:`~monai_mlbseg.engines.MetaIterationEvents`. At ``MODEL_COMPLETED`` ``engine.state.output`` holds the
+    scalar terms of :py:data:`STAGE2_TERMS` as floats (``weight_<name>`` for each label source; ``dice_*_gt``
+    monitoring entries when a ground truth is given); ``engine.state.weight_maps`` holds the latest views, labels
+    and weight maps for visualisation handlers. When the unlabeled loader is empty, the trainer falls back to
+    supervised training on the clean loader (one clean step per iteration, firing MONAI's events like
+    ``SupervisedTrainer``), so a bundle still trains when it is handed labeled pairs only.
+
+    A further label source is a subclass overriding :py:meth:`label_source_maps`; the look-ahead, the loss, the
+    output terms and ``engine.state.weight_maps["sources"]`` follow.
 
     Args:
         device: training device.
@@ -131,29 +198,37 @@ class MetaTrainer(SupervisedTrainer):
         reuse_meta_grad: fast mode: the clean step uses ``grad L_meta(theta_hat)`` from the look-ahead instead of
             its own forward/backward (approximation; needs ``reweight`` and the full ``meta_params``).
         threshold: threshold of the pseudo labels and the warped labels.
-        label_sources: the label sources of the weighted term, a subset of :py:data:`LABEL_SOURCES` in that
-            order (default both, as the reference). ``("initial",)`` with ``reweight=False`` is plain self-training
-            on the bootstrapped labels; ``()`` drops the weighted term (e.g. a mean-teacher baseline: only the
-            regularisers act on the unlabeled views).
-        meta_weighting: how the meta-gradient becomes weight maps: ``"gradient"`` (the reference: proportional to
-            the positive part of ``-dL_meta/d eps``, which grows with each pixel's loss gradient) or ``"sign"`` (every
-            pixel with a positive entry weighted alike), see :py:func:`~monai_mlbseg.meta.normalise_weights`.
+        label_sources: the built-in label sources of the weighted term, a subset of :py:data:`LABEL_SOURCES` in
+            that order (default both, as the reference). ``("initial",)`` with ``reweight=False`` is plain
+            self-training on the bootstrapped labels; ``()`` drops the weighted term (e.g. a mean-teacher baseline:
+            only the regularisers act on the unlabeled views).
         batch_norm: ``"train"`` (the reference): BatchNorm layers normalise every forward with its batch's
             statistics (the five views of one slice) and update their running statistics; ``"frozen"``: BatchNorm
             layers of the student and the teacher stay in eval mode throughout stage 2, normalising with the
             stage-1 running statistics (their affine parameters are still trained).
+        meta_weighting: how the meta-gradient becomes weight maps: ``"gradient"`` (the reference: proportional to
+            the positive part of ``-dL_meta/d eps``, which grows with each pixel's loss gradient) or ``"sign"`` (every
+            pixel with a positive entry weighted alike), see :py:func:`~monai_mlbseg.meta.normalise_weights`.
         seed: seed of the view transform; default: drawn from ``torch``'s global generator, so that
             ``monai.utils.set_determinism`` makes runs repeatable.
-        image_key, label_key, gt_key: batch keys.
-        kwargs: the other arguments of ``monai.engines.SupervisedTrainer`` (handlers, amp, epoch_length, ...).
-            ``amp`` runs the plain forwards under ``torch.autocast`` (``amp_kwargs={"dtype": torch.bfloat16}`` for
-            bf16); ``compile=True`` (with ``compile_kwargs``) wraps the student's and the teacher's plain forwards
-            in ``torch.compile``. The look-ahead always runs eagerly in float32 (forward-mode AD through a
-            functional call of the unwrapped network).
+        gt_key: key of the monitoring ground truth in an unlabeled batch.
+        loss_function: the weighted term ``loss_function(logits, sources, weights)`` (default
+            :py:class:`~monai_mlbseg.losses.MetaReweightLoss`); with ``reweight`` it must have the ``pixel_loss``
+            attribute the look-ahead differentiates.
+        kwargs: the other arguments of ``monai.engines.SupervisedTrainer`` (handlers, amp, epoch_length, inferer,
+            prepare_batch, ...). ``inferer`` runs the student's and the teacher's forwards (default
+            ``SimpleInferer``); ``prepare_batch`` returns ``(image, label)`` of a batch (default
+            ``default_prepare_batch``; extra network arguments are refused). ``amp`` runs the plain forwards under
+            ``torch.autocast`` (``amp_kwargs={"dtype": torch.bfloat16}`` for bf16); ``compile=True`` (with
+            ``compile_kwargs``) wraps the student's and the teacher's plain forwards in ``torch.compile``. The
+            look-ahead always runs eagerly in float32 (forward-mode AD through a functional call of the
+            unwrapped network, not through the inferer). ``accumulation_steps`` must be 1.
 
     Raises:
-        TypeError: when the optimizer is not SGD (with ``reweight``).
-        ValueError: on inconsistent options.
+        TypeError: when the optimizer is not SGD or the loss function has no ``pixel_loss`` (with ``reweight``).
+        ValueError: on inconsistent options, or ``accumulation_steps`` other than 1: the look-ahead differentiates
+            the one SGD step that follows it, and both steps of an iteration update the student, so gradients
+            cannot be accumulated across iterations.
 
     Example::
 
@@ -190,8 +265,6 @@ class MetaTrainer(SupervisedTrainer):
         batch_norm: str = "train",
         meta_weighting: str = "gradient",
         seed: int | None = None,
-        image_key: str = "image",
-        label_key: str = "label",
         gt_key: str = "gt",
         loss_function: Callable | None = None,
         event_names: list | None = None,
@@ -211,6 +284,17 @@ class MetaTrainer(SupervisedTrainer):
             raise ValueError(f"meta_weighting must be one of {WEIGHTINGS}, got {meta_weighting!r}.")
         if batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {batch_norm!r}.")
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError(
+                "MetaTrainer needs accumulation_steps=1: the look-ahead differentiates the SGD step that follows it, "
+                f"so gradients cannot be accumulated across iterations; got {kwargs['accumulation_steps']}."
+            )
+        loss_function = loss_function or MetaReweightLoss()
+        if reweight and not callable(getattr(loss_function, "pixel_loss", None)):
+            raise TypeError(
+                "with reweight=True the loss function must have a pixel_loss(logits, sources) for the look-ahead, "
+                f"e.g. MetaReweightLoss(pixel_loss=...); got {type(loss_function).__name__}."
+            )
         self.supervised_only = _is_empty(train_data_loader)
         if self.supervised_only:
             logging.getLogger(__name__).warning(
@@ -224,7 +308,7 @@ class MetaTrainer(SupervisedTrainer):
             train_data_loader=train_data_loader,
             network=network,
             optimizer=optimizer,
-            loss_function=loss_function or MetaReweightLoss(),
+            loss_function=loss_function,
             event_names=event_names,
             decollate=decollate,
             **kwargs,
@@ -246,12 +330,16 @@ class MetaTrainer(SupervisedTrainer):
         self.teacher_noise = float(teacher_noise)
         self.reuse_meta_grad = reuse_meta_grad
         self.threshold = threshold
-        self.label_sources = tuple(label_sources)
+        self.label_sources = label_sources
         self.batch_norm = batch_norm
-        self.image_key, self.label_key, self.gt_key = image_key, label_key, gt_key
+        self.gt_key = gt_key
         self.pc_loss = ViewConsistencyLoss()
         self.mt_loss = MeanTeacherLoss()
-        self.lookahead = MetaLookAhead(network, optimizer, meta_params, weighting=meta_weighting) if reweight else None
+        self.lookahead = None
+        if reweight:
+            self.lookahead = MetaLookAhead(
+                network, optimizer, meta_params, weighting=meta_weighting, pixel_loss=loss_function.pixel_loss
+            )
         self.teacher: nn.Module | None = None
         if self.use_teacher:
             self.teacher = teacher if teacher is not None else copy.deepcopy(unwrap_network(network))
@@ -266,6 +354,29 @@ class MetaTrainer(SupervisedTrainer):
         self.views.set_random_state(seed)
         return self
 
+    def label_source_maps(self, state: Stage2State) -> dict[str, torch.Tensor]:
+        """
+        The label sources of the weighted term (the phase ``mlbseg.label_sources``); override to add or replace
+        sources. Each source gets a weight map from the look-ahead, a term in the weighted loss, a
+        ``weight_<name>`` entry in ``engine.state.output`` and an entry in ``engine.state.weight_maps["sources"]``.
+
+        Args:
+            state: the iteration so far: views, student logits and probabilities, initial and pseudo labels.
+
+        Returns:
+            ``{name: [N, 1, *S] tensor}`` in the views' frame, values in [0, 1], treated as constants; default: the
+            built-in sources selected by ``label_sources``.
+
+        Example::
+
+            class SmoothedPredictionSource(MetaTrainer):
+                def label_source_maps(self, state):
+                    smoothed = F.avg_pool2d(state.probs.detach(), 3, stride=1, padding=1)
+                    return {**super().label_source_maps(state), "smoothed": smoothed}
+        """
+        built_in = {"initial": state.initial_views, "pseudo": state.pseudo}
+        return {name: built_in[name] for name in self.label_sources}
+
     def _train_mode(self) -> None:
         """The student in train mode; with ``batch_norm="frozen"`` its and the teacher's BatchNorm layers in eval."""
         self.network.train()
@@ -275,22 +386,37 @@ class MetaTrainer(SupervisedTrainer):
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
 
-    def _next_clean(self) -> dict:
+    def _next_clean(self) -> Any:
         if self._clean_batches is None:
             self._clean_batches = _cycle(self.clean_data_loader)
         return next(self._clean_batches)
 
-    def _tensor(self, batch: dict, key: str) -> torch.Tensor | None:
-        value = batch.get(key)
-        if value is None:
-            return None
+    def _tensor(self, value: Any) -> torch.Tensor:
+        """A plain float tensor on the training device."""
         value = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
         return value.to(self.state.device, non_blocking=self.non_blocking).float()
+
+    def _prepare(self, batchdata: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and label of a batch through ``engine.prepare_batch``."""
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        images, labels, *extra = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
+        if any(extra):
+            raise ValueError("MetaTrainer runs the network on views: prepare_batch must not return network arguments.")
+        if labels is None:
+            raise KeyError(f"{what} needs an image and a label; prepare_batch found no label.")
+        return self._tensor(images), self._tensor(labels)
 
     def _views(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ViewParams]:
         views = self.views(images)
         params = self.views.params
         return views, warp_to_views(labels, params, threshold=self.threshold), params
+
+    def _clean_views(self, state: Stage2State) -> None:
+        if state.clean_views is None:
+            state.clean_views, state.clean_view_labels, state.clean_params = self._views(
+                state.clean_images, state.clean_labels
+            )
 
     def _autocast(self):
         if not self.amp:
@@ -298,14 +424,14 @@ class MetaTrainer(SupervisedTrainer):
         return torch.autocast(self.state.device.type, **self.amp_kwargs)
 
     def _forward(self, views: torch.Tensor) -> torch.Tensor:
-        """The student's logits (float32) under the trainer's autocast setting."""
+        """The student's logits (float32) through the inferer, under the trainer's autocast setting."""
         with self._autocast():
-            return self.network(views).float()
+            return self.inferer(views, self.network).float()
 
     def _teacher_probs(self, views: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._autocast():
             noisy = views + self.teacher_noise * torch.randn_like(views)
-            return torch.sigmoid(self._teacher_forward(noisy).float())
+            return torch.sigmoid(self.inferer(noisy, self._teacher_forward).float())
 
     def _regularisers(
         self, probs: torch.Tensor, views: torch.Tensor, params: ViewParams, back: torch.Tensor | None
@@ -315,8 +441,8 @@ class MetaTrainer(SupervisedTrainer):
         l_mt = self.mt_loss(probs, self._teacher_probs(views)) if self.use_teacher else zero
         return l_pc, l_mt
 
-    def _step(self, loss: torch.Tensor, what: str) -> None:
-        """Check the loss, then backward, clip, optimizer step (with the AMP grad scaler when there is one)."""
+    def _step(self, loss: torch.Tensor, what: str, event: Any) -> None:
+        """Check the loss, then backward, fire ``event``, clip, optimizer step (with the AMP grad scaler if any)."""
         check_finite(loss, self, what)
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         if self.scaler is not None:
@@ -324,132 +450,132 @@ class MetaTrainer(SupervisedTrainer):
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        self.fire_event(event)
+        self._clip_and_step(scaled=self.scaler is not None)
+
+    def _clip_and_step(self, scaled: bool) -> None:
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        if self.scaler is not None:
+        if scaled:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
 
     def _clean_loss(
-        self, views: torch.Tensor, labels: torch.Tensor, params: ViewParams
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._forward(views)
-        probs = torch.sigmoid(logits)
-        l_pc, l_mt = self._regularisers(probs, views, params, None)
-        loss = F.binary_cross_entropy_with_logits(logits, labels) + self.pc_weight * l_pc + self.mt_weight * l_mt
-        return loss, logits
+        self, views: torch.Tensor, labels: torch.Tensor, params: ViewParams, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean step's loss from the student's ``logits`` on the clean ``views``."""
+        l_pc, l_mt = self._regularisers(torch.sigmoid(logits), views, params, None)
+        return F.binary_cross_entropy_with_logits(logits, labels) + self.pc_weight * l_pc + self.mt_weight * l_mt
 
     def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
+        self._train_mode()
+        iteration = self._supervised_iteration if self.supervised_only else self._meta_iteration
         if not self.compile:
-            return self._meta_iteration(engine, batchdata)
+            return iteration(batchdata)
         # a compiled backward may donate its saved buffers, but the student's graph is differentiated twice (the
         # regularisers' gradient for the look-ahead, then the real step); the setting is read when the graph is
         # compiled and when it is differentiated
         from torch._functorch import config as functorch_config
 
         with functorch_config.patch(donated_buffer=False):
-            return self._meta_iteration(engine, batchdata)
+            return iteration(batchdata)
 
-    def _meta_iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        self._train_mode()
-        if self.supervised_only:
-            return self._supervised_iteration(batchdata)
-        images = self._tensor(batchdata, self.image_key)
-        initial = self._tensor(batchdata, self.label_key)
-        if images is None or initial is None:
-            raise KeyError(f"an unlabeled batch needs '{self.image_key}' and '{self.label_key}' (the initial label).")
-        gt = self._tensor(batchdata, self.gt_key)
-        clean = self._next_clean()
-        clean_images, clean_labels = self._tensor(clean, self.image_key), self._tensor(clean, self.label_key)
-
-        views, initial_views, params = self._views(images, initial)
-        logits = self._forward(views)
-        probs = torch.sigmoid(logits)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        if self.use_ple:
-            ple = ple_pseudo_labels(probs, params, self.threshold)
-            pseudo, back = ple.pseudo_labels, ple.back
-        else:
-            pseudo, back = (probs.detach() > self.threshold).float(), None
-        available = {"initial": initial_views, "pseudo": pseudo}
-        sources = [available[name] for name in self.label_sources]
-        engine.state.output = {Keys.IMAGE: views, Keys.LABEL: initial_views, Keys.PRED: logits}
-        engine.fire_event(MetaIterationEvents.PLE_COMPLETED)
-
-        l_pc, l_mt = self._regularisers(probs, views, params, back)
-        extra = self.pc_weight * l_pc + self.mt_weight * l_mt
-        clean_views = clean_view_labels = clean_params = None
-        meta_loss, meta_grads = None, None
-        if self.reweight:
-            clean_views, clean_view_labels, clean_params = self._views(clean_images, clean_labels)
-            lookahead_grads = None
-            if extra.requires_grad:
-                named = [(n, p) for n, p in unwrap_network(self.network).named_parameters() if p.requires_grad]
-                grads = torch.autograd.grad(extra, [p for _, p in named], retain_graph=True, allow_unused=True)
-                lookahead_grads = {n: g for (n, _), g in zip(named, grads)}
-            # the look-ahead runs in float32: autocast does not combine with forward-mode AD (jvp)
-            result = self.lookahead(views, sources, clean_views, clean_view_labels, lookahead_grads=lookahead_grads)
-            weights, meta_loss, meta_grads = result.weights, result.meta_loss, result.meta_grads
-        else:
-            weights = torch.full((views.shape[0], len(sources), *views.shape[2:]), 1.0, device=views.device)
-            weights = weights / weights.numel()
-        engine.state.weight_maps = {
-            "views": views.detach(),
-            "initial": initial_views,
-            "pseudo": pseudo,
-            "weights": weights.detach(),
-            "num_views": params.num_views,
-        }
-        engine.fire_event(MetaIterationEvents.WEIGHTS_COMPLETED)
-
-        weighted = self.loss_function(logits, sources, weights) if sources else logits.new_zeros(())
-        loss = weighted + extra
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        self._step(loss, "weighted-step loss")
-        engine.fire_event(MetaIterationEvents.REAL_STEP_COMPLETED)
-
-        clean_loss = None
-        if self.clean_step:
-            if self.reuse_meta_grad:
-                check_finite(meta_loss, self, "meta loss")
-                self._apply_meta_grads(meta_grads)
-                clean_loss = meta_loss
-            else:
-                if clean_views is None:
-                    clean_views, clean_view_labels, clean_params = self._views(clean_images, clean_labels)
-                clean_loss, _ = self._clean_loss(clean_views, clean_view_labels, clean_params)
-                self._step(clean_loss, "clean-step loss")
-            engine.fire_event(MetaIterationEvents.CLEAN_STEP_COMPLETED)
-
-        scalars = torch.stack(
-            [
-                loss.detach(),
-                weighted.detach(),
-                l_pc.detach(),
-                l_mt.detach(),
-                loss.new_tensor(float("nan")) if meta_loss is None else meta_loss.detach(),
-                loss.new_tensor(float("nan")) if clean_loss is None else clean_loss.detach().float(),
-                *(self._source_weight(weights, name) for name in LABEL_SOURCES),
-                (weights > 0).float().mean() if sources else loss.new_tensor(float("nan")),
-            ]
-        ).tolist()
-        output = engine.state.output
-        output.update(zip(STAGE2_TERMS, scalars))
-        if gt is not None:
-            self._monitor(output, gt, params, initial_views, pseudo, probs, weights)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    def _meta_iteration(self, batchdata: Any) -> dict:
+        images, initial = self._prepare(batchdata, "an unlabeled batch (the initial label)")
+        gt = batchdata.get(self.gt_key) if isinstance(batchdata, dict) else None
+        state = Stage2State(images, initial, gt=None if gt is None else self._tensor(gt))
+        for name in STAGE2_PHASES:
+            with record_function(f"mlbseg.{name}"):
+                getattr(self, f"_{name}_phase")(state)
+        output = self.state.output
+        output.update(self._terms(state))
+        if state.gt is not None:
+            self._monitor(output, state)
+        self.fire_event(IterationEvents.MODEL_COMPLETED)
         return output
 
-    def _source_weight(self, weights: torch.Tensor, name: str) -> torch.Tensor:
-        """The total weight of label source ``name`` (NaN when it is not one of ``label_sources``)."""
-        if name not in self.label_sources:
-            return weights.new_tensor(float("nan"))
-        return weights[:, self.label_sources.index(name)].sum()
+    def _views_phase(self, state: Stage2State) -> None:
+        state.clean_images, state.clean_labels = self._prepare(self._next_clean(), "a clean batch")
+        state.views, state.initial_views, state.params = self._views(state.images, state.initial)
+        self.state.output = {Keys.IMAGE: state.views, Keys.LABEL: state.initial_views}
+        state.logits = self.state.output[Keys.PRED] = self._forward(state.views)
+        state.probs = torch.sigmoid(state.logits)
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        if self.use_ple:
+            ple = ple_pseudo_labels(state.probs, state.params, self.threshold)
+            state.pseudo, state.back = ple.pseudo_labels, ple.back
+        else:
+            state.pseudo = (state.probs.detach() > self.threshold).float()
+        self.fire_event(MetaIterationEvents.PLE_COMPLETED)
+
+    def _label_sources_phase(self, state: Stage2State) -> None:
+        state.sources = dict(self.label_source_maps(state))
+
+    def _weight_maps_phase(self, state: Stage2State) -> None:
+        state.l_pc, state.l_mt = self._regularisers(state.probs, state.views, state.params, state.back)
+        state.regularisation = self.pc_weight * state.l_pc + self.mt_weight * state.l_mt
+        sources, views = list(state.sources.values()), state.views
+        if self.lookahead is not None:
+            self._clean_views(state)
+            # the look-ahead runs in float32: autocast does not combine with forward-mode AD (jvp)
+            result = self.lookahead(
+                views,
+                sources,
+                state.clean_views,
+                state.clean_view_labels,
+                lookahead_grads=self._regulariser_grads(state),
+            )
+            state.weights, state.meta_loss, state.meta_grads = result.weights, result.meta_loss, result.meta_grads
+        else:
+            weights = torch.full((views.shape[0], len(sources), *views.shape[2:]), 1.0, device=views.device)
+            state.weights = weights / weights.numel()
+        self.state.weight_maps = {
+            "views": views.detach(),
+            "initial": state.initial_views,
+            "pseudo": state.pseudo,
+            "sources": dict(state.sources),
+            "weights": state.weights.detach(),
+            "num_views": state.params.num_views,
+        }
+        self.fire_event(MetaIterationEvents.WEIGHTS_COMPLETED)
+
+    def _regulariser_grads(self, state: Stage2State) -> dict[str, torch.Tensor | None] | None:
+        """The gradient of the regularisers by parameter name, from the real forward (``None``: no gradient)."""
+        if not state.regularisation.requires_grad:
+            return None
+        named = [(n, p) for n, p in unwrap_network(self.network).named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(state.regularisation, [p for _, p in named], retain_graph=True, allow_unused=True)
+        return {n: g for (n, _), g in zip(named, grads)}
+
+    def _weighted_step_phase(self, state: Stage2State) -> None:
+        sources = list(state.sources.values())
+        logits = state.logits
+        state.loss_weighted = self.loss_function(logits, sources, state.weights) if sources else logits.new_zeros(())
+        state.loss = self.state.output[Keys.LOSS] = state.loss_weighted + state.regularisation
+        self.fire_event(IterationEvents.LOSS_COMPLETED)
+        self._step(state.loss, "weighted-step loss", IterationEvents.BACKWARD_COMPLETED)
+        self.fire_event(MetaIterationEvents.REAL_STEP_COMPLETED)
+
+    def _clean_step_phase(self, state: Stage2State) -> None:
+        if not self.clean_step:
+            return
+        self.fire_event(MetaIterationEvents.CLEAN_STEP_STARTED)
+        if self.reuse_meta_grad:
+            check_finite(state.meta_loss, self, "meta loss")
+            state.loss_clean = self.state.output["loss_clean"] = state.meta_loss
+            self._apply_meta_grads(state.meta_grads)
+        else:
+            self._clean_views(state)
+            state.loss_clean = self.state.output["loss_clean"] = self._clean_step_loss(state)
+            self._step(state.loss_clean, "clean-step loss", MetaIterationEvents.CLEAN_BACKWARD_COMPLETED)
+        self.fire_event(MetaIterationEvents.CLEAN_STEP_COMPLETED)
+
+    def _clean_step_loss(self, state: Stage2State) -> torch.Tensor:
+        """The clean step's forward (student, teacher, regularisers) and loss on the clean views."""
+        logits = self._forward(state.clean_views)
+        return self._clean_loss(state.clean_views, state.clean_view_labels, state.clean_params, logits)
 
     def _apply_meta_grads(self, meta_grads: dict[str, torch.Tensor]) -> None:
         """Fast mode: one SGD step along ``grad L_meta(theta_hat)`` (clipped), instead of a clean forward/backward."""
@@ -457,45 +583,55 @@ class MetaTrainer(SupervisedTrainer):
         for name, param in unwrap_network(self.network).named_parameters():
             if name in meta_grads:
                 param.grad = meta_grads[name].detach().clone()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.fire_event(MetaIterationEvents.CLEAN_BACKWARD_COMPLETED)
+        self._clip_and_step(scaled=False)
 
-    def _monitor(
-        self,
-        output: dict,
-        gt: torch.Tensor,
-        params: ViewParams,
-        initial_views: torch.Tensor,
-        pseudo: torch.Tensor,
-        probs: torch.Tensor,
-        weights: torch.Tensor,
-    ) -> None:
+    def _terms(self, state: Stage2State) -> dict[str, float]:
+        """The scalar terms of the iteration (one device-to-host copy)."""
+        nan = state.loss.new_tensor(float("nan"))
+        names = list(state.sources)
+        terms = {
+            "loss": state.loss.detach(),
+            "loss_weighted": state.loss_weighted.detach(),
+            "loss_pc": state.l_pc.detach(),
+            "loss_mt": state.l_mt.detach(),
+            "loss_meta": nan if state.meta_loss is None else state.meta_loss.detach(),
+            "loss_clean": nan if state.loss_clean is None else state.loss_clean.detach().float(),
+            **{
+                f"weight_{name}": state.weights[:, names.index(name)].sum() if name in names else nan
+                for name in dict.fromkeys([*LABEL_SOURCES, *names])
+            },
+            "weight_positive_fraction": (state.weights > 0).float().mean() if names else nan,
+        }
+        return dict(zip(terms, torch.stack(list(terms.values())).tolist()))
+
+    def _monitor(self, output: dict, state: Stage2State) -> None:
         """Agreement with the ground truth (monitoring only; never used for training)."""
         with torch.no_grad():
-            gt_views = warp_to_views(gt, params, threshold=self.threshold)
-            output["dice_initial_gt"] = _dice(initial_views, gt_views)
-            output["dice_pseudo_gt"] = _dice(pseudo, gt_views)
-            output["dice_pred_gt"] = _dice((probs > self.threshold).float(), gt_views)
-            wrong = (initial_views != gt_views).float()
-            if "initial" not in self.label_sources:
+            gt_views = warp_to_views(state.gt, state.params, threshold=self.threshold)
+            output["dice_initial_gt"] = _dice(state.initial_views, gt_views)
+            output["dice_pseudo_gt"] = _dice(state.pseudo, gt_views)
+            output["dice_pred_gt"] = _dice((state.probs > self.threshold).float(), gt_views)
+            wrong = (state.initial_views != gt_views).float()
+            if "initial" not in state.sources:
                 return
-            w0 = weights[:, self.label_sources.index("initial")][:, None]
+            w0 = state.weights[:, list(state.sources).index("initial")][:, None]
             if 0 < wrong.sum() < wrong.numel():
                 output["weight_initial_when_wrong"] = float((w0 * wrong).sum() / wrong.sum())
                 output["weight_initial_when_right"] = float((w0 * (1 - wrong)).sum() / (1 - wrong).sum())
 
-    def _supervised_iteration(self, batchdata: dict[str, Any]) -> dict:
-        images, labels = self._tensor(batchdata, self.image_key), self._tensor(batchdata, self.label_key)
-        if images is None or labels is None:
-            raise KeyError(f"a clean batch needs '{self.image_key}' and '{self.label_key}'.")
-        views, view_labels, params = self._views(images, labels)
-        loss, logits = self._clean_loss(views, view_labels, params)
-        self.state.output = {Keys.IMAGE: views, Keys.LABEL: view_labels, Keys.PRED: logits}
-        self.fire_event(IterationEvents.FORWARD_COMPLETED)
-        self.fire_event(IterationEvents.LOSS_COMPLETED)
-        self._step(loss, "clean-step loss")
-        self.fire_event(MetaIterationEvents.CLEAN_STEP_COMPLETED)
+    def _supervised_iteration(self, batchdata: Any) -> dict:
+        images, labels = self._prepare(batchdata, "a clean batch")
+        with record_function("mlbseg.clean_step"):
+            views, view_labels, params = self._views(images, labels)
+            self.state.output = {Keys.IMAGE: views, Keys.LABEL: view_labels}
+            self.fire_event(MetaIterationEvents.CLEAN_STEP_STARTED)
+            logits = self.state.output[Keys.PRED] = self._forward(views)
+            self.fire_event(IterationEvents.FORWARD_COMPLETED)
+            loss = self.state.output[Keys.LOSS] = self._clean_loss(views, view_labels, params, logits)
+            self.fire_event(IterationEvents.LOSS_COMPLETED)
+            self._step(loss, "clean-step loss", IterationEvents.BACKWARD_COMPLETED)
+            self.fire_event(MetaIterationEvents.CLEAN_STEP_COMPLETED)
         value = float(loss.detach())
         self.state.output.update(loss=value, loss_clean=value)
         self.fire_event(IterationEvents.MODEL_COMPLETED)

@@ -8,7 +8,9 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from monai_mlbseg.meta import unwrap_network
+from monai_mlbseg.utils import unwrap_network
+
+from .events import MetaIterationEvents
 
 __all__ = ["MeanTeacherHandler"]
 
@@ -58,12 +60,8 @@ class MeanTeacherHandler:
 
     def attach(self, engine: Engine) -> None:
         """Register the start-up copy and the EMA updates with ``engine``."""
-        if self.events is None:
-            from .meta_trainer import MetaIterationEvents
-
-            events: Sequence = (MetaIterationEvents.REAL_STEP_COMPLETED, MetaIterationEvents.CLEAN_STEP_COMPLETED)
-        else:
-            events = self.events
+        default = (MetaIterationEvents.REAL_STEP_COMPLETED, MetaIterationEvents.CLEAN_STEP_COMPLETED)
+        events: Sequence = default if self.events is None else self.events
         engine.add_event_handler(Events.STARTED, self.start)
         for event in events:
             engine.add_event_handler(event, self)

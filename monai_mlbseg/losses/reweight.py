@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,9 @@ class MetaReweightLoss(_Loss):
     Args:
         reduction: ``"mean"`` (the weighted mean above), ``"sum"`` (``sum(w * l)`` or ``sum(l)``), or ``"none"``
             (the ``[N, n, *S]`` map ``w * l`` or ``l``).
+        pixel_loss: the per-pixel loss ``l``: ``pixel_loss(logits, sources)`` -> ``[N, n, *S]`` (default
+            :py:func:`pixel_bce`). A :py:class:`~monai_mlbseg.engines.MetaTrainer` differentiates this same function
+            in its look-ahead.
 
     Raises:
         ValueError: on an unknown reduction.
@@ -66,8 +69,13 @@ class MetaReweightLoss(_Loss):
         value = loss(logits, [initial_label, pseudo_label], weights)   # weights: [N, 2, H, W]
     """
 
-    def __init__(self, reduction: LossReduction | str = LossReduction.MEAN) -> None:
+    def __init__(
+        self,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        pixel_loss: Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor] = pixel_bce,
+    ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
+        self.pixel_loss = pixel_loss
 
     def forward(
         self,
@@ -84,7 +92,7 @@ class MetaReweightLoss(_Loss):
         Raises:
             ValueError: when shapes do not match.
         """
-        losses = pixel_bce(input, target)
+        losses = self.pixel_loss(input, target)
         if weights is not None:
             if weights.shape != losses.shape:
                 raise ValueError(

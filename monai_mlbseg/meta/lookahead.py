@@ -26,8 +26,9 @@ from torch.func import functional_call, jvp
 from torch.nn.modules.batchnorm import _NormBase
 
 from monai_mlbseg.losses.reweight import pixel_bce
+from monai_mlbseg.utils import unwrap_network
 
-__all__ = ["LookAheadResult", "MetaLookAhead", "WEIGHTINGS", "meta_weight_maps", "normalise_weights", "unwrap_network"]
+__all__ = ["LookAheadResult", "MetaLookAhead", "WEIGHTINGS", "meta_weight_maps", "normalise_weights"]
 
 
 class LookAheadResult(NamedTuple):
@@ -45,20 +46,6 @@ class LookAheadResult(NamedTuple):
     neg_meta_grad: torch.Tensor
     meta_loss: torch.Tensor
     meta_grads: dict[str, torch.Tensor]
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """
-    The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile`` wrappers, in any nesting
-    (the network itself otherwise). Its parameter names are the plain model's, as in a saved state dict.
-    """
-    while True:
-        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            network = network.module
-        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            network = network._orig_mod
-        else:
-            return network
 
 
 #: how the raw map ``x = -dL_meta/d eps`` becomes weights (see :py:func:`normalise_weights`).
@@ -175,6 +162,9 @@ class MetaLookAhead:
         eps: stabiliser of the weight normalisation.
         weighting: how the meta-gradient becomes weights, see :py:func:`normalise_weights` (default the
             reference's ``"gradient"``).
+        pixel_loss: the per-pixel training loss ``pixel_loss(logits, label_sources)`` -> ``[N, n_sources, *S]``
+            whose weights are learned (default :py:func:`~monai_mlbseg.losses.pixel_bce`); the real step must use
+            the same one (a :py:class:`~monai_mlbseg.engines.MetaTrainer` passes its loss function's).
 
     Raises:
         TypeError: when the optimizer is not SGD.
@@ -195,6 +185,7 @@ class MetaLookAhead:
         meta_params: Sequence[str] | None = None,
         eps: float = 1e-10,
         weighting: str = "gradient",
+        pixel_loss: Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor] = pixel_bce,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
@@ -203,6 +194,7 @@ class MetaLookAhead:
         self.optimizer = optimizer
         self.meta_params = None if meta_params is None else tuple(meta_params)
         self.eps = eps
+        self.pixel_loss = pixel_loss
         module = unwrap_network(network)
         named = {n: p for n, p in module.named_parameters() if p.requires_grad}
         optimized = set(_sgd_terms(optimizer, named))
@@ -259,7 +251,7 @@ class MetaLookAhead:
 
         def pixel_losses(meta_theta: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = functional_call(module, {**fixed, **meta_theta, **buffers}, (images,))
-            return pixel_bce(logits, label_sources)
+            return self.pixel_loss(logits, label_sources)
 
         primals = {n: theta[n] for n in self.meta_names}
         _, neg_meta_grad = jvp(pixel_losses, (primals,), (tangents,))

@@ -1,7 +1,8 @@
-"""Small shared utilities: atomic file output and user-facing input errors."""
+"""Small shared utilities: atomic file output, user-facing input errors and network unwrapping."""
 
 from .errors import DEBUG_ENV, INPUT_ERROR_STATUS, InputError, Problem, exit_on_input_error, find_input_error
 from .io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, run_fingerprint
+from .network import unwrap_network
 
 __all__ = [
     "DEBUG_ENV",
@@ -15,4 +16,5 @@ __all__ = [
     "exit_on_input_error",
     "find_input_error",
     "run_fingerprint",
+    "unwrap_network",
 ]

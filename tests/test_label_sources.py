@@ -1,0 +1,52 @@
+"""Label sources are a hook: a third source is one small subclass; the iteration's phases are profiler ranges."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_mlbseg.engines import STAGE2_PHASES, STAGE2_TERMS, MetaTrainer, stage2_terms
+
+from .test_meta_trainer import make_trainer
+
+
+class SmoothedPredictionSource(MetaTrainer):
+    """A third label source: the student's prediction, smoothed over 3 x 3 pixels and thresholded."""
+
+    def label_source_maps(self, state):
+        smoothed = F.avg_pool2d(state.probs.detach(), 3, stride=1, padding=1)
+        return {**super().label_source_maps(state), "smoothed": (smoothed > self.threshold).float()}
+
+
+def test_a_third_label_source_is_weighed_and_trained_on():
+    trainer = make_trainer(iterations=2, cls=SmoothedPredictionSource)
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.run()
+    out, maps = trainer.state.output, trainer.state.weight_maps
+    assert list(maps["sources"]) == ["initial", "pseudo", "smoothed"]
+    assert maps["weights"].shape == (5, 3, 16, 16) and maps["sources"]["smoothed"].shape == (5, 1, 16, 16)
+    assert set(STAGE2_TERMS) | {"weight_smoothed"} <= set(stage2_terms(out))
+    assert out["weight_smoothed"] > 0, "the look-ahead weighs the new source"
+    total = out["weight_initial"] + out["weight_pseudo"] + out["weight_smoothed"]
+    assert total == pytest.approx(1.0, abs=1e-5)
+    assert all(math.isfinite(out[k]) for k in STAGE2_TERMS)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
+def test_a_subclass_source_replaces_the_selection_without_meta_weights():
+    trainer = make_trainer(iterations=1, cls=SmoothedPredictionSource, label_sources=("pseudo",), reweight=False)
+    trainer.run()
+    out = trainer.state.output
+    assert list(trainer.state.weight_maps["sources"]) == ["pseudo", "smoothed"]
+    assert math.isnan(out["weight_initial"])
+    assert out["weight_pseudo"] == pytest.approx(0.5) and out["weight_smoothed"] == pytest.approx(0.5)
+
+
+def test_every_phase_is_a_profiler_range():
+    trainer = make_trainer(iterations=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.run()
+    names = {event.name for event in prof.events()}
+    assert {f"mlbseg.{phase}" for phase in STAGE2_PHASES} <= names
+    assert STAGE2_PHASES == ("views", "label_sources", "weight_maps", "weighted_step", "clean_step")
