@@ -25,7 +25,7 @@ from .formats import FORMATS, VolumeFormat, first_channel, get_format, load_volu
 from .prepare import check, prepare
 from .readers import H5_SUFFIXES, H5ImageReader, captured_stderr, metaimage_header_problem
 from .slices import SliceDataset, available_memory
-from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, write_case
+from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, synthetic_discs, write_case
 from .writers import AtomicNibabelWriter
 
 __all__ = [
@@ -63,5 +63,6 @@ __all__ = [
     "validate_datalist",
     "validate_inputs",
     "synthetic_case",
+    "synthetic_discs",
     "write_case",
 ]

@@ -16,6 +16,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.utils.data import DataLoader
 
+from monai_mlbseg.evaluation import dice_score
 from monai_mlbseg.losses import MeanTeacherLoss, MetaReweightLoss, ViewConsistencyLoss
 from monai_mlbseg.meta import WEIGHTINGS, MetaLookAhead, unwrap_network
 from monai_mlbseg.transforms import PLEViews, ViewParams, ViewTransform, ple_pseudo_labels, warp_to_views
@@ -77,12 +78,6 @@ def _cycle(loader: Iterable) -> Iterator:
             yield batch
         if empty:
             raise ValueError("the clean data loader is empty.")
-
-
-def _dice(pred: torch.Tensor, target: torch.Tensor) -> float:
-    inter = (pred * target).sum()
-    total = pred.sum() + target.sum()
-    return 1.0 if total == 0 else float(2 * inter / total)
 
 
 class MetaTrainer(SupervisedTrainer):
@@ -474,9 +469,9 @@ class MetaTrainer(SupervisedTrainer):
         """Agreement with the ground truth (monitoring only; never used for training)."""
         with torch.no_grad():
             gt_views = warp_to_views(gt, params, threshold=self.threshold)
-            output["dice_initial_gt"] = _dice(initial_views, gt_views)
-            output["dice_pseudo_gt"] = _dice(pseudo, gt_views)
-            output["dice_pred_gt"] = _dice((probs > self.threshold).float(), gt_views)
+            output["dice_initial_gt"] = dice_score(initial_views, gt_views)
+            output["dice_pseudo_gt"] = dice_score(pseudo, gt_views)
+            output["dice_pred_gt"] = dice_score((probs > self.threshold).float(), gt_views)
             wrong = (initial_views != gt_views).float()
             if "initial" not in self.label_sources:
                 return
