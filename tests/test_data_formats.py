@@ -146,9 +146,9 @@ def test_a_new_layout_is_one_volume_format(tmp_path):
 
     written = []
 
-    def write_fn(image_path, label_path, case_id, image, label, spacing):
-        written.append((image_path.relative_to(tmp_path).as_posix(), case_id, image.shape, spacing))
-        FORMATS["msd_heart"].write_fn(image_path, label_path, case_id, image, label, spacing)
+    def write_fn(case):
+        written.append((case.image_path.relative_to(tmp_path).as_posix(), case.case_id, case.image.shape, case.spacing))
+        FORMATS["msd_heart"].write_fn(case)
 
     custom = dataclasses.replace(
         FORMATS["msd_heart"], name="my_heart", write_fn=write_fn, default_case_id=lambda i: f"h{i}", case_lists=True

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,10 +26,30 @@ from ..utils.io import TEMP_MARKER
 from .readers import H5ImageReader
 from .writers import write_h5, write_itk, write_nifti
 
-__all__ = ["VolumeFormat", "FORMATS", "get_format", "load_volume_transforms", "first_channel", "write_case"]
+__all__ = [
+    "CaseFiles",
+    "VolumeFormat",
+    "FORMATS",
+    "get_format",
+    "load_volume_transforms",
+    "first_channel",
+    "write_case",
+]
 
-#: ``(image_path, label_path or None, case_id, image, label or None, spacing) -> None``: writes one case's files.
-CaseWriter = Callable[[Path, "Path | None", str, np.ndarray, "np.ndarray | None", Sequence[float]], None]
+
+class CaseFiles(NamedTuple):
+    """One case to write, as :py:meth:`VolumeFormat.write` hands it to the format's ``write_fn``."""
+
+    #: where the image goes (absolute).
+    image_path: Path
+    #: where the label goes, ``None`` for an unlabeled case.
+    label_path: Path | None
+    case_id: str
+    #: float32 ``[H, W, D]``.
+    image: np.ndarray
+    #: uint8 ``[H, W, D]`` {0, 1}, or ``None``.
+    label: np.ndarray | None
+    spacing: tuple[float, ...]
 
 
 def _visible(name: str) -> bool:
@@ -99,32 +120,20 @@ def _reader_factory(kind: str) -> Callable[[str, Sequence[float] | None], ImageR
     return make
 
 
-def _write_h5_case(
-    image_path: Path,
-    label_path: Path | None,
-    case_id: str,
-    image: np.ndarray,
-    label: np.ndarray | None,
-    spacing: Sequence[float],
-) -> None:
-    """Image and label in one HDF5 file (no geometry: ``spacing`` is not stored)."""
-    write_h5(image_path, image, label)
+def _write_h5_case(case: CaseFiles) -> None:
+    """Image and label in one HDF5 file (no geometry: the spacing is not stored)."""
+    write_h5(case.image_path, case.image, case.label)
 
 
-def _volume_writer(write: Callable[[Path, np.ndarray, Sequence[float]], None], label_value: int = 1) -> CaseWriter:
+def _volume_writer(
+    write: Callable[[Path, np.ndarray, Sequence[float]], None], label_value: int = 1
+) -> Callable[[CaseFiles], None]:
     """A case writer storing the image and the label (foreground as ``label_value``) in one file each."""
 
-    def write_case_files(
-        image_path: Path,
-        label_path: Path | None,
-        case_id: str,
-        image: np.ndarray,
-        label: np.ndarray | None,
-        spacing: Sequence[float],
-    ) -> None:
-        write(image_path, image, spacing)
-        if label is not None and label_path is not None:
-            write(label_path, label * np.uint8(label_value), spacing)
+    def write_case_files(case: CaseFiles) -> None:
+        write(case.image_path, case.image, case.spacing)
+        if case.label is not None and case.label_path is not None:
+            write(case.label_path, case.label * np.uint8(label_value), case.spacing)
 
     return write_case_files
 
@@ -147,19 +156,14 @@ def _second_contrast(image: np.ndarray, label: np.ndarray, case_id: str) -> np.n
     return ((adc - adc.mean()) / (adc.std() + 1e-6)).astype(np.float32)
 
 
-def _write_msd_prostate_case(
-    image_path: Path,
-    label_path: Path | None,
-    case_id: str,
-    image: np.ndarray,
-    label: np.ndarray | None,
-    spacing: Sequence[float],
-) -> None:
+def _write_msd_prostate_case(case: CaseFiles) -> None:
     """A 2-channel image (T2, an ADC-like second contrast) and the gland split into the zones {1, 2}."""
-    adc = _second_contrast(image, np.zeros_like(image) if label is None else label, case_id)
-    write_nifti(image_path, np.stack([image, adc], axis=-1), spacing)
-    if label is not None and label_path is not None:
-        write_nifti(label_path, _prostate_zones(label), spacing)
+    label = np.zeros_like(case.image) if case.label is None else case.label
+    write_nifti(
+        case.image_path, np.stack([case.image, _second_contrast(case.image, label, case.case_id)], -1), case.spacing
+    )
+    if case.label is not None and case.label_path is not None:
+        write_nifti(case.label_path, _prostate_zones(case.label), case.spacing)
 
 
 @dataclass(frozen=True)
@@ -175,8 +179,7 @@ class VolumeFormat:
         image_path: ``(case_id, labeled) -> relative image path`` of a case.
         label_path: ``case_id -> relative label path`` of a case.
         discover_fn: ``root -> {case_id: (image_path, label_path or None)}``.
-        write_fn: ``(image_path, label_path or None, case_id, image, label or None, spacing) -> None``, writes the
-            files of one case (see :py:meth:`write`).
+        write_fn: ``CaseFiles -> None``, writes the files of one case (see :py:meth:`write`).
         default_case_id: ``index -> case id`` in the naming style of the data set (for synthetic data).
         image_channels: channels of the stored image (the method uses channel 0); default 1.
         label_values: the values a label file may hold (anything above 0 is foreground); default ``(0, 1)``.
@@ -193,7 +196,7 @@ class VolumeFormat:
     image_path: Callable[[str, bool], str]
     label_path: Callable[[str], str]
     discover_fn: Callable[[Path], dict[str, tuple[str, str | None]]]
-    write_fn: CaseWriter
+    write_fn: Callable[[CaseFiles], None]
     default_case_id: Callable[[int], str]
     image_channels: int = 1
     label_values: tuple[int, ...] = (0, 1)
@@ -293,7 +296,7 @@ class VolumeFormat:
             if key in entry:
                 (root / entry[key]).parent.mkdir(parents=True, exist_ok=True)
         label_file = root / entry["label"] if label is not None else None
-        self.write_fn(root / entry["image"], label_file, case_id, image, label, spacing)
+        self.write_fn(CaseFiles(root / entry["image"], label_file, case_id, image, label, spacing))
         return entry
 
 
