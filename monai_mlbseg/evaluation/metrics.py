@@ -193,5 +193,6 @@ def dice_score(pred: NdarrayOrTensor, target: NdarrayOrTensor) -> float:
         raise ValueError(f"pred and target shapes differ: {tuple(p.shape)} vs {tuple(g.shape)}.")
     p = p if p.dtype == torch.bool else p >= 0.5
     g = g if g.dtype == torch.bool else g >= 0.5
-    total = int(p.sum()) + int(g.sum())
-    return 1.0 if total == 0 else 2.0 * int((p & g).sum()) / total
+    p_count, g_count, both = torch.stack([p.sum(), g.sum(), (p & g).sum()]).tolist()  # one device sync
+    total = p_count + g_count
+    return 1.0 if total == 0 else 2.0 * both / total
