@@ -20,6 +20,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from monai_mlbseg.evaluation import dice_score
 from monai_mlbseg.utils import atomic_path
 
 __all__ = ["DEFAULT_VIEW_NAMES", "moving_average", "save_overlays", "save_training_curves", "save_weight_maps"]
@@ -70,12 +71,6 @@ def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi)
     return target
-
-
-def _dice(pred: np.ndarray, label: np.ndarray) -> float:
-    """Dice of two boolean masks; 1 when both are empty (as :py:func:`~monai_mlbseg.evaluation.case_metrics`)."""
-    total = int(pred.sum()) + int(label.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, label).sum()) / total
 
 
 def _contour(ax: Any, mask: np.ndarray, color: str) -> None:
@@ -165,7 +160,7 @@ def save_overlays(
             _image(ax, img, **shown)
             _contour(ax, lab, _GT_COLOR)
             _contour(ax, p, _PRED_COLOR)
-            ax.set_title(f"{method}  Dice {100 * _dice(p, lab):.1f}%", fontsize=9)
+            ax.set_title(f"{method}  Dice {100 * dice_score(p, lab):.1f}%", fontsize=9)
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     return _save(fig, path, dpi)
 

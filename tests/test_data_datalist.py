@@ -45,7 +45,7 @@ def test_uamt_lists(la_dir):
     assert dl["labeled"][0] == {"case_id": "case000", "image": "case000/mri_norm2.h5", "label": "case000/mri_norm2.h5"}
     assert dl["unlabeled"][0] == {"case_id": "case002", "image": "case002/mri_norm2.h5", "gt": "case002/mri_norm2.h5"}
     assert dl["test"][0]["label"] == "case005/mri_norm2.h5"
-    assert check_datalist(dl, la_dir, "uamt_h5") == []
+    assert check_datalist(dl, "uamt_h5", la_dir) == []
     # an absolute list path works too, and explicit unlabeled ids override the rest of the list
     dl = build_datalist(
         la_dir, "uamt_h5", train_list=str(la_dir / "train.list"), num_labeled=1, unlabeled=["case004"], test="case005"
@@ -118,7 +118,7 @@ def test_unlabeled_without_ground_truth(tmp_path):
         {"case_id": "la_001", "image": "imagesTr/la_001.nii.gz", "gt": "labelsTr/la_001.nii.gz"},
         {"case_id": "la_002", "image": "imagesTs/la_002.nii.gz"},
     ]
-    assert check_datalist(dl, tmp_path, "msd_heart") == []
+    assert check_datalist(dl, "msd_heart", tmp_path) == []
 
 
 def test_load_datalist_resolves_paths(la_dir, tmp_path):
@@ -129,7 +129,7 @@ def test_load_datalist_resolves_paths(la_dir, tmp_path):
     assert loaded["labeled"][0]["image"] == os.path.join(str(la_dir), "case000", "mri_norm2.h5")
     assert loaded["unlabeled"][0]["gt"] == os.path.join(str(la_dir), "case002", "mri_norm2.h5")
     assert loaded["format"] == "uamt_h5" and dl["labeled"][0]["image"] == "case000/mri_norm2.h5"  # input untouched
-    assert check_datalist(loaded, la_dir, "uamt_h5") == []  # absolute paths inside the folder are fine
+    assert check_datalist(loaded, "uamt_h5", la_dir) == []  # absolute paths inside the folder are fine
     out = load_volume_transforms("uamt_h5", keys=("image", "label", "gt"))(loaded["unlabeled"][0])
     assert out["image"].shape == (1, *SHAPE) and out["gt"].shape == (1, *SHAPE)
     # default data folder: the folder of the JSON file
@@ -180,20 +180,40 @@ def _messages(problems):
 
 
 def test_check_not_a_dict(la_dir):
-    msgs = _messages(check_datalist([{"image": "x"}], la_dir, "uamt_h5"))
+    msgs = _messages(check_datalist([{"image": "x"}], "uamt_h5", la_dir))
     assert msgs == ["datalist: must be a JSON object with the lists labeled, unlabeled, test, got list"]
 
 
 def test_check_missing_keys(la_dir):
-    msgs = _messages(check_datalist({"labeled": _good(la_dir)["labeled"]}, la_dir, "uamt_h5"))
+    msgs = _messages(check_datalist({"labeled": _good(la_dir)["labeled"]}, "uamt_h5", la_dir))
     assert "datalist: missing the list 'unlabeled'" in msgs and "datalist: missing the list 'test'" in msgs
 
 
 def test_check_empty_datalist(la_dir):
-    msgs = _messages(check_datalist({"labeled": [], "unlabeled": [], "test": []}, la_dir, "uamt_h5"))
+    empty = {"labeled": [], "unlabeled": [], "test": []}
+    msgs = _messages(check_datalist(empty, "uamt_h5", la_dir, require_unlabeled=True))
     assert any("no labeled cases" in m for m in msgs) and any("no unlabeled cases" in m for m in msgs)
     no_unlabeled = {**_good(la_dir), "unlabeled": []}
-    assert check_datalist(no_unlabeled, la_dir, "uamt_h5", require_unlabeled=False) == []
+    assert check_datalist(no_unlabeled, "uamt_h5", la_dir, require_unlabeled=False) == []
+    assert check_datalist(no_unlabeled, "uamt_h5", la_dir) == []  # the default: a supervised run is legitimate
+
+
+def test_check_and_validate_take_the_same_arguments(la_dir, tmp_path, monkeypatch):
+    import inspect
+
+    from monai_mlbseg.data import resolve_datalist, validate_datalist
+
+    check_sig, validate_sig = inspect.signature(check_datalist), inspect.signature(validate_datalist)
+    assert [(p.name, p.default, p.kind) for p in check_sig.parameters.values()] == [
+        (p.name, p.default, p.kind) for p in validate_sig.parameters.values()
+    ]
+    assert list(check_sig.parameters)[:3] == ["datalist", "format", "data_dir"]
+    absolute = resolve_datalist(_good(la_dir), la_dir)
+    monkeypatch.chdir(tmp_path)  # without data_dir, absolute paths anywhere are accepted
+    assert check_datalist(absolute, "uamt_h5") == [] and validate_datalist(absolute, "uamt_h5") is absolute
+    assert check_datalist(absolute, "uamt_h5", tmp_path)  # given a data folder, they lie outside it
+    with pytest.raises(InputError, match="failed the checks"):
+        validate_datalist(absolute, "uamt_h5", tmp_path)
 
 
 def test_check_items_without_image_or_label(la_dir):
@@ -203,7 +223,7 @@ def test_check_items_without_image_or_label(la_dir):
     dl["unlabeled"].append("case004/mri_norm2.h5")
     dl["unlabeled"].append({"case_id": "lab", "image": "case003/mri_norm2.h5", "label": "case003/mri_norm2.h5"})
     dl["validation"] = "case004"
-    msgs = _messages(check_datalist(dl, la_dir, "uamt_h5"))
+    msgs = _messages(check_datalist(dl, "uamt_h5", la_dir))
     assert "datalist labeled[2] (case noimg): item without 'image'" in msgs
     assert "datalist test[1] (case nolab): test items need a 'label'" in msgs
     assert any(m.startswith("datalist unlabeled[3]: an item must be an object") for m in msgs)
@@ -214,15 +234,15 @@ def test_check_items_without_image_or_label(la_dir):
 def test_check_same_image_under_two_case_ids(la_dir):
     dl = _good(la_dir)
     dl["unlabeled"].append({"case_id": "copy_of_test", "image": "case005/mri_norm2.h5"})
-    problems = check_datalist(dl, la_dir, "uamt_h5")
+    problems = check_datalist(dl, "uamt_h5", la_dir)
     assert len(problems) == 1 and problems[0].where == str(la_dir / "case005" / "mri_norm2.h5")
     assert problems[0].what == "image used by several cases: unlabeled[3] (case copy_of_test), test[0] (case case005)"
 
 
 def test_check_format_mismatch(la_dir):
-    msgs = _messages(check_datalist(_good(la_dir), la_dir, "msd_heart"))
+    msgs = _messages(check_datalist(_good(la_dir), "msd_heart", la_dir))
     assert msgs[0] == "datalist: was made for format 'uamt_h5', checked as 'msd_heart'"
-    assert check_datalist(_good(la_dir), la_dir, "bogus")[0].where == "format"
+    assert check_datalist(_good(la_dir), "bogus", la_dir)[0].where == "format"
 
 
 def test_check_outside_and_allow_outside(la_dir, tmp_path):
@@ -230,14 +250,14 @@ def test_check_outside_and_allow_outside(la_dir, tmp_path):
     make_synthetic_dataset(other, "uamt_h5", num_cases=1, shape=SHAPE, seed=5, case_ids=["ext"])
     dl = _good(la_dir)
     dl["unlabeled"].append({"case_id": "ext", "image": str(other / "ext" / "mri_norm2.h5")})
-    problems = check_datalist(dl, la_dir, "uamt_h5")
+    problems = check_datalist(dl, "uamt_h5", la_dir)
     assert [p.where for p in problems] == [str(other / "ext" / "mri_norm2.h5")]
     assert "unlabeled[3] (case ext) image: outside the data folder" in problems[0].what
-    assert check_datalist(dl, la_dir, "uamt_h5", allow_outside=True) == []
+    assert check_datalist(dl, "uamt_h5", la_dir, allow_outside=True) == []
 
 
 def test_check_all_formats_clean(tmp_path):
     for fmt in FORMATS:
         ids = make_synthetic_dataset(tmp_path / fmt, fmt, num_cases=3, shape=SHAPE, seed=1)
         dl = build_datalist(tmp_path / fmt, fmt, labeled=ids[:1], test=ids[2:])
-        assert check_datalist(dl, tmp_path / fmt, fmt, progress=True) == [], fmt
+        assert check_datalist(dl, fmt, tmp_path / fmt, progress=True) == [], fmt

@@ -136,3 +136,26 @@ def test_errors(tmp_path):
         write_case(tmp_path, "a", image, label[:-1], "uamt_h5")
     with pytest.raises(ValueError, match="spacing"):
         write_case(tmp_path, "a", image, label, "msd_heart", spacing=(1.0, -1.0, 1.0))
+
+
+def test_a_new_layout_is_one_volume_format(tmp_path):
+    """Reading, discovering and writing a layout all come from its VolumeFormat: no branch on the format name."""
+    import dataclasses
+
+    from monai_mlbseg.data import make_synthetic_dataset
+
+    written = []
+
+    def write_fn(case):
+        written.append((case.image_path.relative_to(tmp_path).as_posix(), case.case_id, case.image.shape, case.spacing))
+        FORMATS["msd_heart"].write_fn(case)
+
+    custom = dataclasses.replace(
+        FORMATS["msd_heart"], name="my_heart", write_fn=write_fn, default_case_id=lambda i: f"h{i}", case_lists=True
+    )
+    ids = make_synthetic_dataset(tmp_path, custom, num_cases=2, shape=SHAPE, spacing=SPACING)
+    assert ids == ["h0", "h1"]
+    assert written == [(f"imagesTr/h{i}.nii.gz", f"h{i}", SHAPE, SPACING) for i in range(2)]
+    assert (tmp_path / "train.list").read_text() == "h0\nh1\n" and (tmp_path / "test.list").is_file()
+    assert list(custom.discover(tmp_path)) == ids
+    assert {name for name, spec in FORMATS.items() if spec.case_lists} == {"uamt_h5", "la_raw"}

@@ -7,9 +7,10 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
-from monai_mlbseg.data import ANATOMIES, get_format, make_synthetic_dataset, synthetic_case
+from monai_mlbseg.data import ANATOMIES, get_format, make_synthetic_dataset, synthetic_case, synthetic_discs
 
 # ITK (SWIG) warns on import under Python 3.11+
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig:DeprecationWarning")
@@ -100,3 +101,17 @@ def test_default_size_is_fast(tmp_path):
     start = time.perf_counter()
     make_synthetic_dataset(tmp_path, "uamt_h5", num_cases=12, shape=(96, 96, 48), seed=0)
     assert time.perf_counter() - start < 10.0
+
+
+def test_synthetic_discs_are_seeded_discs_in_noise():
+    a, b, c = synthetic_discs(3, 16, seed=1), synthetic_discs(3, 16, seed=1), synthetic_discs(3, 16, seed=2)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert not torch.equal(a[0]["image"], c[0]["image"])
+    for s in a:
+        assert s["image"].shape == s["label"].shape == (1, 16, 16)
+        assert set(torch.unique(s["label"]).tolist()) == {0.0, 1.0}
+        assert s["image"][s["label"] > 0].mean() > s["image"][s["label"] == 0].mean() + 0.4  # contrast 0.8
+    assert [s["case_id"] for s in a] == ["c1_0", "c1_1", "c1_2"]
+    jittered = synthetic_discs(3, 16, seed=1, jitter=True)
+    assert torch.equal(a[0]["label"], jittered[0]["label"])  # the first disc is drawn before any jitter
+    assert not torch.equal(a[0]["image"], jittered[0]["image"])

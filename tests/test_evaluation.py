@@ -21,6 +21,7 @@ from monai_mlbseg.evaluation import (
     SegmentationReportHandler,
     case_metrics,
     compare_markdown,
+    dice_score,
     evaluate_files,
     spacing_from_affine,
 )
@@ -434,3 +435,20 @@ def test_evaluate_files(tmp_path):
     small = _save_nifti(tmp_path / "small.nii.gz", blob((10, 11, 8), 0), spacing)
     with pytest.raises(ValueError, match="small.nii.gz"):
         evaluate_files([small], labels[:1])
+
+
+def test_dice_score_conventions_agree_with_case_metrics():
+    empty = torch.zeros(6, 6)
+    disc = torch.zeros(6, 6)
+    disc[1:4, 1:4] = 1
+    shifted = torch.roll(disc, 1, dims=0)
+    assert dice_score(empty, empty) == 1.0 == case_metrics(empty, empty)["dice"]  # MONAI's ignore_empty=False
+    assert dice_score(disc, empty) == 0.0 == case_metrics(disc, empty)["dice"]
+    assert dice_score(disc, shifted) == pytest.approx(2 * 6 / 18) == pytest.approx(case_metrics(disc, shifted)["dice"])
+    # any shape (a batch of views is pooled), bool or numpy input, >= 0.5 is foreground
+    batch = torch.stack([disc, empty])[:, None]
+    assert dice_score(batch, batch) == 1.0
+    assert dice_score(disc.numpy() > 0, 0.6 * disc.numpy()) == 1.0
+    assert dice_score(0.4 * disc, empty) == 1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        dice_score(disc, batch)

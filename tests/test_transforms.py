@@ -14,10 +14,8 @@ from monai_mlbseg.transforms import (
     PLEViewsd,
     RandFlipView,
     RandFlipViewd,
-    RandZoomInView,
-    RandZoomInViewd,
-    RandZoomOutView,
-    RandZoomOutViewd,
+    RandZoomView,
+    RandZoomViewd,
     ViewParams,
     map_view_pairs,
     ple_pseudo_labels,
@@ -48,11 +46,13 @@ def test_flip_view_inverse_is_exact(dims):
     views = flip(x)
     assert views.shape == x.shape
     assert not torch.equal(views, x)
-    assert torch.equal(flip.inverse(views), x)
+    assert torch.equal(warp_from_views(views, flip.params), x)
     for b in range(3):
         axes = [d + 1 for d in range(dims) if flip.params.flips[b, 0, d]]
         assert axes, "a flip view flips at least one axis"
         assert torch.equal(views[b], x[b].flip(axes))
+    for b in range(3):  # one image at a time: the inverse reads the trace of the MetaTensor views
+        assert torch.equal(flip.inverse(flip(x[b])), x[b])
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -71,9 +71,9 @@ def test_zoom_matches_resize_then_crop_or_pad(dims):
 
 @pytest.mark.parametrize("dims,size,tol", [(2, 64, 0.02), (3, 32, 0.05)])
 def test_zoom_inverse_of_smooth_image(dims, size, tol):
-    x = smooth_blob([size] * dims)[None, None]
-    for transform in (RandZoomInView(dims), RandZoomOutView(dims)):
-        transform.set_random_state(0)
+    x = smooth_blob([size] * dims)[None]
+    for scale_range in (DEFAULT_ZOOM_IN_RANGE, DEFAULT_ZOOM_OUT_RANGE):
+        transform = RandZoomView(scale_range, dims).set_random_state(0)
         view = transform(x)
         assert view.shape == x.shape
         assert (view - x).abs().max() > 0.05, "the view must actually differ from the original"
@@ -115,7 +115,7 @@ def test_ple_views_layout_and_parameters(dims):
     assert not p.flips[:, :4].any() and p.flips[:, 4].any(dim=-1).all()
     assert len(set(p.scales[:, 1].tolist())) == 4, "every image draws its own views"
     assert torch.equal(v[0::5], x), "view 0 is the original"
-    back = views.inverse(v)
+    back = warp_from_views(v, p)
     assert torch.equal(back[4::5], x), "the flip view inverts exactly"
 
 
@@ -175,14 +175,83 @@ def test_dictionary_forms_in_compose_share_one_draw_and_invert():
     assert torch.equal(again(data)["image"], out["image"])
 
 
-@pytest.mark.parametrize("cls", [RandZoomInViewd, RandZoomOutViewd, RandFlipViewd])
-def test_single_view_dictionary_forms(cls):
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RandZoomViewd(["image", "label"], DEFAULT_ZOOM_IN_RANGE, label_keys=["label"]),
+        lambda: RandZoomViewd(["image", "label"], DEFAULT_ZOOM_OUT_RANGE, label_keys=["label"]),
+        lambda: RandFlipViewd(["image", "label"]),
+    ],
+    ids=["zoom_in", "zoom_out", "flip"],
+)
+def test_single_view_dictionary_forms(make):
     image = torch.rand(1, 16, 16)
-    t = cls(keys=["image", "label"], label_keys=["label"]).set_random_state(0)
+    t = make().set_random_state(0)
     out = t({"image": image, "label": (image > 0.5).float()})
     assert out["image"].shape == (1, 16, 16)
     assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
     assert t.params.num_views == 1
+    back = t.inverse(out)
+    assert back["image"].shape == (1, 16, 16) and back["image"].applied_operations == []
+
+
+def test_zoom_view_scale_range_sets_the_direction():
+    zoom_in = RandZoomView(DEFAULT_ZOOM_IN_RANGE).set_random_state(0)
+    zoom_in.randomize(50)
+    lo, hi = DEFAULT_ZOOM_IN_RANGE
+    assert torch.all((zoom_in.params.scales >= lo) & (zoom_in.params.scales <= hi))
+    zoom_out = RandZoomView((0.5, 0.6)).set_random_state(0)
+    zoom_out.randomize(50)
+    assert torch.all((zoom_out.params.scales >= 0.5) & (zoom_out.params.scales <= 0.6))
+
+
+def test_what_a_compose_after_the_views_receives():
+    """Single-sample contract: a MetaTensor [K, C, *S] (or [C, *S] for one view) with the views in its trace."""
+    received = {}
+
+    def capture(d):
+        received.update(d)
+        return d
+
+    affine = torch.diag(torch.tensor([0.7, 0.7, 1.0], dtype=torch.float64))
+    image = MetaTensor(smooth_blob([16, 16])[None], affine=affine, meta={"filename_or_obj": "case01.nii.gz"})
+    pipeline = Compose(
+        [
+            EnsureTyped(keys="image", track_meta=True),
+            PLEViewsd(["image", "label"], label_keys="label"),
+            RandFlipViewd("flip"),
+            capture,
+        ]
+    ).set_random_state(0)
+    pipeline({"image": image, "label": (image > 0.5).float(), "flip": torch.rand(2, 16, 16)})
+    for key in ("image", "label"):
+        x = received[key]
+        assert isinstance(x, MetaTensor) and x.shape == (5, 1, 16, 16) and not x.is_batch
+        assert [op["class"] for op in x.applied_operations][-1] == "PLEViews"
+        trace = x.applied_operations[-1]
+        assert trace["orig_size"] == (16, 16)
+        assert torch.equal(ViewParams.from_dict(trace["extra_info"]).scales, pipeline.transforms[1].params.scales)
+    assert torch.equal(received["image"].affine, affine)
+    assert received["image"].meta["filename_or_obj"] == "case01.nii.gz"
+    # a plain-tensor sample becomes a MetaTensor too, its trace holding the one view
+    flip = received["flip"]
+    assert isinstance(flip, MetaTensor) and flip.shape == (2, 16, 16)
+    assert [op["class"] for op in flip.applied_operations] == ["RandFlipView"]
+
+
+def test_inverse_reads_the_trace_only():
+    zoom = RandZoomView(DEFAULT_ZOOM_IN_RANGE).set_random_state(0)
+    image = smooth_blob([24, 24])[None]
+    view = zoom(image)
+    expected = warp_from_views(view.as_tensor()[None], zoom.params)[0]
+    zoom(image)  # another draw in between: the inverse must not use it
+    assert torch.equal(zoom.inverse(view).as_tensor(), expected)
+    with pytest.raises(ValueError, match="trace"):
+        zoom.inverse(view.as_tensor())  # no trace, no stateful fallback
+    with pytest.raises(ValueError, match="warp_from_views"):
+        zoom.inverse(zoom(torch.rand(2, 1, 24, 24)))  # batches are plain tensors
+    with pytest.raises(RuntimeError):
+        RandFlipView().inverse(zoom(image))  # another transform's trace entry
 
 
 def test_ple_pseudo_labels_of_an_equivariant_predictor():
@@ -235,9 +304,11 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="spatial dims"):
         PLEViews(2)(torch.rand(8, 8))
     with pytest.raises(ValueError, match="above 1"):
-        RandZoomInView(2, scale_range=(0.8, 1.2))
+        PLEViews(2, zoom_in_range=(0.8, 1.2))
     with pytest.raises(ValueError, match="below 1"):
-        RandZoomOutView(2, scale_range=(0.8, 1.2))
+        PLEViews(2, zoom_out_range=(0.8, 1.2))
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        RandZoomView((1.2, 0.8))
     with pytest.raises(ValueError, match="spatial_axes"):
         RandFlipView(2, spatial_axes=[2])
     with pytest.raises(RuntimeError, match="no views drawn"):

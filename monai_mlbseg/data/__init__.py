@@ -21,11 +21,11 @@ from .datalist import (
     validate_datalist,
     validate_inputs,
 )
-from .formats import FORMATS, VolumeFormat, first_channel, get_format, load_volume_transforms
+from .formats import FORMATS, VolumeFormat, first_channel, get_format, load_volume_transforms, write_case
 from .prepare import check, prepare
 from .readers import H5_SUFFIXES, H5ImageReader, captured_stderr, metaimage_header_problem
 from .slices import SliceDataset, available_memory
-from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, write_case
+from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, synthetic_discs
 from .writers import AtomicNibabelWriter
 
 __all__ = [
@@ -63,5 +63,6 @@ __all__ = [
     "validate_datalist",
     "validate_inputs",
     "synthetic_case",
+    "synthetic_discs",
     "write_case",
 ]

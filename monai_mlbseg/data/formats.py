@@ -3,24 +3,53 @@ The on-disk layouts of the supported data sets: where the files of a case are, a
 
 Only file-layout and value conventions live here; splits, spacings and intensity rules are dataset choices and
 belong in a bundle config. Each :py:class:`VolumeFormat` discovers the cases of a data folder, names the MONAI
-reader of each file, and :py:func:`load_volume_transforms` builds the MONAI pipeline that loads a datalist item.
+reader of each file and writes a case in its layout (:py:meth:`VolumeFormat.write`, e.g. for synthetic data);
+:py:func:`load_volume_transforms` builds the MONAI pipeline that loads a datalist item.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from monai.data import ImageReader, ITKReader, NibabelReader
 from monai.transforms import AsDiscreted, Compose, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged
+from scipy import ndimage
 
 from ..utils.io import TEMP_MARKER
 from .readers import H5ImageReader
+from .writers import write_h5, write_itk, write_nifti
 
-__all__ = ["VolumeFormat", "FORMATS", "get_format", "load_volume_transforms", "first_channel"]
+__all__ = [
+    "CaseFiles",
+    "VolumeFormat",
+    "FORMATS",
+    "get_format",
+    "load_volume_transforms",
+    "first_channel",
+    "write_case",
+]
+
+
+class CaseFiles(NamedTuple):
+    """One case to write, as :py:meth:`VolumeFormat.write` hands it to the format's ``write_fn``."""
+
+    #: where the image goes (absolute).
+    image_path: Path
+    #: where the label goes, ``None`` for an unlabeled case.
+    label_path: Path | None
+    case_id: str
+    #: float32 ``[H, W, D]``.
+    image: np.ndarray
+    #: uint8 ``[H, W, D]`` {0, 1}, or ``None``.
+    label: np.ndarray | None
+    spacing: tuple[float, ...]
 
 
 def _visible(name: str) -> bool:
@@ -91,6 +120,52 @@ def _reader_factory(kind: str) -> Callable[[str, Sequence[float] | None], ImageR
     return make
 
 
+def _write_h5_case(case: CaseFiles) -> None:
+    """Image and label in one HDF5 file (no geometry: the spacing is not stored)."""
+    write_h5(case.image_path, case.image, case.label)
+
+
+def _volume_writer(
+    write: Callable[[Path, np.ndarray, Sequence[float]], None], label_value: int = 1
+) -> Callable[[CaseFiles], None]:
+    """A case writer storing the image and the label (foreground as ``label_value``) in one file each."""
+
+    def write_case_files(case: CaseFiles) -> None:
+        write(case.image_path, case.image, case.spacing)
+        if case.label is not None and case.label_path is not None:
+            write(case.label_path, case.label * np.uint8(label_value), case.spacing)
+
+    return write_case_files
+
+
+def _prostate_zones(label: np.ndarray) -> np.ndarray:
+    """Split a gland mask in two zones by a plane through its centroid: 1 (posterior, 'PZ') and 2 (the rest)."""
+    mask = label > 0
+    if not mask.any():
+        return mask.astype(np.uint8)
+    cy = np.nonzero(mask)[1].mean()
+    posterior = np.arange(label.shape[1]).reshape(1, -1, 1) >= cy
+    return np.where(mask, np.where(posterior, 1, 2), 0).astype(np.uint8)
+
+
+def _second_contrast(image: np.ndarray, label: np.ndarray, case_id: str) -> np.ndarray:
+    """An ADC-like channel: the gland darker than its surroundings, smoother, with its own noise."""
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    adc = 0.5 * ndimage.gaussian_filter(image, 1.0) - 0.8 * ndimage.gaussian_filter((label > 0).astype(np.float32), 1)
+    adc = adc + rng.normal(0.0, 0.2, size=image.shape)
+    return ((adc - adc.mean()) / (adc.std() + 1e-6)).astype(np.float32)
+
+
+def _write_msd_prostate_case(case: CaseFiles) -> None:
+    """A 2-channel image (T2, an ADC-like second contrast) and the gland split into the zones {1, 2}."""
+    label = np.zeros_like(case.image) if case.label is None else case.label
+    write_nifti(
+        case.image_path, np.stack([case.image, _second_contrast(case.image, label, case.case_id)], -1), case.spacing
+    )
+    if case.label is not None and case.label_path is not None:
+        write_nifti(case.label_path, _prostate_zones(case.label), case.spacing)
+
+
 @dataclass(frozen=True)
 class VolumeFormat:
     """
@@ -104,11 +179,14 @@ class VolumeFormat:
         image_path: ``(case_id, labeled) -> relative image path`` of a case.
         label_path: ``case_id -> relative label path`` of a case.
         discover_fn: ``root -> {case_id: (image_path, label_path or None)}``.
+        write_fn: ``CaseFiles -> None``, writes the files of one case (see :py:meth:`write`).
         default_case_id: ``index -> case id`` in the naming style of the data set (for synthetic data).
         image_channels: channels of the stored image (the method uses channel 0); default 1.
         label_values: the values a label file may hold (anything above 0 is foreground); default ``(0, 1)``.
         spatial_dims: spatial dimensions of the images; default 3.
         has_geometry: whether the files store spacing/orientation (HDF5 does not); default ``True``.
+        case_lists: whether the data set comes with UA-MT style ``train.list`` / ``test.list`` files (synthetic
+            data sets of this format write them too); default ``False``.
     """
 
     name: str
@@ -118,11 +196,13 @@ class VolumeFormat:
     image_path: Callable[[str, bool], str]
     label_path: Callable[[str], str]
     discover_fn: Callable[[Path], dict[str, tuple[str, str | None]]]
+    write_fn: Callable[[CaseFiles], None]
     default_case_id: Callable[[int], str]
     image_channels: int = 1
     label_values: tuple[int, ...] = (0, 1)
     spatial_dims: int = 3
     has_geometry: bool = True
+    case_lists: bool = False
 
     def discover(self, data_dir: str | os.PathLike) -> dict[str, tuple[str, str | None]]:
         """
@@ -161,6 +241,64 @@ class VolumeFormat:
             )
         return _reader_factory(self.reader_kind)(role, spacing)
 
+    def write(
+        self,
+        data_dir: str | os.PathLike,
+        case_id: str,
+        image: np.ndarray,
+        label: np.ndarray | None = None,
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> dict:
+        """
+        Write one case in this layout (atomically, file by file).
+
+        ``uamt_h5`` stores float32 ``image`` and uint8 ``label`` in ``<case>/mri_norm2.h5`` (no geometry: ``spacing``
+        is not stored); ``la_raw`` writes ``lgemri.nrrd`` and ``laendo.nrrd`` with label value 255; ``msd_heart``
+        and ``msd_prostate`` write NIfTI (``imagesTr``/``labelsTr``, or ``imagesTs`` for unlabeled cases);
+        ``msd_prostate`` writes a 2-channel 4D image (channel 1 an ADC-like contrast) and labels {0,1,2} (the gland
+        split into two zones); ``promise12`` writes ``CaseNN.mhd`` + ``.raw`` and ``CaseNN_segmentation.mhd`` +
+        ``.raw``.
+
+        Args:
+            data_dir: the data folder.
+            case_id: the case id (folder or file name stem).
+            image: float ``[H, W, D]``, written as float32.
+            label: binary ``[H, W, D]`` mask (anything above 0 is foreground), or ``None`` for an unlabeled case.
+            spacing: voxel spacing stored in the files (formats with geometry).
+
+        Returns:
+            the datalist entry ``{"case_id", "image", "label"}`` (no ``"label"`` when ``label`` is ``None``) with
+            paths relative to ``data_dir``.
+
+        Raises:
+            ValueError: when ``image`` is not 3D, ``label`` has another shape, or ``spacing`` is not 3 positive
+                numbers.
+
+        Example::
+
+            entry = FORMATS["msd_heart"].write("/tmp/heart", "la_000", image, label, spacing=(1.25, 1.25, 1.37))
+        """
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 3:
+            raise ValueError(f"image must be 3D [H, W, D], got shape {image.shape}.")
+        if label is not None:
+            label = (np.asarray(label) > 0).astype(np.uint8)
+            if label.shape != image.shape:
+                raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}.")
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != 3 or any(s <= 0 for s in spacing):
+            raise ValueError(f"spacing must be 3 positive numbers, got {spacing}.")
+        root = Path(data_dir)
+        entry = {"case_id": case_id, "image": self.image_path(case_id, label is not None)}
+        if label is not None:
+            entry["label"] = self.label_path(case_id)
+        for key in ("image", "label"):
+            if key in entry:
+                (root / entry[key]).parent.mkdir(parents=True, exist_ok=True)
+        label_file = root / entry["label"] if label is not None else None
+        self.write_fn(CaseFiles(root / entry["image"], label_file, case_id, image, label, spacing))
+        return entry
+
 
 FORMATS: dict[str, VolumeFormat] = {
     "uamt_h5": VolumeFormat(
@@ -172,7 +310,9 @@ FORMATS: dict[str, VolumeFormat] = {
         image_path=lambda c, labeled: f"{c}/mri_norm2.h5",
         label_path=lambda c: f"{c}/mri_norm2.h5",
         discover_fn=_discover_uamt,
+        write_fn=_write_h5_case,
         default_case_id=lambda i: f"case{i:03d}",
+        case_lists=True,
     ),
     "la_raw": VolumeFormat(
         name="la_raw",
@@ -183,7 +323,9 @@ FORMATS: dict[str, VolumeFormat] = {
         image_path=lambda c, labeled: f"{c}/lgemri.nrrd",
         label_path=lambda c: f"{c}/laendo.nrrd",
         discover_fn=_per_case_folder("lgemri.nrrd", "laendo.nrrd"),
+        write_fn=_volume_writer(write_itk, label_value=255),
         default_case_id=lambda i: f"case{i:03d}",
+        case_lists=True,
     ),
     "msd_heart": VolumeFormat(
         name="msd_heart",
@@ -193,6 +335,7 @@ FORMATS: dict[str, VolumeFormat] = {
         image_path=lambda c, labeled: f"{'imagesTr' if labeled else 'imagesTs'}/{c}.nii.gz",
         label_path=lambda c: f"labelsTr/{c}.nii.gz",
         discover_fn=_discover_msd,
+        write_fn=_volume_writer(write_nifti),
         default_case_id=lambda i: f"la_{i:03d}",
     ),
     "promise12": VolumeFormat(
@@ -203,6 +346,7 @@ FORMATS: dict[str, VolumeFormat] = {
         image_path=lambda c, labeled: f"{c}.mhd",
         label_path=lambda c: f"{c}_segmentation.mhd",
         discover_fn=_discover_promise12,
+        write_fn=_volume_writer(write_itk),
         default_case_id=lambda i: f"Case{i:02d}",
     ),
     "msd_prostate": VolumeFormat(
@@ -215,6 +359,7 @@ FORMATS: dict[str, VolumeFormat] = {
         image_path=lambda c, labeled: f"{'imagesTr' if labeled else 'imagesTs'}/{c}.nii.gz",
         label_path=lambda c: f"labelsTr/{c}.nii.gz",
         discover_fn=_discover_msd,
+        write_fn=_write_msd_prostate_case,
         default_case_id=lambda i: f"prostate_{i:02d}",
     ),
 }
@@ -232,6 +377,27 @@ def get_format(name: str | VolumeFormat) -> VolumeFormat:
     if name not in FORMATS:
         raise ValueError(f"unknown data format {name!r}; known formats: {', '.join(FORMATS)}.")
     return FORMATS[name]
+
+
+def write_case(
+    out_dir: str | os.PathLike,
+    case_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    format: str | VolumeFormat = "uamt_h5",
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> dict:
+    """
+    Write one case in the layout of ``format``: :py:meth:`VolumeFormat.write` of :py:func:`get_format` ``(format)``.
+
+    Raises:
+        ValueError: for an unknown format, and as :py:meth:`VolumeFormat.write`.
+
+    Example::
+
+        write_case("/tmp/la", "case000", image, label, "uamt_h5")  # {"case_id": ..., "image": ..., "label": ...}
+    """
+    return get_format(format).write(out_dir, case_id, image, label, spacing)
 
 
 def first_channel(img: torch.Tensor) -> torch.Tensor:

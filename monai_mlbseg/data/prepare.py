@@ -122,8 +122,8 @@ def prepare(
         problems.append(unwritable)
     problems += check_datalist(
         datalist,
-        data_path,
         format,
+        data_path,
         allow_outside=allow_outside,
         require_unlabeled=not allow_no_unlabeled,
         progress=progress,
@@ -183,7 +183,7 @@ def check(
         problem = Problem(str(path), f"records no format: give --format (one of {', '.join(FORMATS)})")
         raise InputError([problem], f"check: {path}")
     problems = check_datalist(
-        loaded, root, fmt, allow_outside=allow_outside, require_unlabeled=not allow_no_unlabeled, progress=progress
+        loaded, fmt, root, allow_outside=allow_outside, require_unlabeled=not allow_no_unlabeled, progress=progress
     )
     if problems:
         raise InputError(problems, f"check: {path} failed the datalist check")

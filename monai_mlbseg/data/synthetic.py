@@ -6,14 +6,14 @@ blob-shaped foreground of varied shape, size, position and orientation that cove
 the last axis, varied contrast, Gaussian noise, a smooth multiplicative bias field, a textured background, and
 unlabeled distractor structures of similar intensity, so that a model trained on a few labeled cases is clearly
 imperfect. One generator serves both anatomies through a parameter set (:py:data:`ANATOMIES`).
+
+For unit tests and micro-benchmarks of the 2D engines, :py:func:`synthetic_discs` makes small 2D images of one
+bright disc in noise.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..utils.io import TEMP_MARKER, atomic_path, atomic_write_text
+from ..utils.io import atomic_write_text
 from .formats import VolumeFormat, get_format
 
-__all__ = ["AnatomyParams", "ANATOMIES", "synthetic_case", "write_case", "make_synthetic_dataset"]
+__all__ = ["AnatomyParams", "ANATOMIES", "synthetic_case", "synthetic_discs", "make_synthetic_dataset"]
 
 
 @dataclass(frozen=True)
@@ -254,142 +254,42 @@ def synthetic_case(
     return image.astype(np.float32), mask.astype(np.uint8)
 
 
-def _itk_image(array: np.ndarray, spacing: Sequence[float]):
-    import itk
-
-    img = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))  # ITK wants z, y, x
-    img.SetSpacing([float(s) for s in spacing])
-    return img
-
-
-def _write_itk(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
-    import itk
-
-    img = _itk_image(array, spacing)
-    if path.suffix != ".mhd":
-        with atomic_path(path) as tmp:
-            itk.imwrite(img, str(tmp), compression=True)
-        return
-    # MetaImage header + data file: write both under their final names in a hidden temp folder, then move the data
-    # file into place first and the header last, so a reader never sees a header without its data
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".mhd{TEMP_MARKER}", dir=path.parent))
-    try:
-        itk.imwrite(img, str(tmpdir / path.name))
-        header = (tmpdir / path.name).read_text()
-        data_file = next(
-            line.split("=", 1)[1].strip() for line in header.splitlines() if line.startswith("ElementDataFile")
-        )
-        with atomic_path(path.parent / data_file) as tmp:
-            os.replace(tmpdir / data_file, tmp)
-        with atomic_path(path) as tmp:
-            os.replace(tmpdir / path.name, tmp)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _write_nifti(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
-    import nibabel as nib
-
-    affine = np.diag([*(float(s) for s in spacing), 1.0])
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-
-
-def _write_h5(path: Path, image: np.ndarray, label: np.ndarray | None) -> None:
-    import h5py
-
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("image", data=image.astype(np.float32))
-            if label is not None:
-                f.create_dataset("label", data=label.astype(np.uint8))
-
-
-def _prostate_zones(label: np.ndarray) -> np.ndarray:
-    """Split a gland mask in two zones by a plane through its centroid: 1 (posterior, 'PZ') and 2 (the rest)."""
-    mask = label > 0
-    if not mask.any():
-        return mask.astype(np.uint8)
-    cy = np.nonzero(mask)[1].mean()
-    posterior = np.arange(label.shape[1]).reshape(1, -1, 1) >= cy
-    return np.where(mask, np.where(posterior, 1, 2), 0).astype(np.uint8)
-
-
-def _second_contrast(image: np.ndarray, label: np.ndarray, case_id: str) -> np.ndarray:
-    """An ADC-like channel: the gland darker than its surroundings, smoother, with its own noise."""
-    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
-    adc = 0.5 * ndimage.gaussian_filter(image, 1.0) - 0.8 * ndimage.gaussian_filter((label > 0).astype(np.float32), 1)
-    adc = adc + rng.normal(0.0, 0.2, size=image.shape)
-    return ((adc - adc.mean()) / (adc.std() + 1e-6)).astype(np.float32)
-
-
-def write_case(
-    out_dir: str | os.PathLike,
-    case_id: str,
-    image: np.ndarray,
-    label: np.ndarray | None,
-    format: str | VolumeFormat = "uamt_h5",
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-) -> dict:
+def synthetic_discs(
+    n: int, size: int = 32, seed: int = 0, noise: float = 0.3, contrast: float = 0.8, jitter: bool = False
+) -> list[dict]:
     """
-    Write one case in the layout of ``format`` (atomically, file by file).
-
-    ``uamt_h5`` stores float32 ``image`` and uint8 ``label`` in ``<case>/mri_norm2.h5`` (no geometry: ``spacing``
-    is not stored); ``la_raw`` writes ``lgemri.nrrd`` and ``laendo.nrrd`` with label value 255; ``msd_heart`` and
-    ``msd_prostate`` write NIfTI (``imagesTr``/``labelsTr``, or ``imagesTs`` for unlabeled cases); ``msd_prostate``
-    writes a 2-channel 4D image (channel 1 an ADC-like contrast) and labels {0,1,2} (the gland split into two
-    zones); ``promise12`` writes ``CaseNN.mhd`` + ``.raw`` and ``CaseNN_segmentation.mhd`` + ``.raw``.
+    ``n`` small 2D samples of one bright disc of random centre and radius in Gaussian noise (a toy problem for
+    engine tests and timing; :py:func:`synthetic_case` is the realistic generator).
 
     Args:
-        out_dir: the data folder.
-        case_id: the case id (folder or file name stem).
-        image: float ``[H, W, D]``, written as float32.
-        label: binary ``[H, W, D]`` mask, or ``None`` for an unlabeled case.
-        format: a key of :py:data:`~monai_mlbseg.data.formats.FORMATS` or a ``VolumeFormat``.
-        spacing: voxel spacing stored in the files (formats with geometry).
+        n: number of samples.
+        size: image side in pixels.
+        seed: seed of the ``torch.Generator`` all randomness comes from.
+        noise: standard deviation of the noise.
+        contrast: intensity of the disc above the background.
+        jitter: give every image a random gain (0.4-1.2) and offset (0-0.3).
 
     Returns:
-        the datalist entry ``{"case_id", "image", "label"}`` (no ``"label"`` when ``label`` is ``None``) with paths
-        relative to ``out_dir``.
+        one dict per sample: ``image`` float32 ``[1, size, size]``, ``label`` its disc mask ``[1, size, size]``
+        {0, 1}, and ``case_id`` ``"c<seed>_<i>"``.
 
-    Raises:
-        ValueError: when ``image`` is not 3D, ``label`` has another shape, or ``spacing`` is not 3 positive numbers.
+    Example::
+
+        samples = synthetic_discs(4, size=16, seed=1)
+        samples[0]["image"].shape  # torch.Size([1, 16, 16])
     """
-    spec = get_format(format)
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3:
-        raise ValueError(f"image must be 3D [H, W, D], got shape {image.shape}.")
-    if label is not None:
-        label = (np.asarray(label) > 0).astype(np.uint8)
-        if label.shape != image.shape:
-            raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}.")
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or any(s <= 0 for s in spacing):
-        raise ValueError(f"spacing must be 3 positive numbers, got {spacing}.")
-    root = Path(out_dir)
-    entry = {"case_id": case_id, "image": spec.image_path(case_id, label is not None)}
-    if label is not None:
-        entry["label"] = spec.label_path(case_id)
-    (root / entry["image"]).parent.mkdir(parents=True, exist_ok=True)
-    if spec.reader_kind == "h5":
-        _write_h5(root / entry["image"], image, label)
-        return entry
-    if spec.name == "msd_prostate":
-        stored_image = np.stack(
-            [image, _second_contrast(image, np.zeros_like(image) if label is None else label, case_id)], axis=-1
-        )
-        stored_label = None if label is None else _prostate_zones(label)
-    else:
-        stored_image = image
-        stored_label = None if label is None else label * np.uint8(max(spec.label_values))
-    write = _write_itk if spec.reader_kind == "itk" else _write_nifti
-    write(root / entry["image"], stored_image, spacing)
-    if stored_label is not None:
-        (root / entry["label"]).parent.mkdir(parents=True, exist_ok=True)
-        write(root / entry["label"], stored_label, spacing)
-    return entry
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = []
+    for i in range(n):
+        c = torch.rand(2, generator=g) * 0.8 - 0.4
+        r = 0.25 + 0.25 * torch.rand(1, generator=g)
+        mask = (((xx - c[0]) ** 2 + (yy - c[1]) ** 2) < r**2).float()
+        image = contrast * mask + noise * torch.randn(size, size, generator=g)
+        if jitter:
+            image = image * (0.4 + 0.8 * torch.rand(1, generator=g)) + 0.3 * torch.rand(1, generator=g)
+        out.append({"image": image[None], "label": mask[None], "case_id": f"c{seed}_{i}"})
+    return out
 
 
 def make_synthetic_dataset(
@@ -405,9 +305,11 @@ def make_synthetic_dataset(
     Write ``num_cases`` labeled synthetic cases in the layout of ``format``.
 
     The anatomy follows the format (left atrium for ``uamt_h5``, ``la_raw``, ``msd_heart``; prostate for
-    ``promise12``, ``msd_prostate``). Case ``i`` depends only on ``(seed, i)``, so the data are deterministic and a
-    larger data set extends a smaller one. For ``uamt_h5`` and ``la_raw`` also writes UA-MT style ``train.list``
-    and ``test.list`` (one case id per line; the last ~20% of the cases are the test cases).
+    ``promise12``, ``msd_prostate``) and each case is written by :py:meth:`VolumeFormat.write
+    <monai_mlbseg.data.formats.VolumeFormat.write>`. Case ``i`` depends only on ``(seed, i)``, so the data are
+    deterministic and a larger data set extends a smaller one. For formats with ``case_lists`` (``uamt_h5``,
+    ``la_raw``) also writes UA-MT style ``train.list`` and ``test.list`` (one case id per line; the last ~20% of the
+    cases are the test cases).
 
     Args:
         out_dir: the data folder (created).
@@ -438,8 +340,8 @@ def make_synthetic_dataset(
     root.mkdir(parents=True, exist_ok=True)
     for i, case_id in enumerate(ids):
         image, label = synthetic_case(np.random.default_rng([int(seed), i]), shape=shape, kind=spec.anatomy)
-        write_case(root, case_id, image, label, spec, spacing=(1.0, 1.0, 1.0) if spacing is None else spacing)
-    if spec.name in ("uamt_h5", "la_raw"):
+        spec.write(root, case_id, image, label, spacing=(1.0, 1.0, 1.0) if spacing is None else spacing)
+    if spec.case_lists:
         num_test = round(0.2 * len(ids)) if len(ids) > 1 else 0
         split = len(ids) - num_test
         atomic_write_text(root / "train.list", "".join(f"{c}\n" for c in ids[:split]))

@@ -18,6 +18,7 @@ from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
+from monai_mlbseg.evaluation import dice_score
 from monai_mlbseg.losses import MeanTeacherLoss, MetaReweightLoss, ViewConsistencyLoss
 from monai_mlbseg.meta import WEIGHTINGS, MetaLookAhead
 from monai_mlbseg.transforms import PLEViews, ViewParams, ViewTransform, ple_pseudo_labels, warp_to_views
@@ -77,12 +78,6 @@ def _cycle(loader: Iterable) -> Iterator:
             yield batch
         if empty:
             raise ValueError("the clean data loader is empty.")
-
-
-def _dice(pred: torch.Tensor, target: torch.Tensor) -> float:
-    inter = (pred * target).sum()
-    total = pred.sum() + target.sum()
-    return 1.0 if total == 0 else float(2 * inter / total)
 
 
 @dataclass
@@ -609,9 +604,9 @@ class MetaTrainer(SupervisedTrainer):
         """Agreement with the ground truth (monitoring only; never used for training)."""
         with torch.no_grad():
             gt_views = warp_to_views(state.gt, state.params, threshold=self.threshold)
-            output["dice_initial_gt"] = _dice(state.initial_views, gt_views)
-            output["dice_pseudo_gt"] = _dice(state.pseudo, gt_views)
-            output["dice_pred_gt"] = _dice((state.probs > self.threshold).float(), gt_views)
+            output["dice_initial_gt"] = dice_score(state.initial_views, gt_views)
+            output["dice_pseudo_gt"] = dice_score(state.pseudo, gt_views)
+            output["dice_pred_gt"] = dice_score((state.probs > self.threshold).float(), gt_views)
             wrong = (state.initial_views != gt_views).float()
             if "initial" not in state.sources:
                 return

@@ -5,11 +5,10 @@ from .array import (
     DEFAULT_ZOOM_OUT_RANGE,
     PLEViews,
     RandFlipView,
-    RandZoomInView,
-    RandZoomOutView,
+    RandZoomView,
     ViewTransform,
 )
-from .dictionary import PLEViewsd, RandFlipViewd, RandZoomInViewd, RandZoomOutViewd, ViewTransformd
+from .dictionary import PLEViewsd, RandFlipViewd, RandZoomViewd, ViewTransformd
 from .functional import (
     PLEResult,
     ViewParams,
@@ -25,13 +24,11 @@ __all__ = [
     "DEFAULT_ZOOM_OUT_RANGE",
     "PLEViews",
     "RandFlipView",
-    "RandZoomInView",
-    "RandZoomOutView",
+    "RandZoomView",
     "ViewTransform",
     "PLEViewsd",
     "RandFlipViewd",
-    "RandZoomInViewd",
-    "RandZoomOutViewd",
+    "RandZoomViewd",
     "ViewTransformd",
     "PLEResult",
     "ViewParams",

@@ -3,9 +3,19 @@ The PLE view set as MONAI array transforms.
 
 Each transform draws view parameters with MONAI's :py:class:`~monai.transforms.Randomizable` contract
 (``set_random_state``, ``randomize``) and applies them with the functional core of
-:py:mod:`monai_mlbseg.transforms.functional`. Inputs are either one channel-first image ``[C, *S]`` (MONAI's usual
-contract; a MetaTensor keeps its meta data and records the views in its trace) or a batch ``[B, C, *S]`` (the
-training hot path; views are stacked in the batch dimension, ``[B * K, C, *S]``).
+:py:mod:`monai_mlbseg.transforms.functional`. Inputs are either
+
+- one channel-first image ``[C, *S]`` (MONAI's usual contract). With meta tracking on (MONAI's default,
+  :py:func:`monai.data.set_track_meta`) the output is a :py:class:`~monai.data.MetaTensor` whatever the input type
+  (tensor, array or MetaTensor): it keeps the input's meta data (affine, file name) and its ``applied_operations``,
+  plus one entry of this transform whose ``extra_info`` holds the drawn views (``{"scales": [[...]], "flips":
+  [[[...]]]}``). A transform placed after the views in a ``Compose`` therefore receives ``[C, *S]`` for a single
+  view and ``[K, C, *S]`` for ``K`` views (the views stacked in front of the channels, not a collated batch), as a
+  MetaTensor whose last trace entry is the view transform; :py:meth:`ViewTransform.inverse` reads the views from
+  that entry only. With meta tracking off the output is a plain tensor, which cannot be inverted.
+- a batch ``[B, C, *S]`` (the training hot path): views are stacked in the batch dimension, ``[B * K, C, *S]``, as
+  a plain tensor without trace; map predictions back with
+  :py:func:`~monai_mlbseg.transforms.functional.warp_from_views` and the transform's :py:attr:`ViewTransform.params`.
 """
 
 from __future__ import annotations
@@ -26,25 +36,25 @@ __all__ = [
     "DEFAULT_ZOOM_IN_RANGE",
     "DEFAULT_ZOOM_OUT_RANGE",
     "ViewTransform",
-    "RandZoomInView",
-    "RandZoomOutView",
+    "RandZoomView",
     "RandFlipView",
     "PLEViews",
 ]
 
-#: zoom-in scales of the reference: pads p of 4..30 pixels at 144 px, scale (S + 2p) / S.
+#: zoom-in scales of the reference: pads p of 4..30 pixels at 144 px, scale (S + 2p) / S (about 1.06 to 1.42).
 DEFAULT_ZOOM_IN_RANGE = (1.0 + 8.0 / 144.0, 1.0 + 60.0 / 144.0)
-#: zoom-out scales of the reference: scale (S - 2p) / S.
+#: zoom-out scales of the reference: scale (S - 2p) / S (about 0.58 to 0.94).
 DEFAULT_ZOOM_OUT_RANGE = (1.0 - 60.0 / 144.0, 1.0 - 8.0 / 144.0)
 
 
-def _check_range(scale_range: Sequence[float], name: str, zoom_in: bool) -> tuple[float, float]:
+def _check_range(scale_range: Sequence[float], name: str, zoom_in: bool | None = None) -> tuple[float, float]:
+    """``(low, high)`` with ``0 < low <= high``; above 1 when ``zoom_in``, below 1 when ``zoom_in`` is false."""
     lo, hi = (float(v) for v in scale_range)
     if not 0 < lo <= hi:
         raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {tuple(scale_range)}.")
-    if zoom_in and lo <= 1.0:
+    if zoom_in is True and lo <= 1.0:
         raise ValueError(f"{name} must lie above 1 (zoom-in), got {tuple(scale_range)}.")
-    if not zoom_in and hi >= 1.0:
+    if zoom_in is False and hi >= 1.0:
         raise ValueError(f"{name} must lie below 1 (zoom-out), got {tuple(scale_range)}.")
     return lo, hi
 
@@ -64,7 +74,9 @@ class ViewTransform(Randomizable, InvertibleTransform, Transform):
 
     Subclasses implement :py:meth:`draw` (the random view parameters of ``n`` images). ``__call__`` draws new
     parameters (unless ``randomize=False``) and returns the views; :py:meth:`warp` maps further original-frame
-    maps (labels, probabilities) into the *same* views; :py:meth:`inverse` maps views back to the original frame.
+    maps (labels, probabilities) into the *same* views; :py:meth:`inverse` maps the views of one image back to the
+    original frame, with the parameters recorded in their trace (see the module docstring for what a ``Compose``
+    after the views receives).
 
     Args:
         spatial_dims: number of spatial dimensions of the images (2 or 3; 1 is accepted for tests).
@@ -127,9 +139,13 @@ class ViewTransform(Randomizable, InvertibleTransform, Transform):
         if not single:
             return out
         out = out if self.num_views > 1 else out[0]
-        if isinstance(img, MetaTensor) and get_track_meta():
+        if not get_track_meta():
+            return out
+        if isinstance(img, MetaTensor):
             out = MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations))
-            self.push_transform(out, orig_size=tuple(img.shape[1:]), extra_info=params.to_dict())
+        else:
+            out = MetaTensor(out)
+        self.push_transform(out, orig_size=tuple(img.shape[1:]), extra_info=params.to_dict())
         return out
 
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True, threshold: float | None = None) -> torch.Tensor:
@@ -140,7 +156,8 @@ class ViewTransform(Randomizable, InvertibleTransform, Transform):
             threshold: re-binarise the views at this value (for label maps).
 
         Returns:
-            ``[C, *S]`` (one view of one image), ``[K, C, *S]`` (``K`` views of one image) or ``[B * K, C, *S]``.
+            ``[C, *S]`` (one view of one image), ``[K, C, *S]`` (``K`` views of one image), both MetaTensors with
+            the views in their trace when meta tracking is on, or ``[B * K, C, *S]`` (a plain tensor).
         """
         n = self._batch_size(img)
         if randomize:
@@ -156,28 +173,34 @@ class ViewTransform(Randomizable, InvertibleTransform, Transform):
 
     def inverse(self, data: NdarrayOrTensor) -> torch.Tensor:
         """
-        Map views back to the original frame (each view separately; zoom-in borders become 0).
+        Map the views of one image back to the original frame (each view separately; zoom-in borders become 0).
 
-        A MetaTensor produced by this transform is inverted with the parameters in its trace; other inputs with the
-        most recently drawn parameters.
+        The view parameters are read from the most recent entry of this transform in ``data.applied_operations``
+        (which is popped, as MONAI's inverses do), never from the transform's last draw: the result is right even
+        if the transform has drawn other views since.
 
         Args:
-            data: ``[C, *S]`` / ``[K, C, *S]`` views of one image, or ``[B * K, C, *S]``.
+            data: ``[C, *S]`` / ``[K, C, *S]`` views of one image, a MetaTensor as returned by this transform.
 
         Returns:
-            the views in the original frame, same shape as ``data``.
+            the views in the original frame, same shape as ``data``, a MetaTensor without this transform's entry.
+
+        Raises:
+            ValueError: when ``data`` is not a MetaTensor with a trace (a batch, or meta tracking off: map those back
+                with :py:func:`~monai_mlbseg.transforms.functional.warp_from_views` and :py:attr:`params`).
+            RuntimeError: when the most recent trace entry is another transform's (MONAI's check).
         """
-        if isinstance(data, MetaTensor) and data.applied_operations:
-            params = ViewParams.from_dict(self.pop_transform(data)[TraceKeys.EXTRA_INFO])
-        else:
-            params = self.params
+        if not isinstance(data, MetaTensor) or not data.applied_operations:
+            raise ValueError(
+                f"{type(self).__name__}.inverse needs the views as a MetaTensor carrying this transform's trace "
+                "(single-image input with meta tracking on); map batches back with "
+                "warp_from_views(views, transform.params)."
+            )
+        params = ViewParams.from_dict(self.pop_transform(data)[TraceKeys.EXTRA_INFO])
         tensor = convert_to_tensor(data, track_meta=False)
         squeeze = tensor.ndim == self.spatial_dims + 1
         out = warp_from_views(tensor[None] if squeeze else tensor, params, mode=self.mode)
-        out = out[0] if squeeze else out
-        if isinstance(data, MetaTensor):
-            out = MetaTensor(out, meta=data.meta, applied_operations=data.applied_operations)
-        return out
+        return MetaTensor(out[0] if squeeze else out, meta=data.meta, applied_operations=data.applied_operations)
 
 
 def draw_scales(R: np.random.RandomState, n: int, scale_range: tuple[float, float]) -> np.ndarray:
@@ -195,50 +218,31 @@ def draw_flips(R: np.random.RandomState, n: int, spatial_dims: int, axes: tuple[
     return flips
 
 
-class RandZoomInView(ViewTransform):
+class RandZoomView(ViewTransform):
     """
-    Zoom-in view: zoom about the centre by a random scale ``s > 1`` and crop the centre back to the input size.
+    Zoom view: zoom about the centre by a scale drawn uniformly from ``scale_range``, keeping the input size. A
+    scale above 1 zooms in (the border that leaves the field of view is cropped away), a scale below 1 zooms out
+    (the shrunken image sits in the centre of a zero canvas). The reference's ranges are
+    :py:data:`DEFAULT_ZOOM_IN_RANGE` and :py:data:`DEFAULT_ZOOM_OUT_RANGE`.
 
     Args:
+        scale_range: ``(low, high)`` with ``0 < low <= high``.
         spatial_dims: number of spatial dimensions.
-        scale_range: the scale is drawn uniformly from this range; the default is the reference's
-            pads of 4 to 30 pixels at 144 px (``(144 + 2p) / 144``), about 1.06 to 1.42.
         mode: interpolation.
+
+    Raises:
+        ValueError: for an invalid ``scale_range``, ``spatial_dims`` or ``mode``.
 
     Example::
 
-        zoom = RandZoomInView(spatial_dims=2).set_random_state(0)
-        view = zoom(image)             # [C, H, W]
-        back = zoom.inverse(view)      # original frame, border outside the view is 0
+        zoom_in = RandZoomView(DEFAULT_ZOOM_IN_RANGE, spatial_dims=2).set_random_state(0)
+        view = zoom_in(image)             # MetaTensor [C, H, W], the drawn scale in its trace
+        back = zoom_in.inverse(view)      # original frame, border outside the view is 0
     """
 
-    def __init__(
-        self, spatial_dims: int = 2, scale_range: Sequence[float] = DEFAULT_ZOOM_IN_RANGE, mode: str = "bilinear"
-    ) -> None:
+    def __init__(self, scale_range: Sequence[float], spatial_dims: int = 2, mode: str = "bilinear") -> None:
         super().__init__(spatial_dims, mode)
-        self.scale_range = _check_range(scale_range, "scale_range", zoom_in=True)
-
-    def draw(self, n: int) -> ViewParams:
-        scales = draw_scales(self.R, n, self.scale_range)[:, None]
-        return ViewParams(torch.as_tensor(scales), torch.zeros(n, 1, self.spatial_dims, dtype=torch.bool))
-
-
-class RandZoomOutView(ViewTransform):
-    """
-    Zoom-out view: shrink about the centre by a random scale ``s < 1`` into a zero canvas of the input size.
-
-    Args:
-        spatial_dims: number of spatial dimensions.
-        scale_range: the scale is drawn uniformly from this range; the default is the reference's
-            ``(144 - 2p) / 144`` for pads of 4 to 30 pixels, about 0.58 to 0.94.
-        mode: interpolation.
-    """
-
-    def __init__(
-        self, spatial_dims: int = 2, scale_range: Sequence[float] = DEFAULT_ZOOM_OUT_RANGE, mode: str = "bilinear"
-    ) -> None:
-        super().__init__(spatial_dims, mode)
-        self.scale_range = _check_range(scale_range, "scale_range", zoom_in=False)
+        self.scale_range = _check_range(scale_range, "scale_range")
 
     def draw(self, n: int) -> ViewParams:
         scales = draw_scales(self.R, n, self.scale_range)[:, None]
@@ -273,9 +277,10 @@ class PLEViews(ViewTransform):
 
     Args:
         spatial_dims: number of spatial dimensions (2 or 3).
-        zoom_in_range: range of the zoom-in scale (default: the reference's, see :py:class:`RandZoomInView`).
-        zoom_out_range: range of the two zoom-out scales (default: the reference's, see
-            :py:class:`RandZoomOutView`); the two are drawn until they differ.
+        zoom_in_range: range of the zoom-in scale, above 1 (default: the reference's,
+            :py:data:`DEFAULT_ZOOM_IN_RANGE`).
+        zoom_out_range: range of the two zoom-out scales, below 1 (default: the reference's,
+            :py:data:`DEFAULT_ZOOM_OUT_RANGE`); the two are drawn until they differ.
         flip_axes: axes the flip view may flip (default: all spatial axes).
         mode: interpolation of the zooms.
 
@@ -284,7 +289,7 @@ class PLEViews(ViewTransform):
         views = PLEViews(spatial_dims=2).set_random_state(seed=0)
         v = views(images)                          # [B*5, C, H, W]
         y = views.warp(labels, threshold=0.5)      # the same views of the labels
-        back = views.inverse(torch.sigmoid(net(v)))  # every view's prediction in the original frame
+        back = warp_from_views(torch.sigmoid(net(v)), views.params)  # every view's prediction in the original frame
     """
 
     num_views = 5

@@ -1,5 +1,9 @@
 """
 Dictionary forms of the PLE view transforms: one draw per call, the same views applied to every key.
+
+Every key of one sample ``[C, *S]`` becomes its views, ``[C, *S]`` for one view and ``[K, C, *S]`` for ``K``
+views, a MetaTensor with the views recorded in its trace (see :py:mod:`monai_mlbseg.transforms.array`), so
+``Compose.inverse`` maps them back.
 """
 
 from __future__ import annotations
@@ -12,17 +16,9 @@ from monai.config import KeysCollection
 from monai.transforms import InvertibleTransform, MapTransform, Randomizable
 from monai.utils import ensure_tuple
 
-from .array import (
-    DEFAULT_ZOOM_IN_RANGE,
-    DEFAULT_ZOOM_OUT_RANGE,
-    PLEViews,
-    RandFlipView,
-    RandZoomInView,
-    RandZoomOutView,
-    ViewTransform,
-)
+from .array import DEFAULT_ZOOM_IN_RANGE, DEFAULT_ZOOM_OUT_RANGE, PLEViews, RandFlipView, RandZoomView, ViewTransform
 
-__all__ = ["ViewTransformd", "RandZoomInViewd", "RandZoomOutViewd", "RandFlipViewd", "PLEViewsd"]
+__all__ = ["ViewTransformd", "RandZoomViewd", "RandFlipViewd", "PLEViewsd"]
 
 
 class ViewTransformd(Randomizable, MapTransform, InvertibleTransform):
@@ -88,73 +84,46 @@ class ViewTransformd(Randomizable, MapTransform, InvertibleTransform):
         return d
 
 
-class RandZoomInViewd(ViewTransformd):
+class RandZoomViewd(ViewTransformd):
     """
-    Dictionary form of :py:class:`~monai_mlbseg.transforms.RandZoomInView`.
+    Dictionary form of :py:class:`~monai_mlbseg.transforms.RandZoomView`.
 
     Args:
         keys: keys to transform.
+        scale_range: range of the zoom scale (above 1: zoom-in, below 1: zoom-out).
         spatial_dims: number of spatial dimensions.
-        scale_range: range of the zoom-in scale.
         label_keys: keys re-binarised at ``threshold`` after the warp.
         threshold: label threshold.
         mode: interpolation.
         allow_missing_keys: don't raise an exception if a key is missing.
+
+    Example::
+
+        zoom_out = RandZoomViewd(["image", "label"], DEFAULT_ZOOM_OUT_RANGE, label_keys="label")
     """
 
     def __init__(
         self,
         keys: KeysCollection,
+        scale_range: Sequence[float],
         spatial_dims: int = 2,
-        scale_range: Sequence[float] = DEFAULT_ZOOM_IN_RANGE,
         label_keys: KeysCollection = (),
         threshold: float = 0.5,
         mode: str = "bilinear",
         allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(
-            keys, RandZoomInView(spatial_dims, scale_range, mode), label_keys, threshold, allow_missing_keys
-        )
-
-
-class RandZoomOutViewd(ViewTransformd):
-    """
-    Dictionary form of :py:class:`~monai_mlbseg.transforms.RandZoomOutView`.
-
-    Args:
-        keys: keys to transform.
-        spatial_dims: number of spatial dimensions.
-        scale_range: range of the zoom-out scale.
-        label_keys: keys re-binarised at ``threshold`` after the warp.
-        threshold: label threshold.
-        mode: interpolation.
-        allow_missing_keys: don't raise an exception if a key is missing.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        spatial_dims: int = 2,
-        scale_range: Sequence[float] = DEFAULT_ZOOM_OUT_RANGE,
-        label_keys: KeysCollection = (),
-        threshold: float = 0.5,
-        mode: str = "bilinear",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(
-            keys, RandZoomOutView(spatial_dims, scale_range, mode), label_keys, threshold, allow_missing_keys
-        )
+        super().__init__(keys, RandZoomView(scale_range, spatial_dims, mode), label_keys, threshold, allow_missing_keys)
 
 
 class RandFlipViewd(ViewTransformd):
     """
-    Dictionary form of :py:class:`~monai_mlbseg.transforms.RandFlipView`.
+    Dictionary form of :py:class:`~monai_mlbseg.transforms.RandFlipView` (a flip is exact, so labels stay binary
+    without re-binarisation).
 
     Args:
         keys: keys to transform.
         spatial_dims: number of spatial dimensions.
         spatial_axes: axes that may be flipped (default: all).
-        label_keys: keys treated as labels (a flip keeps them binary; accepted for symmetry with the zooms).
         allow_missing_keys: don't raise an exception if a key is missing.
     """
 
@@ -163,10 +132,9 @@ class RandFlipViewd(ViewTransformd):
         keys: KeysCollection,
         spatial_dims: int = 2,
         spatial_axes: Sequence[int] | None = None,
-        label_keys: KeysCollection = (),
         allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, RandFlipView(spatial_dims, spatial_axes), label_keys, 0.5, allow_missing_keys)
+        super().__init__(keys, RandFlipView(spatial_dims, spatial_axes), allow_missing_keys=allow_missing_keys)
 
 
 class PLEViewsd(ViewTransformd):
@@ -189,7 +157,9 @@ class PLEViewsd(ViewTransformd):
 
         pipeline = Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"]),
                             PLEViewsd(["image", "label"], label_keys="label")])
-        sample = pipeline({"image": "img.nii.gz", "label": "seg.nii.gz"})   # sample["image"]: [5, 1, H, W]
+        sample = pipeline({"image": "img.nii.gz", "label": "seg.nii.gz"})
+        # sample["image"]: MetaTensor [5, 1, H, W], the file's meta data, the views in applied_operations[-1]
+        original = pipeline.inverse(sample)   # every view mapped back to the original frame
     """
 
     def __init__(

@@ -91,7 +91,7 @@ class ViewParams:
     @classmethod
     def from_dict(cls, data: dict) -> ViewParams:
         """Inverse of :py:meth:`to_dict`."""
-        return cls(torch.as_tensor(data["scales"]), torch.as_tensor(data["flips"]))
+        return cls(torch.as_tensor(data["scales"], dtype=torch.float64), torch.as_tensor(data["flips"]))
 
 
 class PLEResult(NamedTuple):

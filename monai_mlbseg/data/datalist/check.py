@@ -1,0 +1,430 @@
+"""
+The thorough input check: the structure of a datalist and every file it names, before any work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from monai.transforms import LoadImage
+from tqdm.auto import tqdm
+
+from ...utils.errors import InputError, Problem
+from ..formats import VolumeFormat, get_format
+from ..readers import captured_stderr, metaimage_header_problem
+from .build import PATH_KEYS, REQUIRED_SPLITS, SPLITS, from_decathlon, is_decathlon, item_location
+from .paths import is_inside, resolve_path
+
+__all__ = ["MIN_SPATIAL_SIZE", "MAX_ANISOTROPY", "check_datalist", "validate_datalist", "validate_inputs"]
+
+logger = logging.getLogger("monai_mlbseg.data.datalist")
+
+#: splits whose items need a ``"label"``.
+_LABELED_SPLITS = ("labeled", "test", "validation")
+#: smallest accepted volume, in voxels per axis (in-plane, in-plane, slices): anything smaller is not a scan.
+MIN_SPATIAL_SIZE = (16, 16, 4)
+#: a ratio of largest to smallest voxel spacing above this gets a warning (typical MRI: 1 to 10).
+MAX_ANISOTROPY = 20.0
+
+
+def validate_datalist(
+    datalist: dict,
+    format: str | VolumeFormat,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    require_unlabeled: bool = False,
+    allow_outside: bool = False,
+    progress: bool = True,
+) -> dict:
+    """
+    :py:func:`check_datalist` (same arguments, same defaults), raising instead of returning: the bundles' check
+    before any training starts.
+
+    Returns:
+        ``datalist`` unchanged.
+
+    Raises:
+        InputError: listing every problem (each names its file or case).
+
+    Example::
+
+        validate_datalist(training_datalist("/data/LA", "uamt_h5", train_list="train.list", num_labeled=8), "uamt_h5")
+    """
+    problems = check_datalist(
+        datalist,
+        format,
+        data_dir,
+        require_unlabeled=require_unlabeled,
+        allow_outside=allow_outside,
+        progress=progress,
+    )
+    if problems:
+        raise InputError(problems, "the training data failed the checks (nothing was trained or written)")
+    return datalist
+
+
+def validate_inputs(
+    items: Sequence[dict],
+    format: str | VolumeFormat,
+    keys: Sequence[str] = ("image",),
+    progress: bool = False,
+) -> Sequence[dict]:
+    """
+    Check the files of inference or evaluation items (``{"image": path, "label": path}``, absolute paths or relative
+    to the working folder) with the same file checks as :py:func:`check_datalist`: the bundles' ``inference`` and
+    ``evaluate`` configs call it before loading the network.
+
+    Args:
+        items: the items.
+        format: a key of :py:data:`~monai_mlbseg.data.formats.FORMATS` or a ``VolumeFormat``.
+        keys: the keys whose files are needed: ``("image",)`` for inference, ``("image", "label")`` for evaluation
+            (an empty label is accepted: a test case without foreground is legitimate).
+        progress: show a progress bar while reading the files.
+
+    Returns:
+        ``items`` unchanged.
+
+    Raises:
+        InputError: when there is no item, an item lacks a key, or a file is missing or fails a check.
+
+    Example::
+
+        validate_inputs([{"image": "/data/imagesTs/la_001.nii.gz"}], "msd_heart")
+    """
+    problems: list[Problem] = []
+    if not items:
+        problems.append(Problem("datalist", "no input to process (the test list is empty)"))
+    entries = []
+    for i, it in enumerate(items):
+        missing = [k for k in keys if not (isinstance(it, dict) and isinstance(it.get(k), str) and it[k])]
+        if missing:
+            problems.append(Problem(f"input {item_location('test', i, it)}", f"needs {', '.join(map(repr, missing))}"))
+        else:
+            entries.append(("test", i, {k: it[k] for k in ("case_id", *keys) if k in it}))
+    problems += _check_files(entries, os.getcwd(), get_format(format), True, progress)
+    if problems:
+        raise InputError(problems, "the input failed the checks (nothing was written)")
+    return items
+
+
+_FORMS_HINT = " (expected the lists labeled, unlabeled, test, or MONAI's decathlon form with 'training')"
+
+
+def _structure(datalist: Any, spec: VolumeFormat, require_unlabeled: bool) -> list[Problem]:
+    if not isinstance(datalist, dict):
+        return [
+            Problem(
+                "datalist",
+                f"must be a JSON object with the lists {', '.join(REQUIRED_SPLITS)}, got {type(datalist).__name__}",
+            )
+        ]
+    problems = []
+    if datalist.get("format", spec.name) != spec.name:
+        problems.append(Problem("datalist", f"was made for format {datalist['format']!r}, checked as {spec.name!r}"))
+    for split in SPLITS:
+        if split not in datalist:
+            if split in REQUIRED_SPLITS:
+                hint = _FORMS_HINT if not any(k in datalist for k in SPLITS) else ""
+                problems.append(Problem("datalist", f"missing the list {split!r}{hint}"))
+            continue
+        items = datalist[split]
+        if not isinstance(items, list):
+            problems.append(Problem("datalist", f"{split!r} must be a list of items, got {type(items).__name__}"))
+            continue
+        for i, it in enumerate(items):
+            where = f"datalist {item_location(split, i, it)}"
+            if not isinstance(it, dict):
+                problems.append(Problem(where, f"an item must be an object with 'image', got {it!r}"))
+                continue
+            for key in PATH_KEYS:
+                if key in it and (not isinstance(it[key], str) or not it[key]):
+                    problems.append(Problem(where, f"{key!r} must be a file path, got {it[key]!r}"))
+            if "image" not in it:
+                problems.append(Problem(where, "item without 'image'"))
+            if split in _LABELED_SPLITS and "label" not in it:
+                problems.append(Problem(where, f"{split} items need a 'label'"))
+            if split == "unlabeled" and "label" in it:
+                problems.append(Problem(where, "unlabeled items carry their ground truth under 'gt', not 'label'"))
+    labeled = datalist.get("labeled")
+    if isinstance(labeled, list) and not labeled:
+        problems.append(Problem("datalist", "no labeled cases (the clean set is empty)"))
+    unlabeled = datalist.get("unlabeled")
+    if require_unlabeled and isinstance(unlabeled, list) and not unlabeled:
+        problems.append(Problem("datalist", "no unlabeled cases (allow them explicitly if that is intended)"))
+    return problems
+
+
+def _duplicates(entries: list[tuple[str, int, dict]], paths: dict[tuple[str, int, str], str]) -> list[Problem]:
+    problems = []
+    seen_case: dict[str, list[str]] = {}
+    seen_image: dict[str, list[tuple[str, int, dict]]] = {}
+    for split, i, it in entries:
+        if "case_id" in it:
+            seen_case.setdefault(str(it["case_id"]), []).append(f"{split}[{i}]")
+        image = paths.get((split, i, "image"))
+        if image is not None:
+            seen_image.setdefault(image, []).append((split, i, it))
+    for case, places in seen_case.items():
+        if len(places) > 1:
+            splits = {p.split("[")[0] for p in places}
+            kind = "across splits" if len(splits) > 1 else "within a split"
+            problems.append(Problem(f"case {case}", f"listed more than once ({kind}): {', '.join(places)}"))
+    for image, items in seen_image.items():
+        cases = {it.get("case_id") for _, _, it in items}
+        if len(items) > 1 and (len(cases) > 1 or None in cases):  # the same case twice is reported above
+            places = [item_location(split, i, it) for split, i, it in items]
+            problems.append(Problem(image, f"image used by several cases: {', '.join(places)}"))
+    return problems
+
+
+def _short_error(e: BaseException) -> str:
+    """One line of an exception: ITK's ``ITK ERROR: Class(0x..): text`` line, else the first meaningful line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for n, line in enumerate(lines):
+        m = re.search(r"(?:ITK ERROR|itk::ERROR): \w+\(0x[0-9a-fA-F]+\): (.*)", line)
+        if m:
+            # NRRD's parser explains below the ITK line: keep its specific lines, not its "trouble" chain
+            details = [re.sub(r"^\[\w+\] \w+: ", "", d) for d in lines[n + 1 :]]
+            details = [d for d in details if not d.startswith("trouble") or "|" in d][-2:]
+            return f"ITK: {m.group(1).rstrip(':')}" + (f": {'; '.join(details)}" if details else "")
+    lines = [line for line in lines if not re.fullmatch(r"\S+:\d+:", line)]  # C++ source locations
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class _Volume(NamedTuple):
+    """What the cross-file checks need of a file that was read and checked."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    has_foreground: bool
+
+
+class _VolumeChecker:
+    """Reads a file and checks it on its own; the summary feeds the image/label comparisons."""
+
+    def __init__(self, spec: VolumeFormat) -> None:
+        self.spec = spec
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+        self.readers = {role: spec.reader(role) for role in ("image", "label")}
+        # label maps from other sources (initial labels, MONAI Label) are binary {0, 1}; the format's own values too
+        self.label_values = sorted(set(spec.label_values) | {0, 1})
+
+    def __call__(self, path: str, role: str, what: str, problems: list[Problem]) -> _Volume | None:
+        """Load and check one file; ``None`` (problems appended) when it is unusable."""
+        if path.lower().endswith((".mhd", ".mha")):
+            reason = metaimage_header_problem(path)
+            if reason is not None:
+                problems.append(Problem(path, f"{what}: {reason}"))
+                return None
+        try:
+            reader = self.readers[role]
+            with captured_stderr() as noise:  # ITK's parser writes its complaints to stderr
+                img = self.loader(path, reader=reader if reader.verify_suffix(path) else None)
+        except Exception as e:  # every reader error is a problem with the file
+            native = [line.strip() for line in noise.getvalue().splitlines() if line.strip()]
+            detail = f"; {native[0]}" if native else ""
+            problems.append(Problem(path, f"{what}: unreadable or corrupt file ({_short_error(e)}{detail})"))
+            return None
+        spatial = tuple(int(s) for s in img.shape[1:])
+        if len(spatial) != self.spec.spatial_dims:
+            problems.append(Problem(path, f"{what}: {len(spatial)}D array of shape {spatial}, expected a 3D volume"))
+            return None
+        channels = self.spec.image_channels if role == "image" else 1
+        if img.shape[0] != channels:
+            expect = "a 3D single-channel volume" if channels == 1 else f"{channels} channels"
+            problems.append(
+                Problem(path, f"{what}: {img.shape[0]} channels (shape {tuple(img.shape)}), expected {expect}")
+            )
+            return None
+        small = [f"{s} < {m}" for s, m in zip(spatial, MIN_SPATIAL_SIZE) if s < m]
+        if small and role == "image":
+            problems.append(
+                Problem(
+                    path,
+                    f"{what}: volume of shape {spatial} is too small for a scan ({', '.join(small)}; the minimum "
+                    f"is {'x'.join(map(str, MIN_SPATIAL_SIZE))} voxels)",
+                )
+            )
+            return None
+        data = img.as_tensor()
+        has_foreground = True
+        if role == "image":
+            finite = torch.isfinite(data) if data.dtype.is_floating_point else torch.ones_like(data, dtype=torch.bool)
+            bad = int((~finite).sum())
+            if bad:
+                problems.append(Problem(path, f"{what}: {bad} NaN/inf intensities"))
+            elif bool(finite.any()) and float(data.max()) == float(data.min()):
+                problems.append(
+                    Problem(path, f"{what}: constant image (every voxel is {float(data.min()):g}): nothing to segment")
+                )
+            spacing = np.linalg.norm(np.asarray(img.affine, dtype=float)[:-1, :-1], axis=0)
+            if spacing.min() > 0 and spacing.max() / spacing.min() > MAX_ANISOTROPY:
+                logger.warning(
+                    f"{path}: {what}: voxel spacing {np.round(spacing, 4).tolist()} is extremely anisotropic "
+                    f"(ratio {spacing.max() / spacing.min():.0f} > {MAX_ANISOTROPY:g}); check the header"
+                )
+        else:
+            values = torch.unique(data)
+            expected = torch.tensor(self.label_values, dtype=values.dtype)
+            unexpected = values[~torch.isin(values, expected)]
+            if unexpected.numel():
+                shown = ", ".join(f"{v:g}" for v in unexpected[:5].tolist())
+                problems.append(
+                    Problem(
+                        path,
+                        f"{what}: label values {shown}{', ...' if unexpected.numel() > 5 else ''} "
+                        f"(format {self.spec.name} expects {', '.join(map(str, self.label_values))})",
+                    )
+                )
+            has_foreground = bool((values > 0).any())
+        return _Volume(spatial, np.asarray(img.affine, dtype=float), has_foreground)
+
+
+def _geometry(img: _Volume, lab: _Volume, img_path: str, lab_path: str, what: str) -> Problem | None:
+    if img.shape != lab.shape:
+        return Problem(lab_path, f"{what}: label shape {lab.shape} differs from image shape {img.shape} ({img_path})")
+    a, b = img.affine, lab.affine
+    if a.shape != b.shape or np.allclose(a, b, rtol=1e-4, atol=1e-3):
+        return None
+    sa, sb = np.linalg.norm(a[:-1, :-1], axis=0), np.linalg.norm(b[:-1, :-1], axis=0)
+    if not np.allclose(sa, sb, rtol=1e-4, atol=1e-4):
+        msg = f"label spacing {np.round(sb, 4).tolist()} differs from image spacing {np.round(sa, 4).tolist()}"
+    else:
+        msg = "label affine (origin/orientation) differs from the image's"
+    return Problem(lab_path, f"{what}: {msg} ({img_path})")
+
+
+def check_datalist(
+    datalist: Any,
+    format: str | VolumeFormat,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    require_unlabeled: bool = False,
+    allow_outside: bool = False,
+    progress: bool = True,
+) -> list[Problem]:
+    """
+    Check a datalist and every file it names before any work starts. Every problem names the file or case.
+
+    Checked: the structure (an object with the lists ``labeled``, ``unlabeled``, ``test``; items with ``image``;
+    ``label`` in labeled/test/validation items, ``gt`` not ``label`` in unlabeled ones); at least one labeled case
+    and (with ``require_unlabeled``) one unlabeled case; case ids (and images) listed twice, within a split or
+    across splits; paths outside ``data_dir``; missing files; unreadable or corrupt files (truncated NIfTI, HDF5
+    without ``image``/``label``, missing ``.raw``, a MetaImage header with a missing or inconsistent ``NDims``,
+    ``DimSize`` or ``ElementType``); 2D files, or extra channels where a 3D single-channel volume is expected (MSD
+    prostate images have 2); images smaller than :py:data:`MIN_SPATIAL_SIZE`; constant images (zero intensity range,
+    e.g. a labeled case whose image is blank while its label has foreground); NaN/inf intensities; label values
+    other than the format's; empty labels in the labeled set; image/label shape, spacing or affine mismatches.
+    A voxel spacing more anisotropic than :py:data:`MAX_ANISOTROPY` is logged as a warning. A datalist in MONAI's
+    decathlon form is checked as :py:func:`from_decathlon` reads it.
+
+    Each file is read once (a file used by several items is checked once per role).
+
+    :py:func:`check_datalist` and :py:func:`validate_datalist` take the same arguments in the same order with the
+    same defaults.
+
+    Args:
+        datalist: the datalist, with paths relative to ``data_dir`` or absolute (as from :py:func:`load_datalist`).
+        format: a key of :py:data:`~monai_mlbseg.data.formats.FORMATS` or a ``VolumeFormat``.
+        data_dir: the data folder; ``None``: no data folder, relative paths refer to the working folder and files
+            may lie anywhere (a datalist already resolved by :py:func:`load_datalist` or
+            :py:func:`training_datalist`).
+        require_unlabeled: an empty ``unlabeled`` list is a problem (semi-supervised training needs one; a
+            supervised run does not).
+        allow_outside: accept files outside ``data_dir``.
+        progress: show a progress bar while reading the files.
+
+    Returns:
+        the problems found (empty when the datalist is usable).
+
+    Example::
+
+        problems = check_datalist(build_datalist("/data/LA", "uamt_h5", labeled="a,b"), "uamt_h5", "/data/LA")
+        if problems:
+            raise InputError(problems, "datalist check failed")
+    """
+    try:
+        spec = get_format(format)
+    except ValueError as e:
+        return [Problem("format", str(e))]
+    if is_decathlon(datalist):
+        try:
+            datalist = from_decathlon(datalist)
+        except InputError as e:
+            return e.problems
+    problems = _structure(datalist, spec, require_unlabeled)
+    if not isinstance(datalist, dict):
+        return problems
+    entries = [
+        (split, i, it)
+        for split in SPLITS
+        if isinstance(datalist.get(split), list)
+        for i, it in enumerate(datalist[split])
+        if isinstance(it, dict) and isinstance(it.get("image"), str) and it["image"]
+    ]
+    root = os.getcwd() if data_dir is None else os.fspath(data_dir)
+    return problems + _check_files(entries, root, spec, allow_outside or data_dir is None, progress)
+
+
+def _check_files(
+    entries: list[tuple[str, int, dict]],
+    data_dir: str,
+    spec: VolumeFormat,
+    allow_outside: bool,
+    progress: bool,
+) -> list[Problem]:
+    """The file checks of :py:func:`check_datalist` for ``(split, index, item)`` entries."""
+    problems: list[Problem] = []
+    root = os.path.abspath(data_dir)
+    # resolve paths, refuse those outside the data folder, find missing files
+    paths: dict[tuple[str, int, str], str] = {}
+    for split, i, it in entries:
+        for key in PATH_KEYS:
+            value = it.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            path = resolve_path(value, root)
+            what = f"{item_location(split, i, it)} {key}"
+            if not allow_outside and not is_inside(path, root):
+                problems.append(Problem(path, f"{what}: outside the data folder {root}"))
+            elif not os.path.isfile(path):
+                problems.append(Problem(path, f"{what}: file not found"))
+            else:
+                paths[(split, i, key)] = path
+    problems.extend(_duplicates(entries, paths))
+    check = _VolumeChecker(spec)
+    volumes: dict[tuple[str, str], _Volume | None] = {}
+    n_files = len({(p, k == "image") for (_, _, k), p in paths.items()})
+    with tqdm(total=n_files, desc="checking files", unit="file", disable=not progress) as bar:
+        for split, i, it in entries:
+            loaded = {}
+            for key in PATH_KEYS:
+                path = paths.get((split, i, key))
+                if path is None:
+                    continue
+                role = "image" if key == "image" else "label"
+                if (path, role) not in volumes:
+                    volumes[(path, role)] = check(path, role, f"{item_location(split, i, it)} {key}", problems)
+                    bar.update()
+                loaded[key] = volumes[(path, role)]
+            img = loaded.get("image")
+            for key in ("label", "gt"):
+                lab = loaded.get(key)
+                if lab is None:
+                    continue
+                what = f"{item_location(split, i, it)} {key}"
+                if split == "labeled" and not lab.has_foreground:
+                    problems.append(Problem(paths[(split, i, key)], f"{what}: empty label (no foreground voxel)"))
+                if img is not None:
+                    p = _geometry(img, lab, paths[(split, i, "image")], paths[(split, i, key)], what)
+                    if p is not None:
+                        problems.append(p)
+    return problems
