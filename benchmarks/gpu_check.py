@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -34,14 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Events
-from monai.engines import SupervisedTrainer
-from monai.inferers import SimpleInferer
+from common import build_network, stage2_engine, supervised_engine, time_engine, time_inference
 
-from monai_mlbseg.engines import MetaTrainer
 from monai_mlbseg.inferers import MinMaxSlidingWindowInferer, SliceResizeInferer
 from monai_mlbseg.networks import NestedUNet
-from monai_mlbseg.transforms import PLEViews
 
 #: the full protocols the projection is made for
 PROTOCOL_2D = {"epochs": 120, "unlabeled_volumes": 76, "slices_per_volume": 88}
@@ -78,159 +73,19 @@ OPTION_SETS = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_mib(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
-
-
-def synthetic_batch(n: int, shape: Sequence[int], device: torch.device, seed: int) -> dict[str, torch.Tensor]:
-    """``n`` images ``[1, *shape]`` in [0, 1] with a bright ball and its mask (the content does not change timing)."""
-    g = torch.Generator().manual_seed(seed)
-    grids = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape], indexing="ij")
-    images, labels = [], []
-    for _ in range(n):
-        centre = (torch.rand(len(shape), generator=g) - 0.5) * 0.6
-        mask = (sum((x - c) ** 2 for x, c in zip(grids, centre)) < 0.25).float()
-        images.append((0.6 * mask + 0.2 * torch.rand(tuple(shape), generator=g))[None])
-        labels.append(mask[None])
-    return {"image": torch.stack(images).to(device), "label": torch.stack(labels).to(device)}
-
-
-def build_network(dims: int, features: Sequence[int], device: torch.device, channels_last: bool) -> torch.nn.Module:
-    torch.manual_seed(0)
-    net = NestedUNet(dims, in_channels=1, out_channels=1, features=features).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
-    return net
-
-
-def engine_options(options: dict) -> dict:
-    out: dict[str, Any] = {}
-    if options.get("amp"):
-        out.update(amp=True, amp_kwargs={"dtype": torch.bfloat16})
-    if options.get("compile"):
-        out["compile"] = True
-    return out
-
-
-def time_engine(engine: Any, device: torch.device, warmup: int, iterations: int) -> dict:
-    """Run ``engine`` for ``warmup + iterations`` iterations; per-iteration times from its own events."""
-    starts: list[float] = []
-    times: list[float] = []
-
-    def started(_: Any) -> None:
-        sync(device)
-        starts.append(time.perf_counter())
-
-    def completed(_: Any) -> None:
-        sync(device)
-        times.append(time.perf_counter() - starts[-1])
-
-    engine.add_event_handler(Events.ITERATION_STARTED, started)
-    engine.add_event_handler(Events.ITERATION_COMPLETED, completed)
-    reset_peak(device)
-    engine.run()
-    kept = times[warmup:]
-    return {
-        "ms_median": round(1000 * statistics.median(kept), 2),
-        "ms_min": round(1000 * min(kept), 2),
-        "iterations_timed": len(kept),
-        "warmup_ms": [round(1000 * t, 1) for t in times[:warmup]],
-        "peak_mib": peak_mib(device),
-    }
-
-
-def stage2(
-    dims: int,
-    features: Sequence[int],
-    shape: Sequence[int],
-    device: torch.device,
-    num_unlabeled: int,
-    num_clean: int,
-    options: dict,
-    warmup: int,
-    iterations: int,
-) -> dict:
-    """One ``MetaTrainer`` run on a fixed unlabeled batch and clean batch (default settings of the bundles)."""
-    net = build_network(dims, features, device, options.get("channels_last", False))
-    opt = torch.optim.SGD(net.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
-    unlabeled = synthetic_batch(num_unlabeled, shape, device, seed=1)
-    clean = synthetic_batch(num_clean, shape, device, seed=2)
-    trainer = MetaTrainer(
-        device,
-        max_epochs=1,
-        train_data_loader=[unlabeled],
-        clean_data_loader=[clean],
-        network=net,
-        optimizer=opt,
-        spatial_dims=dims,
-        epoch_length=warmup + iterations,
-        seed=0,
-        **engine_options(options),
-    )
-    return time_engine(trainer, device, warmup, iterations)
-
-
-def supervised(
-    dims: int,
-    features: Sequence[int],
-    shape: Sequence[int],
-    device: torch.device,
-    num_unlabeled: int,
-    num_clean: int,
-    options: dict,
-    warmup: int,
-    iterations: int,
-) -> dict:
-    """One plain supervised step (MONAI's ``SupervisedTrainer``, BCE, SGD) on the iteration's views."""
-    net = build_network(dims, features, device, options.get("channels_last", False))
-    opt = torch.optim.SGD(net.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
-    batch = synthetic_batch(num_unlabeled + num_clean, shape, device, seed=1)
-    views = PLEViews(dims).set_random_state(0)
-    data = {"image": views(batch["image"]).contiguous(), "label": views.warp(batch["label"], threshold=0.5)}
-    trainer = SupervisedTrainer(
-        device,
-        max_epochs=1,
-        train_data_loader=[data],
-        network=net,
-        optimizer=opt,
-        loss_function=torch.nn.BCEWithLogitsLoss(),
-        inferer=SimpleInferer(),
-        epoch_length=warmup + iterations,
-        **engine_options(options),
-    )
-    return time_engine(trainer, device, warmup, iterations)
-
-
 def pair(dims: int, features: Sequence[int], shape: Sequence[int], device: torch.device, args: Any, **kw: Any) -> dict:
-    meta = stage2(dims, features, shape, device, warmup=args.warmup, iterations=args.iterations, **kw)
-    plain = supervised(dims, features, shape, device, warmup=args.warmup, iterations=args.iterations, **kw)
+    """The stage-2 iteration and the supervised step on its views, timed alike, and their ratio."""
+    iterations = args.warmup + args.iterations
+    meta = time_engine(
+        stage2_engine(dims, features, shape, device, iterations=iterations, **kw), device, args.warmup, args.iterations
+    )
+    plain = time_engine(
+        supervised_engine(dims, features, shape, device, iterations=iterations, **kw),
+        device,
+        args.warmup,
+        args.iterations,
+    )
     return {"stage2": meta, "supervised": plain, "ratio": round(meta["ms_median"] / plain["ms_median"], 3)}
-
-
-@torch.no_grad()
-def inference(net: torch.nn.Module, inferer: Any, volume: Sequence[int], device: torch.device, repeats: int) -> dict:
-    net.eval()
-    x = synthetic_batch(1, volume, device, seed=3)["image"]
-    inferer(x, net)  # warm-up
-    reset_peak(device)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        inferer(x, net)
-    sync(device)
-    seconds = (time.perf_counter() - start) / repeats
-    return {"s_per_volume": round(seconds, 4), "volumes_per_s": round(1 / seconds, 3), "peak_mib": peak_mib(device)}
 
 
 def hours(ms: float, iterations: float) -> float:
@@ -415,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     def per_batch(b: int) -> Callable[[], dict]:
         def run() -> dict:
-            entry = stage2(2, f2, s2, device, b, 2, {}, args.warmup, args.iterations)
+            engine = stage2_engine(2, f2, s2, device, b, 2, iterations=args.warmup + args.iterations)
+            entry = time_engine(engine, device, args.warmup, args.iterations)
             entry["ms_per_image"] = round(entry["ms_median"] / b, 2)
             return entry
 
@@ -430,13 +286,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     budget.run(
         results["inference"],
         "2d_slices",
-        lambda: inference(build_network(2, f2, device, False), SliceResizeInferer(s2), volume, device, repeats),
+        lambda: time_inference(build_network(2, f2, device), SliceResizeInferer(s2), volume, device, repeats),
     )
     budget.run(
         results["inference"],
         "3d_sliding_window",
-        lambda: inference(
-            build_network(3, f3, device, False),
+        lambda: time_inference(
+            build_network(3, f3, device),
             MinMaxSlidingWindowInferer(s3, sw_batch_size=4, overlap=0.5, mode="gaussian"),
             volume,
             device,

@@ -22,21 +22,47 @@ def run(script, *args):
     return proc.stdout
 
 
-def test_stage2_benchmark_reports_every_figure(tmp_path):
-    out = tmp_path / "figures.json"
-    stdout = run("stage2.py", "--json", str(out), "--channels-last", "--amp", "bf16")
+def test_iteration_cost_pairs_every_mode_with_a_supervised_step(tmp_path):
+    out = tmp_path / "a.json"
+    stdout = run("iteration_cost.py", "--json", str(out), "--channels-last", "--amp")
     figures = json.loads(out.read_text())
     modes = figures["a_time_ratio"]["modes"]
     assert set(modes) == {"faithful", "reuse_meta_grad", "meta_params=nodes.conv0_2+final"}
     assert "reuse_meta_grad+meta_params" in figures["a_time_ratio"]["unsupported"]
     for mode in modes.values():
+        assert len(mode["stage2_s"]["samples"]) == len(mode["paired_supervised_s"]) == 2
         assert mode["ratio_median_of_pairs"] > 0 and math.isfinite(mode["ratio_median_of_pairs"])
-    assert 0 < figures["b_view_share"]["total_share_median"] < 1
-    assert figures["c_memory"]["faithful"]["peak_bytes"] > 0 and figures["c_memory"]["supervised"]["peak_bytes"] > 0
-    assert figures["d_inference"]["slices_per_s"] > 0
-    assert {"num_workers=0", "num_workers=2"} == set(figures["e_data"]["configs"])
-    assert figures["config"]["gpu_options"] == {"channels_last": True, "compile": False, "amp": "bf16"}
     assert "(a) stage-2 iteration / supervised step" in stdout
+
+
+def test_iteration_cost_breaks_the_iteration_down_by_profiler_scope(tmp_path):
+    out = tmp_path / "b.json"
+    run("iteration_cost.py", "--json", str(out))
+    b = json.loads(out.read_text())["b_scopes"]
+    assert b["iterations"] == 2 and b["iteration_s_median"] > 0
+    scopes = b["scopes"]
+    assert {"mlbseg.warp_to_views", "mlbseg.ple_pseudo_labels", "mlbseg.clean_step"} <= set(scopes)
+    for scope in scopes.values():
+        assert 0 < scope["share_median"] <= 1 and scope["calls_per_iteration"] >= 1
+
+
+def test_memory_benchmark_measures_each_step_in_a_fresh_process(tmp_path):
+    out = tmp_path / "c.json"
+    run("memory.py", "--json", str(out))
+    c = json.loads(out.read_text())["c_memory"]
+    assert c["faithful"]["peak_bytes"] > 0 and c["supervised"]["peak_bytes"] > 0
+    assert c["ratio_peak"] == pytest.approx(c["faithful"]["peak_bytes"] / c["supervised"]["peak_bytes"])
+
+
+def test_inference_and_data_benchmarks_report_their_figures(tmp_path):
+    run("inference.py", "--json", str(tmp_path / "d.json"))
+    d = json.loads((tmp_path / "d.json").read_text())["d_inference"]
+    assert d["slices_per_s"] == pytest.approx(8 / d["latency_s"]["median"])
+    run("data_loading.py", "--json", str(tmp_path / "e.json"))
+    e = json.loads((tmp_path / "e.json").read_text())["e_data"]
+    assert {"num_workers=0", "num_workers=2"} == set(e["configs"])
+    for config in e["configs"].values():
+        assert config["iterations"] == 2 and 0 < config["share_of_run"] < 1
 
 
 def test_fast_mode_benchmark_compares_each_mode_with_the_faithful_one(tmp_path):

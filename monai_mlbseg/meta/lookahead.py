@@ -26,7 +26,7 @@ from torch.func import functional_call, jvp
 from torch.nn.modules.batchnorm import _NormBase
 
 from monai_mlbseg.losses.reweight import pixel_bce
-from monai_mlbseg.utils import unwrap_network
+from monai_mlbseg.utils import profiled, unwrap_network
 
 __all__ = ["LookAheadResult", "MetaLookAhead", "WEIGHTINGS", "meta_weight_maps", "normalise_weights"]
 
@@ -206,6 +206,7 @@ class MetaLookAhead:
                 raise ValueError(f"meta_params {list(self.meta_params)} select none of the optimized parameters.")
         self.meta_names = [n for n in named if n in selected]
 
+    @profiled("look_ahead")
     def __call__(
         self,
         images: torch.Tensor,

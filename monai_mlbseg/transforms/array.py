@@ -30,6 +30,8 @@ from monai.data.meta_obj import get_track_meta
 from monai.transforms import InvertibleTransform, Randomizable, Transform
 from monai.utils import TraceKeys, TransformBackends, convert_to_tensor
 
+from monai_mlbseg.utils.profiling import profiled
+
 from .functional import ViewParams, warp_from_views, warp_to_views
 
 __all__ = [
@@ -148,6 +150,7 @@ class ViewTransform(Randomizable, InvertibleTransform, Transform):
         self.push_transform(out, orig_size=tuple(img.shape[1:]), extra_info=params.to_dict())
         return out
 
+    @profiled("view_transform")
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True, threshold: float | None = None) -> torch.Tensor:
         """
         Args:

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from monai.networks.layers import AffineTransform
 
+from monai_mlbseg.utils.profiling import profiled
+
 __all__ = [
     "ViewParams",
     "PLEResult",
@@ -152,6 +154,7 @@ def _check(x: torch.Tensor, params: ViewParams, items: int, name: str) -> None:
         raise ValueError(f"{name} has {x.shape[0]} items but the view parameters describe {items}.")
 
 
+@profiled("warp_to_views")
 def warp_to_views(
     x: torch.Tensor, params: ViewParams, mode: str = "bilinear", threshold: float | None = None
 ) -> torch.Tensor:
@@ -180,6 +183,7 @@ def warp_to_views(
     return views if threshold is None else (views > threshold).to(views.dtype)
 
 
+@profiled("warp_from_views")
 def warp_from_views(views: torch.Tensor, params: ViewParams, mode: str = "bilinear") -> torch.Tensor:
     """
     Map every view back to the original frame: ``A_k^-1(V_k)``.
@@ -211,6 +215,7 @@ def view_pairs(num_views: int) -> tuple[list[int], list[int]]:
     return [k for k, _ in pairs], [j for _, j in pairs]
 
 
+@profiled("map_view_pairs")
 def map_view_pairs(back: torch.Tensor, params: ViewParams, mode: str = "bilinear") -> torch.Tensor:
     """
     For every pair ``k < l``, map view ``l`` into the frame of view ``k`` through the original frame.
@@ -234,6 +239,7 @@ def map_view_pairs(back: torch.Tensor, params: ViewParams, mode: str = "bilinear
     return warp_to_views(partners, flat, mode=mode)
 
 
+@profiled("ple_pseudo_labels")
 def ple_pseudo_labels(view_probs: torch.Tensor, params: ViewParams, threshold: float = 0.5) -> PLEResult:
     """
     PLE ensemble: map the ``K`` view predictions back, average them, and warp the mean into every view.

@@ -1,12 +1,15 @@
-"""Small shared utilities: atomic file output, user-facing input errors and network unwrapping."""
+"""Small shared utilities: atomic file output, user-facing input errors network unwrapping and
+named profiler ranges."""
 
 from .errors import DEBUG_ENV, INPUT_ERROR_STATUS, InputError, Problem, exit_on_input_error, find_input_error
 from .io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, run_fingerprint
 from .network import unwrap_network
+from .profiling import SCOPE_PREFIX, profiled
 
 __all__ = [
     "DEBUG_ENV",
     "INPUT_ERROR_STATUS",
+    "SCOPE_PREFIX",
     "InputError",
     "Problem",
     "atomic_path",
@@ -15,6 +18,7 @@ __all__ = [
     "atomic_write_text",
     "exit_on_input_error",
     "find_input_error",
+    "profiled",
     "run_fingerprint",
     "unwrap_network",
 ]
