@@ -9,8 +9,10 @@ with the ``torch.profiler.record_function`` scopes the library opens (``mlbseg.*
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import resource
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -125,63 +128,68 @@ def stage2_modes(features: Sequence[int]) -> dict[str, dict]:
     }
 
 
-def stage2_engine(
-    dims: int,
-    features: Sequence[int],
-    shape: Sequence[int],
-    device: torch.device,
-    num_unlabeled: int = 1,
-    num_clean: int = 2,
-    options: dict | None = None,
-    iterations: int = 1,
-    **trainer_kwargs: Any,
-) -> MetaTrainer:
-    """A ``MetaTrainer`` of ``iterations`` iterations on a fixed unlabeled batch and clean batch (bundle defaults)."""
-    options = options or {}
-    net = build_network(dims, features, device, options.get("channels_last", False))
-    trainer = MetaTrainer(
-        device,
-        max_epochs=1,
-        train_data_loader=[synthetic_batch(num_unlabeled, shape, device, seed=1)],
-        clean_data_loader=[synthetic_batch(num_clean, shape, device, seed=2)],
-        network=net,
-        optimizer=sgd(net),
-        spatial_dims=dims,
-        epoch_length=iterations,
-        seed=0,
-        **engine_options(options),
-        **trainer_kwargs,
-    )
-    return trainer
+@dataclass
+class Workload:
+    """
+    The batch of one stage-2 iteration, and the two engines every ratio compares on it: ``num_unlabeled`` unlabeled
+    and ``num_clean`` clean images of ``shape`` (5 PLE views each), a ``NestedUNet`` of ``features`` (seed 0) and the
+    reference SGD.
 
+    Args:
+        dims: spatial dimensions (2 or 3).
+        features: the network's widths.
+        shape: the images' spatial shape.
+        device: where everything runs.
+        num_unlabeled: unlabeled images per iteration.
+        num_clean: clean images per iteration.
+        options: GPU options ``{"amp", "channels_last", "compile"}`` (bools), applied alike to both engines.
+    """
 
-def supervised_engine(
-    dims: int,
-    features: Sequence[int],
-    shape: Sequence[int],
-    device: torch.device,
-    num_unlabeled: int = 1,
-    num_clean: int = 2,
-    options: dict | None = None,
-    iterations: int = 1,
-) -> SupervisedTrainer:
-    """One plain supervised step per iteration (MONAI's ``SupervisedTrainer``, BCE, SGD) on the 15 views."""
-    options = options or {}
-    net = build_network(dims, features, device, options.get("channels_last", False))
-    batch = synthetic_batch(num_unlabeled + num_clean, shape, device, seed=1)
-    views = PLEViews(dims).set_random_state(0)
-    data = {"image": views(batch["image"]).contiguous(), "label": views.warp(batch["label"], threshold=0.5)}
-    return SupervisedTrainer(
-        device,
-        max_epochs=1,
-        train_data_loader=[data],
-        network=net,
-        optimizer=sgd(net),
-        loss_function=torch.nn.BCEWithLogitsLoss(),
-        inferer=SimpleInferer(),
-        epoch_length=iterations,
-        **engine_options(options),
-    )
+    dims: int
+    features: Sequence[int]
+    shape: Sequence[int]
+    device: torch.device
+    num_unlabeled: int = 1
+    num_clean: int = 2
+    options: dict = field(default_factory=dict)
+
+    def _network(self) -> torch.nn.Module:
+        return build_network(self.dims, self.features, self.device, self.options.get("channels_last", False))
+
+    def stage2(self, iterations: int = 1, **trainer_kwargs: Any) -> MetaTrainer:
+        """A ``MetaTrainer`` of ``iterations`` iterations on the fixed batches (bundle defaults, ``trainer_kwargs``)."""
+        net = self._network()
+        return MetaTrainer(
+            self.device,
+            max_epochs=1,
+            train_data_loader=[synthetic_batch(self.num_unlabeled, self.shape, self.device, seed=1)],
+            clean_data_loader=[synthetic_batch(self.num_clean, self.shape, self.device, seed=2)],
+            network=net,
+            optimizer=sgd(net),
+            spatial_dims=self.dims,
+            epoch_length=iterations,
+            seed=0,
+            **engine_options(self.options),
+            **trainer_kwargs,
+        )
+
+    def supervised(self, iterations: int = 1) -> SupervisedTrainer:
+        """One plain supervised step per iteration (MONAI's ``SupervisedTrainer``, BCE, SGD) on all the views."""
+        net = self._network()
+        batch = synthetic_batch(self.num_unlabeled + self.num_clean, self.shape, self.device, seed=1)
+        views = PLEViews(self.dims).set_random_state(0)
+        data = {"image": views(batch["image"]).contiguous(), "label": views.warp(batch["label"], threshold=0.5)}
+        return SupervisedTrainer(
+            self.device,
+            max_epochs=1,
+            train_data_loader=[data],
+            network=net,
+            optimizer=sgd(net),
+            loss_function=torch.nn.BCEWithLogitsLoss(),
+            inferer=SimpleInferer(),
+            epoch_length=iterations,
+            **engine_options(self.options),
+        )
 
 
 class IterationClock:
@@ -364,3 +372,61 @@ class CpuLoad:
             f"other processes used {load['other_core_s']:.1f} core-s ({100 * load['other_share_of_machine']:.0f} % "
             f"of the machine; steal {load['steal_core_s']:.1f} core-s)"
         )
+
+
+# --------------------------------------------------------------------------------------------- command line
+#: the sizes of every script: ``--quick`` (a smoke run of seconds) and the default (reduced width, 144 px)
+QUICK = {"features": "4,8,16", "size": 32, "volume": "40,30,8", "threads": 1}
+FULL = {"features": "16,32,64,128,256", "size": 144, "volume": "200,140,88", "threads": 2}
+
+
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in str(text).split(",") if v.strip())
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every script shares: device, sizes, threads, ``--json`` and ``--quick``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--features", default=None, help=f"NestedUNet widths (default {FULL['features']})")
+    p.add_argument("--size", type=int, default=None, help=f"slice size (default {FULL['size']})")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 2; --quick: 1)")
+    p.add_argument("--json", default=None, help="also write every figure and sample to this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration (features 4,8,16, 32 px)")
+    return p
+
+
+def parse_benchmark_args(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict | None = None, full: dict | None = None
+) -> argparse.Namespace:
+    """Parse, fill what was not given from ``QUICK``/``FULL`` (updated by the script's ``quick``/``full``), parse
+    the width and shape lists and choose the device."""
+    args = p.parse_args(argv)
+    defaults = {**QUICK, **(quick or {})} if args.quick else {**FULL, **(full or {})}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.features = ints(args.features)
+    if hasattr(args, "volume"):
+        args.volume = ints(args.volume)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+def start(args: argparse.Namespace) -> dict:
+    """Set the threads and print the machine; returns its description."""
+    torch.set_num_threads(args.threads)
+    info = machine_info(torch.device(args.device), args.threads)
+    print_machine(info)
+    return info
+
+
+def finish(args: argparse.Namespace, out: dict) -> dict:
+    """Write ``out`` to ``--json`` when given; returns it."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+        print(f"figures written to {args.json}")
+    return out

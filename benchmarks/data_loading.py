@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -25,7 +24,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import build_network, fmt_s, machine_info, median, print_machine, sgd, sync
+from common import (
+    FULL,
+    benchmark_parser,
+    build_network,
+    finish,
+    fmt_s,
+    ints,
+    median,
+    parse_benchmark_args,
+    sgd,
+    start,
+    sync,
+)
 from ignite.engine import Events
 from monai.data import DataLoader
 
@@ -155,45 +166,17 @@ def print_data(e: dict) -> None:
         )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--features", default=None, help="NestedUNet widths (default 16,32,64,128,256)")
-    p.add_argument("--size", type=int, default=None, help="slice size (default 144)")
-    p.add_argument("--volume", default=None, help="volume shape (default 200,140,88)")
-    p.add_argument("--iterations", type=int, default=2, help="iterations per configuration (default 2)")
-    p.add_argument("--workers", default="0,2", help="num_workers to compare (default 0,2)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 2; --quick: 1)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    args = p.parse_args(argv)
-    defaults = (
-        {"features": "4,8,16", "size": 32, "volume": "40,30,8", "threads": 1}
-        if args.quick
-        else {"features": "16,32,64,128,256", "size": 144, "volume": "200,140,88", "threads": 2}
-    )
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.features = tuple(int(v) for v in str(args.features).split(",") if v.strip())
-    args.volume = tuple(int(v) for v in str(args.volume).split(",") if v.strip())
-    args.workers = [int(v) for v in str(args.workers).split(",") if v.strip()]
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    info = machine_info(torch.device(args.device), args.threads)
-    print_machine(info)
+    p = benchmark_parser(__doc__)
+    p.add_argument("--volume", default=None, help=f"volume shape (default {FULL['volume']})")
+    p.add_argument("--iterations", type=int, default=2, help="iterations per configuration (default 2)")
+    p.add_argument("--workers", type=ints, default=(0, 2), help="num_workers to compare (default 0,2)")
+    args = parse_benchmark_args(p, argv)
+    info = start(args)
     print(f"\n(e) waiting on data: MetaTrainer.run() over DataLoaders of cached SliceDatasets ({args.iterations} it.)")
     out = {"machine": info, "e_data": measure(args)}
     print_data(out["e_data"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
-    return out
+    return finish(args, out)
 
 
 if __name__ == "__main__":

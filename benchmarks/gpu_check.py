@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import build_network, stage2_engine, supervised_engine, time_engine, time_inference
+from common import Workload, build_network, time_engine, time_inference
 
 from monai_mlbseg.inferers import MinMaxSlidingWindowInferer, SliceResizeInferer
 from monai_mlbseg.networks import NestedUNet
@@ -73,18 +73,11 @@ OPTION_SETS = {
 }
 
 
-def pair(dims: int, features: Sequence[int], shape: Sequence[int], device: torch.device, args: Any, **kw: Any) -> dict:
+def pair(workload: Workload, args: Any) -> dict:
     """The stage-2 iteration and the supervised step on its views, timed alike, and their ratio."""
     iterations = args.warmup + args.iterations
-    meta = time_engine(
-        stage2_engine(dims, features, shape, device, iterations=iterations, **kw), device, args.warmup, args.iterations
-    )
-    plain = time_engine(
-        supervised_engine(dims, features, shape, device, iterations=iterations, **kw),
-        device,
-        args.warmup,
-        args.iterations,
-    )
+    meta = time_engine(workload.stage2(iterations), workload.device, args.warmup, args.iterations)
+    plain = time_engine(workload.supervised(iterations), workload.device, args.warmup, args.iterations)
     return {"stage2": meta, "supervised": plain, "ratio": round(meta["ms_median"] / plain["ms_median"], 3)}
 
 
@@ -266,11 +259,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     budget.save = save
 
     def two_d(options: dict) -> Callable[[], dict]:
-        return lambda: pair(2, f2, s2, device, args, num_unlabeled=1, num_clean=2, options=options)
+        return lambda: pair(Workload(2, f2, s2, device, options=options), args)
 
     def per_batch(b: int) -> Callable[[], dict]:
         def run() -> dict:
-            engine = stage2_engine(2, f2, s2, device, b, 2, iterations=args.warmup + args.iterations)
+            engine = Workload(2, f2, s2, device, num_unlabeled=b).stage2(args.warmup + args.iterations)
             entry = time_engine(engine, device, args.warmup, args.iterations)
             entry["ms_per_image"] = round(entry["ms_median"] / b, 2)
             return entry
@@ -280,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # in order of importance: the compiled option set (minutes of compilation) comes last
     names = list(option_sets)
     budget.run(results["2d_options"], names[0], two_d(option_sets[names[0]]))
-    budget.run(results, "3d", lambda: pair(3, f3, s3, device, args, num_unlabeled=2, num_clean=2, options={}))
+    budget.run(results, "3d", lambda: pair(Workload(3, f3, s3, device, num_unlabeled=2), args))
     for batch in sizes["unlabeled_batches"]:
         budget.run(results["2d_unlabeled_batch"], str(batch), per_batch(batch))
     budget.run(

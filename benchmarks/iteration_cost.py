@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,15 +29,15 @@ import torch
 from common import (
     CpuLoad,
     IterationClock,
-    engine_options,
+    Workload,
+    benchmark_parser,
+    finish,
     fmt_s,
-    machine_info,
     median,
-    print_machine,
+    parse_benchmark_args,
     spread,
-    stage2_engine,
     stage2_modes,
-    supervised_engine,
+    start,
     sync,
 )
 from torch.profiler import ProfilerActivity, profile
@@ -46,19 +45,21 @@ from torch.profiler import ProfilerActivity, profile
 from monai_mlbseg.utils import SCOPE_PREFIX
 
 
+def options(args: argparse.Namespace) -> dict:
+    """The GPU options of the command line."""
+    return {k: True for k in ("amp", "channels_last", "compile") if getattr(args, k)}
+
+
 def measure_ratios(args: argparse.Namespace, device: torch.device) -> dict:
     """Figure (a): interleaved pairs of one stage-2 iteration (each mode) and one supervised step."""
-    options = {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
-    shape = (args.size, args.size)
+    workload = Workload(2, args.features, (args.size, args.size), device, options=options(args))
     clocks, unsupported = {}, {}
     for mode, kwargs in stage2_modes(args.features).items():
         try:
-            clocks[mode] = IterationClock(
-                stage2_engine(2, args.features, shape, device, options=options, **kwargs), device
-            )
+            clocks[mode] = IterationClock(workload.stage2(**kwargs), device)
         except (ValueError, TypeError) as e:
             unsupported[mode] = f"{type(e).__name__}: {e}"
-    supervised = IterationClock(supervised_engine(2, args.features, shape, device, options=options), device)
+    supervised = IterationClock(workload.supervised(), device)
     print(f"  modes: {', '.join(clocks)}" + (f"; unsupported: {', '.join(unsupported)}" if unsupported else ""))
     times: dict[str, list[float]] = defaultdict(list)
     paired: dict[str, list[float]] = defaultdict(list)
@@ -97,8 +98,8 @@ def scope_totals(prof: profile) -> dict[str, tuple[float, int]]:
     for name, intervals in spans.items():
         intervals.sort()
         covered, end = 0.0, float("-inf")
-        for start, stop in intervals:
-            covered += max(0.0, stop - max(start, end))
+        for begin, stop in intervals:
+            covered += max(0.0, stop - max(begin, end))
             end = max(end, stop)
         totals[name] = (covered * 1e-6, len(intervals))
     return totals
@@ -106,8 +107,8 @@ def scope_totals(prof: profile) -> dict[str, tuple[float, int]]:
 
 def measure_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
     """Figure (b): share of profiled faithful iterations in each ``mlbseg.*`` scope."""
-    shape = (args.size, args.size)
-    engine = stage2_engine(2, args.features, shape, device, options={"channels_last": args.channels_last})
+    workload = Workload(2, args.features, (args.size, args.size), device, options={"channels_last": args.channels_last})
+    engine = workload.stage2()
     clock = IterationClock(engine, device)
     clock.step()  # warm-up, outside the trace
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -159,46 +160,20 @@ def print_breakdown(b: dict) -> None:
         )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--features", default=None, help="NestedUNet widths (default 16,32,64,128,256)")
-    p.add_argument("--size", type=int, default=None, help="slice size (default 144)")
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = benchmark_parser(__doc__)
     p.add_argument("--repeats", type=int, default=None, help="measured rounds (default 3)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 2; --quick: 1)")
-    p.add_argument("--json", default=None, help="also write every figure and sample to this JSON file")
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration (features 4,8,16, size 32)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS", help="also print the top ROWS ops of (b)")
     p.add_argument("--channels-last", action="store_true", help="GPU option: channels-last network (both sides)")
     p.add_argument("--compile", action="store_true", help="GPU option: torch.compile the forwards (both sides)")
     p.add_argument("--amp", action="store_true", help="GPU option: bf16 autocast (both sides)")
-    args = p.parse_args(argv)
-    defaults = (
-        {"features": "4,8,16", "size": 32, "repeats": 2, "warmup": 1, "threads": 1}
-        if args.quick
-        else {"features": "16,32,64,128,256", "size": 144, "repeats": 3, "warmup": 1, "threads": 2}
-    )
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.features = tuple(int(v) for v in str(args.features).split(",") if v.strip())
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
+    args = parse_benchmark_args(p, argv, quick={"repeats": 2}, full={"repeats": 3})
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    info = start(args)
     device = torch.device(args.device)
-    info = machine_info(device, args.threads)
-    print_machine(info)
-    options = engine_options({"amp": args.amp, "compile": args.compile})
-    print(f"network: NestedUNet 2D {args.features}, slices {args.size} px, options {options or 'none'}")
+    print(f"network: NestedUNet 2D {args.features}, slices {args.size} px, options {options(args) or 'none'}")
     out: dict = {"machine": info, "config": {k: v for k, v in vars(args).items() if k != "json"}}
     load = CpuLoad()
     print(f"\n(a) stage-2 iteration / supervised step ({args.warmup} warm-up + {args.repeats} interleaved rounds)")
@@ -208,11 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out["b_scopes"] = measure_breakdown(args, device)
     print_breakdown(out["b_scopes"])
     print(f"\n{load.note()}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
-        print(f"figures written to {args.json}")
-    return out
+    return finish(args, out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,16 @@ import time
 from collections.abc import Sequence
 
 import torch
-from common import IterationClock, machine_info, mib, print_machine, stage2_engine, stage2_modes, supervised_engine
+from common import (
+    IterationClock,
+    Workload,
+    benchmark_parser,
+    finish,
+    mib,
+    parse_benchmark_args,
+    stage2_modes,
+    start,
+)
 
 MARKER = "MLBSEG_MEMORY_JSON "
 
@@ -70,14 +79,12 @@ def reset_hwm() -> bool:
 def worker(args: argparse.Namespace) -> dict:
     """In a fresh process: ``args.steps`` iterations of one kind of step; its peak memory."""
     device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    shape, options = (args.size, args.size), {"channels_last": args.channels_last, "amp": args.amp}
+    options = {"channels_last": args.channels_last, "amp": args.amp}
+    workload = Workload(2, args.features, (args.size, args.size), device, options=options)
     if args.worker == "supervised":
-        engine = supervised_engine(2, args.features, shape, device, options=options)
+        engine = workload.supervised()
     else:
-        engine = stage2_engine(
-            2, args.features, shape, device, options=options, **stage2_modes(args.features)[args.worker]
-        )
+        engine = workload.stage2(**stage2_modes(args.features)[args.worker])
     clock = IterationClock(engine, device)
     steps = max(args.steps, 1)
     result: dict = {"kind": args.worker, "steps": steps}
@@ -171,47 +178,23 @@ def print_memory(c: dict) -> None:
         print(line)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--features", default=None, help="NestedUNet widths (default 16,32,64,128,256)")
-    p.add_argument("--size", type=int, default=None, help="slice size (default 144)")
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = benchmark_parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="steps per subprocess (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 2; --quick: 1)")
     p.add_argument("--all-modes", action="store_true", help="also the fast modes")
     p.add_argument("--channels-last", action="store_true", help="GPU option: channels-last network (both sides)")
     p.add_argument("--amp", action="store_true", help="GPU option: bf16 autocast (both sides)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration (features 4,8,16, size 32)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    defaults = (
-        {"features": "4,8,16", "size": 32, "steps": 1, "threads": 1}
-        if args.quick
-        else {"features": "16,32,64,128,256", "size": 144, "steps": 2, "threads": 2}
-    )
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.features = tuple(int(v) for v in str(args.features).split(",") if v.strip())
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = parse_benchmark_args(p, argv, quick={"steps": 1}, full={"steps": 2})
     if args.worker:
+        torch.set_num_threads(args.threads)
         print(MARKER + json.dumps(worker(args)))
         return {}
-    info = machine_info(torch.device(args.device), args.threads)
-    print_machine(info)
+    info = start(args)
     print("\n(c) peak memory, stage-2 iteration (faithful) vs supervised step")
     out = {"machine": info, "c_memory": measure(args)}
     print_memory(out["c_memory"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
-    return out
+    return finish(args, out)
 
 
 if __name__ == "__main__":
