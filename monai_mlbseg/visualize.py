@@ -174,34 +174,46 @@ def save_weight_maps(
     view_names: Sequence[str] | None = None,
     weight_range: tuple[float, float] | None = None,
     dpi: int = 100,
+    source_names: Sequence[str] | None = None,
 ) -> Path:
     """
     MLB-Seg's weight-map figure: for each of the ``K`` views (columns), the view image, optionally the initial
-    label and the pseudo label in that view, the weight of the initial label and the weight of the pseudo label.
-    Each weight row has one colour scale (shared by its ``K`` maps) with its colour bar.
+    label and the pseudo label in that view, and one row per label source with its weight (the initial label's and
+    the pseudo label's by default; a trainer with further sources, see
+    :py:meth:`~monai_mlbseg.engines.MetaTrainer.label_source_maps`, gives one more row each). Each weight row has
+    one colour scale (shared by its ``K`` maps) with its colour bar.
 
     Args:
         path: output file (``.png``, ``.pdf`` or ``.svg``); written atomically.
         views: ``[K, H, W]`` (or ``[K, 1, H, W]``) view images, K = 5 in the paper: original, zoom-in, zoom-out,
             zoom-out, flip.
-        weights: ``[K, 2, H, W]`` per-pixel weights; channel 0 weighs the initial label, channel 1 the pseudo label.
+        weights: ``[K, S, H, W]`` per-pixel weights, channel ``i`` for the ``i``-th label source (with the defaults:
+            channel 0 weighs the initial label, channel 1 the pseudo label).
         initial_labels: optional ``[K, H, W]`` (or ``[K, 1, H, W]``) initial labels in the views.
         pseudo_labels: optional ``[K, H, W]`` (or ``[K, 1, H, W]``) pseudo labels in the views.
         view_names: ``K`` column titles (default: :py:data:`DEFAULT_VIEW_NAMES` for K = 5, else ``view i``).
         weight_range: fixed ``(min, max)`` of both weight colour scales (default: each row's data range).
         dpi: resolution.
+        source_names: ``S`` names of the weight rows (default ``("initial label", "pseudo label")``; the keys of
+            ``engine.state.weight_maps["sources"]`` for a trainer with other sources).
 
     Returns:
         the path written.
 
     Raises:
-        ValueError: when the shapes disagree (named), or ``view_names`` does not have ``K`` entries.
+        ValueError: when the shapes disagree (named), or ``view_names`` does not have ``K`` entries, or
+            ``source_names`` not one per weight channel.
     """
     v = _stack(views, "views", 3)
     k, h, w = v.shape
     wt = _np(weights, "weights")
-    if wt.shape != (k, 2, h, w):
-        raise ValueError(f"weights must have shape [K, 2, H, W] = {(k, 2, h, w)} for views {v.shape}, got {wt.shape}.")
+    names = list(source_names or ("initial label", "pseudo label"))
+    if wt.ndim != 4 or wt.shape != (k, wt.shape[1], h, w):
+        raise ValueError(
+            f"weights must have shape [K, S, H, W] = {(k, 'S', h, w)} for views {v.shape}, got {wt.shape}."
+        )
+    if wt.shape[1] != len(names):
+        raise ValueError(f"weights have {wt.shape[1]} source channels for {len(names)} source names {names}.")
     label_rows = []
     for name, lab in (("initial label", initial_labels), ("pseudo label", pseudo_labels)):
         if lab is not None:
@@ -216,7 +228,7 @@ def save_weight_maps(
     if weight_range is not None and not weight_range[0] < weight_range[1]:
         raise ValueError(f"weight_range must be (min, max) with min < max, got {weight_range}.")
 
-    nrows = 1 + len(label_rows) + 2
+    nrows = 1 + len(label_rows) + len(names)
     cell = 2.2
     fig = Figure(figsize=(cell * k + 1.0, cell * nrows * h / w + 0.3), layout="constrained")
     axes = np.asarray(fig.subplots(nrows, k, squeeze=False))
@@ -228,7 +240,7 @@ def save_weight_maps(
         for j in range(k):
             _image(axes[r, j], a[j], cmap="gray", vmin=0, vmax=1)
         axes[r, 0].set_ylabel(name, fontsize=9)
-    for c, name in enumerate(("initial-label weight", "pseudo-label weight")):
+    for c, name in enumerate(f"{n} weight" for n in names):
         r = 1 + len(label_rows) + c
         if weight_range is None:
             finite = wt[:, c][np.isfinite(wt[:, c])]

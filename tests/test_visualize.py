@@ -87,12 +87,18 @@ def test_save_weight_maps(tmp_path):
     assert short.shape[1] > 1.5 * short.shape[0]  # 5 columns, 3 rows
     three = check_png(save_weight_maps(tmp_path / "three.png", views[:3], weights[:3], weight_range=(0.0, 1.0)))
     assert three.shape[1] < short.shape[1]
+    sources = torch.rand(k, 3, h, w, generator=g)
+    names = ["initial", "pseudo", "smoothed"]
+    third = check_png(save_weight_maps(tmp_path / "sources.png", views, sources, source_names=names))
+    assert third.shape[0] > short.shape[0] and third.shape[1] == short.shape[1]  # one more weight row
 
 
 def test_save_weight_maps_rejects_mismatches(tmp_path):
     views, weights = np.zeros((5, 16, 16)), np.zeros((5, 2, 16, 16))
-    with pytest.raises(ValueError, match=r"weights must have shape \[K, 2, H, W\]"):
+    with pytest.raises(ValueError, match=r"1 source channels for 2 source names"):
         save_weight_maps(tmp_path / "x.png", views, weights[:, :1])
+    with pytest.raises(ValueError, match=r"2 source channels for 3 source names"):
+        save_weight_maps(tmp_path / "x.png", views, weights, source_names=["a", "b", "c"])
     with pytest.raises(ValueError, match=r"weights must have shape"):
         save_weight_maps(tmp_path / "x.png", views, weights[:4])
     with pytest.raises(ValueError, match="initial_labels"):
