@@ -226,7 +226,9 @@ class IterationClock:
 
     def step(self) -> float:
         """One more epoch of the engine (one iteration when ``epoch_length`` is 1); returns its time."""
-        self.engine.state.max_epochs += 1
+        state = self.engine.state
+        if state.epoch >= state.max_epochs:  # the configured epochs are done: extend the run by one
+            state.max_epochs += 1
         return sum(self.run())
 
 

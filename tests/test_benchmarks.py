@@ -107,3 +107,15 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     table = (out / "gpu_check.md").read_text()
     assert "| options | stage-2 ms | supervised ms | ratio |" in table and "3d_fp32_h" in table
     assert (out / "gpu_check.log").is_file()
+
+
+def test_iteration_clock_steps_one_iteration_at_a_time(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import torch
+    from common import IterationClock, Workload
+
+    engine = Workload(2, (4, 8), (16, 16), torch.device("cpu")).supervised()
+    clock = IterationClock(engine, torch.device("cpu"))
+    for done in (1, 2, 3):
+        assert clock.step() > 0
+        assert len(clock.times) == engine.state.iteration == done
