@@ -252,13 +252,16 @@ class Benchmark:
         lr = float(spec.get("lr", args.lr2))
         optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         supervised = bool(spec.get("supervised", False))
-        iterations = int(args.stage2_iterations * float(spec.get("iterations_factor", 2.0 if supervised else 1.0)))
+        options = dict(spec["trainer"])
+        one_step = supervised or options.get("joint_step", False) or not options.get("clean_step", True)
+        steps_per_iteration = 1 if one_step else 2
+        # equal budgets in optimizer steps: a one-step variant runs twice the iterations of a two-step one
+        iterations = int(args.stage2_iterations * 2 / steps_per_iteration * float(spec.get("iterations_factor", 1.0)))
         epoch_length = min(args.epoch_length, iterations)
         epochs = math.ceil(iterations / epoch_length)
         # the reference's per-epoch decay lr * 20 / (e + 20), over the reference's 120 epochs spread on this budget
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 20.0 / (e * 120.0 / max(epochs, 1) + 20.0))
         save = {"network": network, "teacher": teacher, "optimizer": optimizer, "lr_scheduler": scheduler}
-        options = dict(spec["trainer"])
         if options.get("meta_params") == "LAST":
             options["meta_params"] = [f"nodes.conv0_{len(args.features) - 1}", "final"]
         unlabeled_ds = SliceDataset(unlabeled, self.load, self.prep, self.augment, progress=False)
@@ -295,7 +298,7 @@ class Benchmark:
             **metrics,
             "train_s": train_s,
             "iterations": iterations,
-            "optimizer_steps": iterations * (1 if supervised else 2 - (not options.get("clean_step", True))),
+            "optimizer_steps": iterations * steps_per_iteration,
             "spec": spec,
             "monitor": monitor.summary(),
             "resumed": len(monitor.rows) < iterations,

@@ -153,7 +153,8 @@ class MetaTrainer(SupervisedTrainer):
        ``pixel_loss``);
     4. ``mlbseg.weighted_step``: ``sum(w * l) + pc_weight * L_pc + mt_weight * L_mt``, gradient-norm clip, SGD
        step, EMA;
-    5. ``mlbseg.clean_step``: mean BCE on the clean views ``+ L_pc + L_mt``, clip, SGD step, EMA.
+    5. ``mlbseg.clean_step``: mean BCE on the clean views ``+ L_pc + L_mt``, clip, SGD step, EMA (with
+       ``joint_step=True`` this loss joins step 4 instead, and the iteration makes one step).
 
     Events keep ``SupervisedTrainer``'s contract, with the weighted step as the iteration's model step:
     ``FORWARD_COMPLETED`` once ``engine.state.output`` holds ``image``/``label``/``pred`` (views, initial labels in
@@ -181,6 +182,12 @@ class MetaTrainer(SupervisedTrainer):
         spatial_dims: 2 or 3.
         views: the view transform (default :py:class:`~monai_mlbseg.transforms.PLEViews` with the reference ranges).
         clean_step: run the clean step (E); on in the reference code.
+        joint_step: one optimizer step per iteration instead of two: the clean step's loss (mean BCE on the clean
+            views ``+ L_pc + L_mt``) joins the weighted step's loss, and the look-ahead's virtual step includes its
+            gradient (the meta-gradient is taken for the step that is really made). Off (the reference): a
+            weighted step, then a clean step. Every iteration then trains on the labeled data at the full rate;
+            at equal optimizer steps a joint run has twice the iterations. No clean-step events are fired; the
+            clean term is reported as ``loss_clean``. Needs ``clean_step=True``, not ``reuse_meta_grad``.
         use_teacher: add the mean-teacher term L_mt.
         use_ple: PLE pseudo labels; off: each view's own thresholded prediction.
         reweight: meta-learned weights; off: uniform weights (plain bootstrapping).
@@ -202,14 +209,17 @@ class MetaTrainer(SupervisedTrainer):
             layers of the student and the teacher stay in eval mode throughout stage 2, normalising with the
             stage-1 running statistics (their affine parameters are still trained).
         meta_weighting: how the meta-gradient becomes weight maps: ``"gradient"`` (the reference: proportional to
-            the positive part of ``-dL_meta/d eps``, which grows with each pixel's loss gradient) or ``"sign"`` (every
-            pixel with a positive entry weighted alike), see :py:func:`~monai_mlbseg.meta.normalise_weights`.
+            the positive part of ``-dL_meta/d eps``, which grows with each pixel's loss gradient, summing to 1),
+            ``"sign"`` (every pixel with a positive entry weighted alike, summing to 1) or ``"agreement"`` (the
+            reference's maps scaled to sum to the agreeing share of the meta-gradient mass, at most 1), see
+            :py:func:`~monai_mlbseg.meta.normalise_weights`.
         seed: seed of the view transform; default: drawn from ``torch``'s global generator, so that
             ``monai.utils.set_determinism`` makes runs repeatable.
         gt_key: key of the monitoring ground truth in an unlabeled batch.
         loss_function: the weighted term ``loss_function(logits, sources, weights)`` (default
-            :py:class:`~monai_mlbseg.losses.MetaReweightLoss`); with ``reweight`` it must have the ``pixel_loss``
-            attribute the look-ahead differentiates.
+            ``MetaReweightLoss(reduction="sum")``, :py:class:`~monai_mlbseg.losses.MetaReweightLoss`:
+            ``sum(w * l)``, so that the total weight of ``meta_weighting="agreement"`` scales the term); with
+            ``reweight`` it must have the ``pixel_loss`` attribute the look-ahead differentiates.
         kwargs: the other arguments of ``monai.engines.SupervisedTrainer`` (handlers, amp, epoch_length, inferer,
             prepare_batch, ...). ``inferer`` runs the student's and the teacher's forwards (default
             ``SimpleInferer``); ``prepare_batch`` returns ``(image, label)`` of a batch (default
@@ -245,6 +255,7 @@ class MetaTrainer(SupervisedTrainer):
         spatial_dims: int = 2,
         views: ViewTransform | None = None,
         clean_step: bool = True,
+        joint_step: bool = False,
         use_teacher: bool = True,
         use_ple: bool = True,
         reweight: bool = True,
@@ -266,8 +277,12 @@ class MetaTrainer(SupervisedTrainer):
         decollate: bool = False,
         **kwargs: Any,
     ) -> None:
-        if reuse_meta_grad and (not reweight or meta_params is not None or not clean_step):
-            raise ValueError("reuse_meta_grad needs reweight=True, clean_step=True and the full meta_params (None).")
+        if reuse_meta_grad and (not reweight or meta_params is not None or not clean_step or joint_step):
+            raise ValueError(
+                "reuse_meta_grad needs reweight=True, clean_step=True, no joint_step and the full meta_params (None)."
+            )
+        if joint_step and not clean_step:
+            raise ValueError("joint_step=True adds the clean loss to the weighted step: it needs clean_step=True.")
         label_sources = tuple(label_sources)
         if any(s not in LABEL_SOURCES for s in label_sources) or len(set(label_sources)) != len(label_sources):
             raise ValueError(f"label_sources must be distinct names of {LABEL_SOURCES}, got {label_sources}.")
@@ -284,7 +299,7 @@ class MetaTrainer(SupervisedTrainer):
                 "MetaTrainer needs accumulation_steps=1: the look-ahead differentiates the SGD step that follows it, "
                 f"so gradients cannot be accumulated across iterations; got {kwargs['accumulation_steps']}."
             )
-        loss_function = loss_function or MetaReweightLoss()
+        loss_function = loss_function or MetaReweightLoss(reduction="sum")
         if reweight and not callable(getattr(loss_function, "pixel_loss", None)):
             raise TypeError(
                 "with reweight=True the loss function must have a pixel_loss(logits, sources) for the look-ahead, "
@@ -316,6 +331,7 @@ class MetaTrainer(SupervisedTrainer):
             raise ValueError(f"views are {self.views.spatial_dims}D but spatial_dims is {spatial_dims}.")
         self.set_random_state(int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed)
         self.clean_step = clean_step
+        self.joint_step = joint_step
         self.use_teacher = use_teacher and mt_weight > 0
         self.use_ple = use_ple
         self.reweight = reweight
@@ -511,6 +527,9 @@ class MetaTrainer(SupervisedTrainer):
     def _weight_maps_phase(self, state: Stage2State) -> None:
         state.l_pc, state.l_mt = self._regularisers(state.probs, state.views, state.params, state.back)
         state.regularisation = self.pc_weight * state.l_pc + self.mt_weight * state.l_mt
+        if self.joint_step:
+            self._clean_views(state)
+            state.loss_clean = self.state.output["loss_clean"] = self._clean_step_loss(state)
         sources, views = list(state.sources.values()), state.views
         if self.lookahead is not None:
             self._clean_views(state)
@@ -536,25 +555,30 @@ class MetaTrainer(SupervisedTrainer):
         }
         self.fire_event(MetaIterationEvents.WEIGHTS_COMPLETED)
 
+    def _step_terms(self, state: Stage2State) -> torch.Tensor:
+        """The weighted step's loss except the weighted term: the regularisers (plus the clean loss if joint)."""
+        return state.regularisation + state.loss_clean if self.joint_step else state.regularisation
+
     def _regulariser_grads(self, state: Stage2State) -> dict[str, torch.Tensor | None] | None:
-        """The gradient of the regularisers by parameter name, from the real forward (``None``: no gradient)."""
-        if not state.regularisation.requires_grad:
+        """The gradient of the step's other terms by parameter name, from the real forward (``None``: none)."""
+        terms = self._step_terms(state)
+        if not terms.requires_grad:
             return None
         named = [(n, p) for n, p in unwrap_network(self.network).named_parameters() if p.requires_grad]
-        grads = torch.autograd.grad(state.regularisation, [p for _, p in named], retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(terms, [p for _, p in named], retain_graph=True, allow_unused=True)
         return {n: g for (n, _), g in zip(named, grads)}
 
     def _weighted_step_phase(self, state: Stage2State) -> None:
         sources = list(state.sources.values())
         logits = state.logits
         state.loss_weighted = self.loss_function(logits, sources, state.weights) if sources else logits.new_zeros(())
-        state.loss = self.state.output[Keys.LOSS] = state.loss_weighted + state.regularisation
+        state.loss = self.state.output[Keys.LOSS] = state.loss_weighted + self._step_terms(state)
         self.fire_event(IterationEvents.LOSS_COMPLETED)
         self._step(state.loss, "weighted-step loss", IterationEvents.BACKWARD_COMPLETED)
         self.fire_event(MetaIterationEvents.REAL_STEP_COMPLETED)
 
     def _clean_step_phase(self, state: Stage2State) -> None:
-        if not self.clean_step:
+        if not self.clean_step or self.joint_step:
             return
         self.fire_event(MetaIterationEvents.CLEAN_STEP_STARTED)
         if self.reuse_meta_grad:

@@ -49,14 +49,17 @@ class LookAheadResult(NamedTuple):
 
 
 #: how the raw map ``x = -dL_meta/d eps`` becomes weights (see :py:func:`normalise_weights`).
-WEIGHTINGS = ("gradient", "sign")
+WEIGHTINGS = ("gradient", "sign", "agreement")
 
 
 def normalise_weights(neg_meta_grad: torch.Tensor, eps: float = 1e-10, weighting: str = "gradient") -> torch.Tensor:
     """
     ``"gradient"`` (the reference): ``w = relu(x) / (sum relu(x) + eps)``; ``"sign"``: ``w = 1[x > 0] / (#{x > 0} +
-    eps)``, every pixel whose loss gradient agrees with the clean data's weighted alike, however large its gradient.
-    Sums are taken jointly over all entries; all zeros when nothing is positive.
+    eps)``, every pixel whose loss gradient agrees with the clean data's weighted alike, however large its gradient;
+    ``"agreement"``: ``w = relu(x) / (sum |x| + eps)``, the reference's maps scaled by the share of the meta-gradient
+    mass that agrees with the clean data, so the weights sum to that share (at most 1) instead of 1: a batch whose
+    labels mostly disagree with the clean data trains the student less. Sums are taken jointly over all entries; all
+    zeros when nothing is positive.
 
     Args:
         neg_meta_grad: the raw map ``-dL_meta/d eps``.
@@ -66,13 +69,14 @@ def normalise_weights(neg_meta_grad: torch.Tensor, eps: float = 1e-10, weighting
     Raises:
         ValueError: for an unknown ``weighting``.
     """
-    if weighting == "gradient":
-        positive = torch.relu(neg_meta_grad)
-    elif weighting == "sign":
-        positive = (neg_meta_grad > 0).to(neg_meta_grad.dtype)
-    else:
+    if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
-    return positive / (positive.sum() + eps)
+    if weighting == "sign":
+        positive = (neg_meta_grad > 0).to(neg_meta_grad.dtype)
+        return positive / (positive.sum() + eps)
+    positive = torch.relu(neg_meta_grad)
+    total = neg_meta_grad.abs().sum() if weighting == "agreement" else positive.sum()
+    return positive / (total + eps)
 
 
 def _stateless_buffers(module: nn.Module) -> dict[str, torch.Tensor | None]:
