@@ -381,6 +381,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="tiny synthetic smoke run (no real data needed)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: rebuild table.md / table.json from every result.json under --out (all seeds, all rows)",
+    )
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     args.features = tuple(int(f) for f in str(args.features).split(",") if f.strip())
@@ -391,9 +396,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def collect_results(out: Path) -> dict[int, dict[str, dict]]:
+    """Every ``seed<N>/<row>/result.json`` under ``out``, stage 1 first, the rows in the order they were finished."""
+    results: dict[int, dict[str, dict]] = {}
+    for seed_dir in sorted(out.glob("seed*"), key=lambda d: d.name):
+        if not seed_dir.name[4:].isdigit() or not (seed_dir / "stage1" / "result.json").is_file():
+            continue
+        rows = sorted(seed_dir.glob("*/result.json"), key=lambda f: (f.parent.name != "stage1", f.stat().st_mtime))
+        results[int(seed_dir.name[4:])] = {f.parent.name: json.loads(f.read_text(encoding="utf-8")) for f in rows}
+    return results
+
+
+def write_table(out: Path, results: dict[int, dict[str, dict]], settings: dict) -> str:
+    """Write ``table.md`` and ``table.json`` of ``results`` into ``out``; returns the markdown."""
+    text, figures = table(results)
+    atomic_write_text(out / "table.md", text + "\n")
+    atomic_write_json(out / "table.json", {"figures": figures, "settings": settings | {"seeds": list(results)}})
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    if args.report:
+        out = Path(args.out).resolve()
+        results = collect_results(out)
+        if not results:
+            raise SystemExit(f"{out}: no seed<N>/stage1/result.json to report")
+        print(write_table(out, results, {"report": True}))
+        return results
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     if args.quick:
@@ -425,9 +456,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results[seed] = {"stage1": stage1}
         for name, spec in variants.items():
             results[seed][name] = bench.stage2(seed, name, spec, weights, unlabeled)
-        text, figures = table(results)
-        atomic_write_text(out / "table.md", text + "\n")
-        atomic_write_json(out / "table.json", {"figures": figures, "settings": vars(args) | {"seeds": args.seeds}})
+        text = write_table(out, results, vars(args))
     print(text)
     return results
 

@@ -59,3 +59,23 @@ def test_quick_run_writes_every_row_and_resumes(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     real_la.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps, "a rerun retrains nothing"
+
+
+def test_report_mode_tables_every_row_of_every_seed_without_training(tmp_path):
+    out = tmp_path / "bench"
+    real_la.main(["--quick", "--out", str(out), "--seeds", "0", "--variants", "a_labeled_only"])
+    real_la.main(["--quick", "--out", str(out), "--seeds", "1", "--variants", "b_self_training"])
+    assert "a_labeled_only" not in json.loads((out / "table.json").read_text())["figures"]
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    results = real_la.main(["--out", str(out), "--report"])
+    assert {s: list(rows) for s, rows in results.items()} == {
+        0: ["stage1", "a_labeled_only"],
+        1: ["stage1", "b_self_training"],
+    }
+    figures = json.loads((out / "table.json").read_text())["figures"]
+    assert figures["stage1"]["seeds"] == [0, 1] and figures["stage1"]["cases"] == 3, "seed 0 has the control"
+    assert figures["b_self_training"]["seeds"] == [1] and figures["b_self_training"]["cases"] == 0
+    assert "| a_labeled_only | 0 |" in (out / "table.md").read_text()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps, "the report trains nothing"
+    with pytest.raises(SystemExit, match="no seed"):
+        real_la.main(["--out", str(tmp_path / "empty"), "--report"])
