@@ -58,6 +58,7 @@ from monai_mlbseg.engines import (
     bootstrap_labels,
     initial_label_items,
     run_stage,
+    stage2_method_options,
 )
 from monai_mlbseg.evaluation import SegmentationReport
 from monai_mlbseg.inferers import SliceResizeInferer
@@ -71,16 +72,8 @@ logger = logging.getLogger("real_la")
 #: base inherits the base's options and overrides them.
 VARIANTS: dict[str, dict[str, Any]] = {
     "a_labeled_only": {"trainer": {}, "supervised": True},
-    "b_self_training": {
-        "trainer": {
-            "reweight": False,
-            "use_ple": False,
-            "label_sources": ["initial"],
-            "pc_weight": 0.0,
-            "mt_weight": 0.0,
-        }
-    },
-    "c_mean_teacher": {"trainer": {"reweight": False, "label_sources": [], "pc_weight": 0.0, "mt_weight": 1.0}},
+    "b_self_training": {"trainer": stage2_method_options("self_training")},
+    "c_mean_teacher": {"trainer": stage2_method_options("mean_teacher")},
     "d_mlbseg": {"trainer": {}},
     "e_reuse_meta_grad": {"trainer": {"reuse_meta_grad": True}},
     "e_meta_params_last": {"trainer": {"meta_params": "LAST"}},

@@ -307,3 +307,10 @@ def test_stage2_label_sources_and_batch_norm_reach_the_trainer(name, tmp_path):
     changed = {"train#trainer#batch_norm": "frozen", "train#trainer#label_sources": ["initial"]}
     trainer = workflow(bundle, ["train.json"], "train", **over, **changed).parser.get_parsed_content("train#trainer")
     assert trainer.label_sources == ("initial",) and trainer.batch_norm == "frozen"
+    method = {"stage2_method": "mean_teacher"}
+    trainer = workflow(bundle, ["train.json"], "train", **over, **method).parser.get_parsed_content("train#trainer")
+    assert not trainer.reweight and trainer.label_sources == () and trainer.pc_weight == 0.0 and trainer.use_teacher
+    with pytest.raises(RuntimeError) as raised:  # MONAI's config parser wraps the error of the expression
+        parser = workflow(bundle, ["train.json"], "train", **over, stage2_method="meta").parser
+        parser.get_parsed_content("train#trainer")
+    assert "unknown stage-2 method 'meta'; known: mlbseg, mean_teacher" in str(raised.value.__cause__)

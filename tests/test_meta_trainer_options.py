@@ -130,3 +130,23 @@ def test_sign_meta_weighting_in_the_trainer_uses_the_same_meta_gradient():
     assert float(maps["sign"].sum()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="meta_weighting"):
         make_trainer(meta_weighting="cosine", reweight=False)
+
+
+@pytest.mark.parametrize("method", ["mlbseg", "mean_teacher", "self_training"])
+def test_named_stage2_methods_set_their_options_and_train(method):
+    from monai_mlbseg.engines import STAGE2_METHODS, stage2_method_options
+
+    options = stage2_method_options(method)
+    assert options == STAGE2_METHODS[method] and options is not STAGE2_METHODS[method]
+    options["label_sources"].append("x")
+    assert "x" not in STAGE2_METHODS[method]["label_sources"], "a copy: changing it leaves the table alone"
+    trainer = make_trainer(iterations=1, **stage2_method_options(method))
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.run()
+    out = trainer.state.output
+    assert (trainer.lookahead is not None) == (method == "mlbseg")
+    assert math.isnan(out["loss_meta"]) == (method != "mlbseg")
+    assert (out["loss_weighted"] == 0.0) == (method == "mean_teacher")
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+    with pytest.raises(ValueError, match="unknown stage-2 method 'ssl'"):
+        stage2_method_options("ssl")

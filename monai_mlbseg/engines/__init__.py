@@ -5,6 +5,7 @@ from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, latest_chec
 from .events import MetaIterationEvents
 from .guards import NonFiniteLossGuard, check_finite
 from .meta_trainer import LABEL_SOURCES, STAGE2_PHASES, STAGE2_TERMS, MetaTrainer, Stage2State, stage2_terms
+from .methods import STAGE2_METHODS, stage2_method_options
 from .teacher import MeanTeacherHandler
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "MetaIterationEvents",
     "MetaTrainer",
     "ResumeFromCheckpoint",
+    "STAGE2_METHODS",
     "STAGE2_PHASES",
     "STAGE2_TERMS",
     "Stage2State",
@@ -25,5 +27,6 @@ __all__ = [
     "load_weights",
     "run_stage",
     "save_weights",
+    "stage2_method_options",
     "stage2_terms",
 ]
