@@ -70,10 +70,32 @@ COMMANDS = {
 }
 
 
+#: options whose value is passed on as the typed text (JSON), not parsed by Fire (which reads ``true`` as a string)
+VERBATIM_OPTIONS = ("--overrides",)
+
+
+def _verbatim(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the values of :py:data:`VERBATIM_OPTIONS` quoted as Python strings, so Fire keeps them as text."""
+    out, quote_next = [], False
+    for arg in argv:
+        if quote_next:
+            out.append(repr(arg))
+            quote_next = False
+            continue
+        name, eq, value = arg.partition("=")
+        if name in VERBATIM_OPTIONS and eq:
+            out.append(f"{name}={value!r}")
+        else:
+            out.append(arg)
+            quote_next = arg in VERBATIM_OPTIONS
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m monai_mlbseg``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fire.Fire(COMMANDS, command=None if argv is None else list(argv), name="python -m monai_mlbseg")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fire.Fire(COMMANDS, command=_verbatim(argv), name="python -m monai_mlbseg")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,56 @@ def test_demo_fast_modes_reach_the_trainer(tmp_path, kwargs, mode):
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
+def test_demo_overrides_reach_the_training_workflow_last(tmp_path, monkeypatch):
+    import monai_mlbseg.demo as demo_module
+
+    trainers = {}
+    parsed = demo_module._parsed
+
+    def keep(workflow, id):
+        value = parsed(workflow, id)
+        trainers[id] = value
+        return value
+
+    monkeypatch.setattr(demo_module, "_parsed", keep)
+    overrides = '{"train#trainer#joint_step": true, "stage1#batch_size": 3}'  # JSON, as typed on the command line
+    run_demo(out=str(tmp_path), quick=True, progress=False, overrides=overrides)
+    assert trainers["train#trainer"].joint_step is True
+    assert trainers["stage1#trainer"].data_loader.batch_size == 3, "merged after the demo's own stage1_batch"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert json.loads(summary["settings"]["extra overrides (training)"]) == json.loads(overrides)
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("overrides", ['{"train#trainer#joint_step": tru', "[1, 2]", {1: 2}])
+def test_demo_rejects_overrides_that_are_not_an_object(tmp_path, overrides):
+    from monai_mlbseg.utils import InputError
+
+    with pytest.raises(InputError, match="overrides"):
+        run_demo(out=str(tmp_path), quick=True, progress=False, overrides=overrides)
+    assert not (tmp_path / "models").exists()
+
+
+def test_cli_passes_overrides_as_json():
+    import fire
+
+    from monai_mlbseg.__main__ import _verbatim
+
+    def command(overrides=None, seed=0):
+        return overrides, seed
+
+    typed = '{"train#trainer#joint_step": true, "x": null}'
+    for argv in (["--overrides", typed, "--seed", "2"], [f"--overrides={typed}", "--seed", "2"]):
+        assert fire.Fire(command, command=_verbatim(argv)) == (typed, 2)  # Fire alone would read true as "true"
+    assert fire.Fire(command, command=_verbatim(["--seed", "1"])) == (None, 1)
+
+
+def test_cli_reports_bad_overrides_without_a_traceback(tmp_path):
+    proc = demo(tmp_path / "out", "--overrides", "{not json")
+    assert proc.returncode == 2 and "overrides" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "models").exists()
+
+
 def test_demo_rejects_meta_params_that_select_nothing(tmp_path):
     with pytest.raises(ValueError, match="select none"):
         run_demo(out=str(tmp_path), quick=True, progress=False, meta_params="decoder_that_does_not_exist")
@@ -83,9 +133,9 @@ def _tree(folder):
     return {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
-@pytest.mark.parametrize("fmt", ["uamt_h5", "promise12"])
+@pytest.mark.parametrize("fmt", ["uamt_h5", "la_raw", "msd_heart", "promise12", "msd_prostate"])
 def test_demo_runs_on_a_users_folder_without_writing_into_it(tmp_path, fmt):
-    from monai_mlbseg.data import make_synthetic_dataset
+    from monai_mlbseg.data import get_format, make_synthetic_dataset
 
     data = tmp_path / "scans"
     ids = make_synthetic_dataset(data, fmt, num_cases=8, shape=(40, 36, 8), seed=3)
@@ -94,7 +144,7 @@ def test_demo_runs_on_a_users_folder_without_writing_into_it(tmp_path, fmt):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _tree(data) == before, "the user's folder was modified"
     datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
-    if fmt == "uamt_h5":  # UA-MT lists: labeled = first of train.list, report on test.list
+    if get_format(fmt).case_lists:  # UA-MT lists: labeled = first of train.list, report on test.list
         train, test = (data / "train.list").read_text().split(), (data / "test.list").read_text().split()
         assert [i["case_id"] for i in datalist["labeled"]] == train[:2]
         assert [i["case_id"] for i in datalist["test"]] == test[:2]

@@ -47,6 +47,11 @@ class AnatomyParams:
         center_depth: range of the body centre along the last axis (normalised).
         num_distractors: number of unlabeled ellipsoids of similar intensity.
         tube_probability: probability of one extra unlabeled tube along the last axis (a vessel crossing all slices).
+        contrast: range of the foreground's contrast-to-noise ratio (its level over the larger of the noise and
+            texture amplitudes).
+        distractor_contrast: range of the distractors' intensity relative to the foreground's.
+        distractor_radius: range of the distractors' radii (normalised).
+        adjacent_fraction: probability that a distractor touches the foreground.
     """
 
     num_appendages: tuple[int, int]
@@ -60,10 +65,17 @@ class AnatomyParams:
     center_depth: float
     num_distractors: tuple[int, int]
     tube_probability: float
+    contrast: tuple[float, float] = (1.5, 3.5)
+    distractor_contrast: tuple[float, float] = (0.8, 1.15)
+    distractor_radius: tuple[float, float] = (0.05, 0.14)
+    adjacent_fraction: float = 0.5
 
 
 #: the anatomies of :py:func:`synthetic_case`: ``"la"`` (left atrium: a body with 0-3 vein-like appendages, any
-#: orientation) and ``"prostate"`` (a flatter gland with at most one lobe, nearly upright, more central).
+#: orientation), ``"la_demo"`` (the demo's left atrium: the same generator with a larger, more central body in a
+#: tighter crop, about 6% of the voxels instead of 2.5%, and 1-3 distractors of 0.6-1.0 times its intensity instead of
+#: 2-4 of 0.8-1.15 times; with its noise, bias field and the tube, still not separable by intensity alone) and
+#: ``"prostate"`` (a flatter gland with at most one lobe, nearly upright, more central).
 ANATOMIES: dict[str, AnatomyParams] = {
     "la": AnatomyParams(
         num_appendages=(0, 3),
@@ -77,6 +89,20 @@ ANATOMIES: dict[str, AnatomyParams] = {
         center_depth=0.06,
         num_distractors=(2, 4),
         tube_probability=0.8,
+    ),
+    "la_demo": AnatomyParams(
+        num_appendages=(0, 3),
+        body_radius=(0.2, 0.3),
+        body_depth=(0.25, 0.38),
+        flatten=(0.6, 1.0),
+        appendage_radius=(0.25, 0.45),
+        appendage_length=(0.6, 1.1),
+        max_tilt=np.pi,
+        center_range=0.1,
+        center_depth=0.06,
+        num_distractors=(1, 3),
+        tube_probability=0.8,
+        distractor_contrast=(0.6, 1.0),
     ),
     "prostate": AnatomyParams(
         num_appendages=(0, 1),
@@ -181,11 +207,12 @@ def synthetic_case(
     """
     One synthetic MRI volume and its foreground mask.
 
-    The foreground is a union of randomly rotated ellipsoids (a body plus 0-3 appendages for ``"la"``, a flatter
-    gland with at most one lobe for ``"prostate"``) that spans only the middle slices along the last axis (at
-    least the first and last ``max(1, 8%)`` slices are empty). The image has a textured background, 1-5 unlabeled
-    structures of similar intensity (one often a tube through all slices), a random foreground contrast, partial
-    volume blur, a smooth multiplicative bias field and Gaussian noise, and is z-scored (like UA-MT's volumes).
+    The foreground is a union of randomly rotated ellipsoids (a body plus 0-3 appendages for ``"la"`` and
+    ``"la_demo"``, a flatter gland with at most one lobe for ``"prostate"``) that spans only the middle slices along
+    the last axis (at least the first and last ``max(1, 8%)`` slices are empty). The image has a textured
+    background, 1-5 unlabeled structures of similar intensity (one often a tube through all slices; how many, how
+    large and how bright is the anatomy's), a random foreground contrast, partial volume blur, a smooth
+    multiplicative bias field and Gaussian noise, and is z-scored (like UA-MT's volumes).
 
     Args:
         rng: the random generator (all randomness comes from it).
@@ -222,9 +249,9 @@ def synthetic_case(
     distract = np.zeros(shape, dtype=bool)
     fg_voxels = np.argwhere(mask)
     for _ in range(rng.integers(p.num_distractors[0], p.num_distractors[1] + 1)):
-        adjacent = rng.uniform() < 0.5  # half of them touch the foreground (neighbouring chambers, vessels)
+        adjacent = rng.uniform() < p.adjacent_fraction  # touching the foreground (neighbouring chambers, vessels)
         for _attempt in range(5):
-            radii = rng.uniform(0.05, 0.14, size=3)
+            radii = rng.uniform(*p.distractor_radius, size=3)
             if adjacent:
                 v = fg_voxels[rng.integers(len(fg_voxels))]
                 direction = rng.normal(size=3)
@@ -243,9 +270,9 @@ def synthetic_case(
         distract |= tube & ~mask
     noise = rng.uniform(0.15, 0.35)
     texture_amp = rng.uniform(0.15, 0.35)
-    fg_level = rng.uniform(1.5, 3.5) * max(noise, texture_amp)  # contrast-to-noise ratio 1.5-3.5
+    fg_level = rng.uniform(*p.contrast) * max(noise, texture_amp)  # contrast-to-noise ratio (1.5-3.5 for "la")
     fg = mask.astype(np.float32) * fg_level * (1 + 0.15 * _smooth_field(rng, shape, 6))
-    other = (distract & ~mask).astype(np.float32) * fg_level * rng.uniform(0.8, 1.15)
+    other = (distract & ~mask).astype(np.float32) * fg_level * rng.uniform(*p.distractor_contrast)
     texture = texture_amp * (_smooth_field(rng, shape, 8) + 0.5 * _smooth_field(rng, shape, 20))
     content = ndimage.gaussian_filter(fg + other, sigma=rng.uniform(0.5, 1.0)) + texture + rng.uniform(0.5, 1.0)
     bias = np.exp(rng.uniform(0.1, 0.35) * _smooth_field(rng, shape, 3))
@@ -300,12 +327,13 @@ def make_synthetic_dataset(
     seed: int = 0,
     spacing: Sequence[float] | None = None,
     case_ids: Sequence[str] | None = None,
+    kind: str | None = None,
 ) -> list[str]:
     """
     Write ``num_cases`` labeled synthetic cases in the layout of ``format``.
 
     The anatomy follows the format (left atrium for ``uamt_h5``, ``la_raw``, ``msd_heart``; prostate for
-    ``promise12``, ``msd_prostate``) and each case is written by :py:meth:`VolumeFormat.write
+    ``promise12``, ``msd_prostate``) unless ``kind`` names one, and each case is written by :py:meth:`VolumeFormat.write
     <monai_mlbseg.data.formats.VolumeFormat.write>`. Case ``i`` depends only on ``(seed, i)``, so the data are
     deterministic and a larger data set extends a smaller one. For formats with ``case_lists`` (``uamt_h5``,
     ``la_raw``) also writes UA-MT style ``train.list`` and ``test.list`` (one case id per line; the last ~20% of the
@@ -319,18 +347,22 @@ def make_synthetic_dataset(
         seed: random seed.
         spacing: voxel spacing stored in the files; ``None``: ``(1, 1, 1)``.
         case_ids: the case ids; default: the data set's naming style (``case000``, ``la_000``, ``Case00``, ...).
+        kind: a key of :py:data:`ANATOMIES` (default: the format's anatomy, ``"la"`` or ``"prostate"``).
 
     Returns:
         the case ids, in order.
 
     Raises:
-        ValueError: for an unknown format, ``num_cases < 1``, or duplicate case ids.
+        ValueError: for an unknown format or kind, ``num_cases < 1``, or duplicate case ids.
 
     Example::
 
         ids = make_synthetic_dataset("/tmp/la", format="uamt_h5", num_cases=12, shape=(96, 96, 48), seed=0)
     """
     spec = get_format(format)
+    kind = spec.anatomy if kind is None else kind
+    if kind not in ANATOMIES:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(ANATOMIES)}.")
     ids = [spec.default_case_id(i) for i in range(int(num_cases))] if case_ids is None else [str(c) for c in case_ids]
     if not ids:
         raise ValueError("make_synthetic_dataset needs at least one case.")
@@ -339,7 +371,7 @@ def make_synthetic_dataset(
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     for i, case_id in enumerate(ids):
-        image, label = synthetic_case(np.random.default_rng([int(seed), i]), shape=shape, kind=spec.anatomy)
+        image, label = synthetic_case(np.random.default_rng([int(seed), i]), shape=shape, kind=kind)
         spec.write(root, case_id, image, label, spacing=(1.0, 1.0, 1.0) if spacing is None else spacing)
     if spec.case_lists:
         num_test = round(0.2 * len(ids)) if len(ids) > 1 else 0
