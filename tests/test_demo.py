@@ -46,6 +46,7 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
         assert len(list((out / f"eval_{stage}").rglob("*_seg.nii.gz"))) == 2, "the bundle's evaluation wrote the masks"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["stage-2 mode"] == "faithful (reference)"
+    assert summary["settings"]["stage-2 method"] == "mlbseg"
     for name in ("train.json", "inference.json", "evaluate.json"):  # the demo ran the left-atrium bundle itself
         assert (out / "bundle" / "configs" / name).read_text() == (BUNDLES["mlbseg_la"] / "configs" / name).read_text()
     assert set(summary["wall_time_s"]) >= {"stage 1", "stage 2", "total"}
@@ -166,3 +167,16 @@ def test_demo_on_a_folder_with_too_few_cases_is_refused(tmp_path):
     assert proc.returncode != 0
     assert str(data) in proc.stderr and "too few" in proc.stderr
     assert not (tmp_path / "out" / "models").exists()
+
+
+def test_demo_names_the_stage2_method_and_skips_weight_maps_without_a_weighted_term(tmp_path):
+    out = tmp_path / "mt"
+    proc = demo(out, "--overrides", '{"stage2_method": "mean_teacher"}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "| mean teacher (stage 2) |" in report and "MLB-Seg (stage 2)" not in report
+    assert "mean teacher changed the mean test Dice by" in report
+    assert "weight_maps.png" not in report and not (out / "figures" / "weight_maps.png").exists()
+    assert (out / "figures" / "test_overlays.png").stat().st_size > 1000
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["stage-2 method"] == "mean_teacher"
