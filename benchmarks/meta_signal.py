@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from monai.metrics import compute_roc_auc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,19 +43,10 @@ from monai_mlbseg.utils import atomic_write_json  # noqa: E402
 
 
 def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Mann-Whitney AUC: P(score of a positive > score of a negative), ties counted half."""
-    pos, neg = int(positive.sum()), int((~positive).sum())
-    if pos == 0 or neg == 0:
+    """P(score of a positive > score of a negative), ties counted half (MONAI's ``compute_roc_auc``); NaN: one class."""
+    if positive.all() or not positive.any():
         return float("nan")
-    order = torch.argsort(scores)
-    ranks = torch.empty_like(scores, dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    sorted_scores = scores[order]
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    mean_rank = ends - (counts.to(torch.float64) - 1) / 2  # average rank of each group of ties
-    ranks[order] = mean_rank[inverse]
-    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return float(compute_roc_auc(scores.flatten().double(), positive.flatten().long()))
 
 
 def boundary_band(label: torch.Tensor, width: int = 3) -> torch.Tensor:
