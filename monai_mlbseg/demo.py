@@ -74,17 +74,18 @@ def _as_sequence(value: str | Sequence[str]) -> Sequence[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
-#: what stage 2 does, per method of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS`, for the report
-STAGE2_DESCRIPTIONS = {
-    "mlbseg": "learns per-pixel weights for the initial labels and the PLE pseudo labels of the unlabeled slices",
-    "mean_teacher": "makes its predictions on the unlabeled slices' views agree with an EMA teacher's",
-    "self_training": "trains on the initial labels of the unlabeled slices",
+#: the report's name of each stage-2 method of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` and what it does
+STAGE2_REPORT = {
+    "mlbseg": (
+        "MLB-Seg",
+        "learns per-pixel weights for the initial labels and the PLE pseudo labels of the unlabeled slices",
+    ),
+    "mean_teacher": (
+        "mean teacher",
+        "makes its predictions on the unlabeled slices' views agree with an EMA teacher's",
+    ),
+    "self_training": ("self-training", "trains on the initial labels of the unlabeled slices"),
 }
-
-
-def _stage2_label(method: str) -> str:
-    """The report's name of a stage-2 method (``MLB-Seg`` for the reference method)."""
-    return {"mlbseg": "MLB-Seg", "mean_teacher": "mean teacher", "self_training": "self-training"}.get(method, method)
 
 
 def _mode_name(reuse_meta_grad: bool, meta_params: str | Sequence[str] | None) -> str:
@@ -442,7 +443,7 @@ def run_demo(
     report2, pred2 = _evaluate(bundle, common, out_dir / "models" / "model.pt", out_dir, "stage2")
     network = _parsed(training, "network")
     method = str(_parsed(training, "stage2_method"))
-    stage2_name = _stage2_label(method)
+    stage2_name = STAGE2_REPORT[method][0]
     history = logged_series(logger1, "stage 1")
     for group, names in STAGE2_CURVES.items():
         history.update(logged_series(logger2, group, offset=stage1_iterations, select=names))
@@ -497,7 +498,7 @@ def _report_text(
 ) -> str:
     d1 = report1.summary()["dice"]["mean"] * 100
     d2 = report2.summary()["dice"]["mean"] * 100
-    name = _stage2_label(method)
+    name, does = STAGE2_REPORT[method]
     verdict = (
         f"{name} changed the mean test Dice by {d2 - d1:+.1f} points over labeled-only training "
         f"({d1:.1f}% -> {d2:.1f}%)."
@@ -511,7 +512,7 @@ def _report_text(
         "# MLB-Seg demo report",
         "",
         f"{source}, few labeled, more unlabeled, a held-out test set. Stage 1 trains on the labeled slices only; "
-        f"stage 2 ({name}) starts from it and {STAGE2_DESCRIPTIONS.get(method, 'uses the unlabeled slices')}. "
+        f"stage 2 ({name}) starts from it and {does}. "
         "Both run as the left-atrium bundle's training workflow (`bundle/`), and "
         "the bundle's evaluation workflow measures both on the test volumes: per volume (3D), in "
         "`metrics_stage1.csv` and `metrics_stage2.csv` (the masks in `eval_stage1/` and `eval_stage2/`).",

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from monai_mlbseg.demo import run_demo
+from monai_mlbseg.demo import STAGE2_REPORT, run_demo
+from monai_mlbseg.engines import STAGE2_METHODS
 
 from .bundle_utils import BUNDLES
 
@@ -180,3 +181,4 @@ def test_demo_names_the_stage2_method_and_skips_weight_maps_without_a_weighted_t
     assert (out / "figures" / "test_overlays.png").stat().st_size > 1000
     settings = json.loads((out / "summary.json").read_text())["settings"]
     assert settings["stage-2 method"] == "mean_teacher"
+    assert set(STAGE2_REPORT) == set(STAGE2_METHODS), "the report names every stage-2 method"
