@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,20 +90,6 @@ ANATOMIES: dict[str, AnatomyParams] = {
         num_distractors=(2, 4),
         tube_probability=0.8,
     ),
-    "la_demo": AnatomyParams(
-        num_appendages=(0, 3),
-        body_radius=(0.2, 0.3),
-        body_depth=(0.25, 0.38),
-        flatten=(0.6, 1.0),
-        appendage_radius=(0.25, 0.45),
-        appendage_length=(0.6, 1.1),
-        max_tilt=np.pi,
-        center_range=0.1,
-        center_depth=0.06,
-        num_distractors=(1, 3),
-        tube_probability=0.8,
-        distractor_contrast=(0.6, 1.0),
-    ),
     "prostate": AnatomyParams(
         num_appendages=(0, 1),
         body_radius=(0.1, 0.17),
@@ -118,6 +104,15 @@ ANATOMIES: dict[str, AnatomyParams] = {
         tube_probability=0.3,
     ),
 }
+#: the demo's left atrium: ``"la"`` with a larger, more central body and fewer, dimmer distractors
+ANATOMIES["la_demo"] = replace(
+    ANATOMIES["la"],
+    body_radius=(0.2, 0.3),
+    body_depth=(0.25, 0.38),
+    center_range=0.1,
+    num_distractors=(1, 3),
+    distractor_contrast=(0.6, 1.0),
+)
 
 
 def _rotation(rng: np.random.Generator, max_angle: float) -> np.ndarray:
