@@ -119,3 +119,44 @@ def test_iteration_clock_steps_one_iteration_at_a_time(monkeypatch):
     for done in (1, 2, 3):
         assert clock.step() > 0
         assert len(clock.times) == engine.state.iteration == done
+
+
+def _allocator_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import allocator
+    finally:
+        sys.path.pop(0)
+    return allocator
+
+
+def test_allocator_benchmark_finds_preloadable_libraries_only_where_installed(tmp_path):
+    allocator = _allocator_module()
+    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    found, missing = allocator.allocators([str(tmp_path / "absent"), str(tmp_path)])
+    assert found["tcmalloc"] == {"LD_PRELOAD": str(tmp_path / "libtcmalloc_minimal.so.4")}
+    assert missing == ["jemalloc"] and "jemalloc" not in found
+    assert found["glibc"] == {} and set(found["glibc_tuned"]) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+
+
+def test_allocator_benchmark_times_each_allocator_against_glibc(tmp_path):
+    out = tmp_path / "f.json"
+    stdout = run("allocator.py", "--allocators", "glibc_tuned", "--json", str(out))
+    f = json.loads(out.read_text())["f_allocator"]["allocators"]
+    assert set(f) == {"glibc", "glibc_tuned"}
+    assert f["glibc"]["speedup_vs_glibc"] == 1.0
+    tuned = f["glibc_tuned"]
+    assert tuned["env"]["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2**20)
+    assert tuned["speedup_vs_glibc"] == pytest.approx(f["glibc"]["iteration_s_median"] / tuned["iteration_s_median"])
+    assert tuned["minor_faults_per_iteration"] >= 0 and len(tuned["iteration_s_samples"]) == 1
+    assert "glibc's speed" in stdout
+
+
+def test_allocator_benchmark_rejects_an_unknown_allocator():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "allocator.py"), "--quick", "--allocators", "mimalloc"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "unknown mimalloc" in proc.stderr
