@@ -7,7 +7,9 @@ fresh subprocess per allocator: glibc's ``malloc`` as it comes, glibc with its m
 activations of one iteration are freed and allocated again every iteration; glibc returns the large blocks to the
 kernel, and every new page costs a minor page fault (zeroed by the kernel), which shows as system time. The script
 reports, per allocator, the median time per iteration, the minor page faults per iteration and the ratio to glibc
-as it comes. The allocators alternate round by round, so that a change of machine load affects all of them alike.
+as it comes, and checks that the network's weights after the iterations are bit-identical under every allocator
+(the allocator decides where tensors live, not what they hold). The allocators alternate round by round, so that a
+change of machine load affects all of them alike.
 
 Usage::
 
@@ -18,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -72,13 +75,16 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     workload = Workload(2, args.features, (args.size, args.size), device, num_clean=args.clean)
-    clock = IterationClock(workload.stage2(), device)
+    engine = workload.stage2()
+    clock = IterationClock(engine, device)
     for _ in range(args.warmup):
         clock.step()
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = [clock.step() for _ in range(args.iterations)]
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-    return {"times_s": times, "minor_faults_per_iteration": faults / max(args.iterations, 1)}
+    weights = torch.cat([p.detach().flatten().double().cpu() for p in engine.network.parameters()])
+    digest = hashlib.sha1(weights.numpy().tobytes()).hexdigest()
+    return {"times_s": times, "minor_faults_per_iteration": faults / max(args.iterations, 1), "weights_sha1": digest}
 
 
 def run_worker(args: argparse.Namespace, env: dict[str, str]) -> dict:
@@ -120,7 +126,9 @@ def measure(args: argparse.Namespace) -> dict:
             )
         missing = [m for m in missing if m in wanted]
         found = {name: env for name, env in found.items() if name in wanted or name == "glibc"}
-    samples: dict[str, dict] = {name: {"times_s": [], "faults": [], "env": env} for name, env in found.items()}
+    samples: dict[str, dict] = {
+        name: {"times_s": [], "faults": [], "digests": set(), "env": env} for name, env in found.items()
+    }
     for _ in range(args.rounds):
         for name, env in found.items():
             result = run_worker(args, env)
@@ -129,8 +137,10 @@ def measure(args: argparse.Namespace) -> dict:
                 continue
             samples[name]["times_s"] += result["times_s"]
             samples[name]["faults"].append(result["minor_faults_per_iteration"])
+            samples[name]["digests"].add(result["weights_sha1"])
     base = median(samples["glibc"]["times_s"])
-    out: dict = {"missing": missing, "allocators": {}}
+    digests = set().union(*(s["digests"] for s in samples.values()))
+    out: dict = {"missing": missing, "same_weights": len(digests) == 1, "allocators": {}}
     for name, s in samples.items():
         entry: dict = {"env": s["env"]}
         if s["times_s"]:
@@ -139,6 +149,7 @@ def measure(args: argparse.Namespace) -> dict:
                 "iteration_s_samples": s["times_s"],
                 "minor_faults_per_iteration": median(s["faults"]),
                 "speedup_vs_glibc": base / median(s["times_s"]),
+                "weights_sha1": sorted(s["digests"]),
             }
         if "error" in s:
             entry["error"] = s["error"]
@@ -156,6 +167,8 @@ def print_figures(f: dict) -> None:
             f"{r['minor_faults_per_iteration']:>12.0f} minor page faults per iteration, "
             f"{r['speedup_vs_glibc']:.2f}x glibc's speed"
         )
+    same = "identical" if f["same_weights"] else "DIFFERENT"
+    print(f"  network weights after the iterations: {same} under every allocator (sha1 of all parameters)")
     if f["missing"]:
         print(f"  not installed here: {', '.join(f['missing'])}")
 

@@ -150,6 +150,8 @@ def test_allocator_benchmark_times_each_allocator_against_glibc(tmp_path):
     assert tuned["speedup_vs_glibc"] == pytest.approx(f["glibc"]["iteration_s_median"] / tuned["iteration_s_median"])
     assert tuned["minor_faults_per_iteration"] >= 0 and len(tuned["iteration_s_samples"]) == 1
     assert "glibc's speed" in stdout
+    assert json.loads(out.read_text())["f_allocator"]["same_weights"] is True
+    assert tuned["weights_sha1"] == f["glibc"]["weights_sha1"] and len(tuned["weights_sha1"][0]) == 40
 
 
 def test_allocator_benchmark_rejects_an_unknown_allocator():
