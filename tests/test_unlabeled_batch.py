@@ -12,18 +12,27 @@ from .bundle_utils import BUNDLES
 from .test_meta_trainer import make_trainer
 
 
-def bundle_batch_size(name: str, *configs: str, **override) -> int:
+def bundle_batch_size(name: str, *configs: str, loader: str = "train#unlabeled#dataloader", **override) -> int:
     parser = ConfigParser()
     parser.read_config([str(BUNDLES[name] / "configs" / c) for c in configs])
     for key, value in override.items():
         parser[key] = value
-    return parser.get_parsed_content("train#unlabeled#dataloader#batch_size")
+    return parser.get_parsed_content(f"{loader}#batch_size")
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLES))
 def test_the_unlabeled_loader_takes_unlabeled_batch_size(name):
     assert bundle_batch_size(name, "train.json") == 1, "the reference: one unlabeled slice per iteration"
     assert bundle_batch_size(name, "train.json", unlabeled_batch_size=4) == 4
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_the_clean_loader_of_stage_2_takes_clean_batch_size(name):
+    assert bundle_batch_size(name, "train.json", loader="train#dataloader") == 2, "the reference: two clean slices"
+    assert bundle_batch_size(name, "train.json", loader="train#dataloader", clean_batch_size=32) == 32
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES[name] / "configs" / "train.json"))
+    assert parser["train"]["trainer"]["clean_data_loader"] == "@train#dataloader"
 
 
 def run_with_weights(trainer):
