@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +36,7 @@ from common import (
     fmt_s,
     median,
     parse_benchmark_args,
+    run_worker_process,
     start,
 )
 
@@ -88,30 +86,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_worker(args: argparse.Namespace, env: dict[str, str]) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        "--device",
-        args.device,
-        "--features",
-        ",".join(map(str, args.features)),
-        "--size",
-        str(args.size),
-        "--threads",
-        str(args.threads),
-        "--clean",
-        str(args.clean),
-        "--iterations",
-        str(args.iterations),
-        "--warmup",
-        str(args.warmup),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    if proc.returncode != 0 or not lines:
-        return {"error": f"rc {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
-    return json.loads(lines[-1][len(MARKER) :])
+    extra = ["--worker", "--clean", str(args.clean), "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    return run_worker_process(__file__, args, extra, MARKER, env)
 
 
 def measure(args: argparse.Namespace) -> dict:

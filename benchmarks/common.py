@@ -18,6 +18,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -384,6 +385,31 @@ FULL = {"features": "16,32,64,128,256", "size": 144, "volume": "200,140,88", "th
 
 def ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in str(text).split(",") if v.strip())
+
+
+def run_worker_process(
+    script: str, args: argparse.Namespace, extra: Sequence[str], marker: str, env: dict[str, str] | None = None
+) -> dict:
+    """Run ``script`` in a fresh interpreter with the shared options of ``args`` (device, widths, size, threads) and
+    ``extra``; returns the JSON of its last stdout line that starts with ``marker``, or ``{"error": ...}``."""
+    cmd = [
+        sys.executable,
+        os.path.abspath(script),
+        "--device",
+        args.device,
+        "--features",
+        ",".join(map(str, args.features)),
+        "--size",
+        str(args.size),
+        "--threads",
+        str(args.threads),
+        *extra,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker)]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"rc {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+    return json.loads(lines[-1][len(marker) :])
 
 
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from common import (
     finish,
     mib,
     parse_benchmark_args,
+    run_worker_process,
     stage2_modes,
     start,
 )
@@ -119,33 +119,10 @@ def measure(args: argparse.Namespace) -> dict:
     )
     results = {}
     for kind in kinds:
-        cmd = (
-            [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--worker",
-                kind,
-                "--device",
-                args.device,
-                "--features",
-                ",".join(map(str, args.features)),
-                "--size",
-                str(args.size),
-                "--threads",
-                str(args.threads),
-                "--steps",
-                str(args.steps),
-            ]
-            + (["--channels-last"] if args.channels_last else [])
-            + (["--amp"] if args.amp else [])
-        )
+        extra = ["--worker", kind, "--steps", str(args.steps)]
+        extra += (["--channels-last"] if args.channels_last else []) + (["--amp"] if args.amp else [])
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-        if proc.returncode != 0 or not lines:
-            results[kind] = {"error": f"rc {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
-        else:
-            results[kind] = json.loads(lines[-1][len(MARKER) :])
+        results[kind] = run_worker_process(__file__, args, extra, MARKER)
         results[kind]["subprocess_s"] = time.perf_counter() - start
     res: dict = {"method": "cuda max_memory_allocated" if args.device == "cuda" else "ru_maxrss + VmHWM", **results}
     f, s = results.get("faithful", {}), results.get("supervised", {})
