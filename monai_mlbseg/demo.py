@@ -297,8 +297,8 @@ def run_demo(
     the training workflow (e.g. ``{"train#trainer#joint_step": true}``).
 
     The defaults are sized for 2 CPU cores. Measured at 1 thread on 2 cores shared with two other jobs, a run takes
-    8-9.5 minutes (stage 1 about 0.18 s an iteration, stage 2 1.0-1.2 s); on 2 idle cores about 5 minutes is
-    expected (estimated, not measured). On the synthetic data (``"la_demo"``: the atrium is about 6% of the voxels,
+    8-9.5 minutes (stage 1 about 0.18 s an iteration, stage 2 1.0-1.2 s); on 2 idle cores (2 threads) it took
+    3.5 minutes. On the synthetic data (``"la_demo"``: the atrium is about 6% of the voxels,
     with 1-3 distractors of 0.6-1.0 times its intensity, half of them touching it, a tube through every slice in 80%
     of the volumes, contrast-to-noise 1.5-3.5) labeled-only training is clearly imperfect: measured test Dice for
     seeds 0, 1, 2 of 62.8, 49.8, 46.1 after stage 1 and 71.4, 52.0, 41.8 after stage 2 (68.3, 51.6, 41.9 with
