@@ -94,14 +94,8 @@ def measure(args: argparse.Namespace) -> dict:
     """Figure (f): ``args.rounds`` rounds, one fresh subprocess per allocator each; medians and ratios to glibc."""
     found, missing = allocators()
     if args.allocators:
-        wanted = [a.strip() for a in args.allocators.split(",") if a.strip()]
-        unknown = sorted(set(wanted) - {"glibc", "glibc_tuned", *LIBRARIES})
-        if unknown:
-            raise SystemExit(
-                f"--allocators: unknown {', '.join(unknown)}; known: glibc, glibc_tuned, {', '.join(LIBRARIES)}"
-            )
-        missing = [m for m in missing if m in wanted]
-        found = {name: env for name, env in found.items() if name in wanted or name == "glibc"}
+        missing = [m for m in missing if m in args.allocators]
+        found = {name: env for name, env in found.items() if name in args.allocators or name == "glibc"}
     samples: dict[str, dict] = {
         name: {"times_s": [], "faults": [], "digests": set(), "env": env} for name, env in found.items()
     }
@@ -160,6 +154,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_benchmark_args(
         p, argv, quick={"clean": 2, "iterations": 1, "rounds": 1}, full={"clean": 2, "iterations": 3, "rounds": 2}
     )
+    if args.allocators:
+        args.allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+        unknown = sorted(set(args.allocators) - {"glibc", "glibc_tuned", *LIBRARIES})
+        if unknown:
+            p.error(f"--allocators: unknown {', '.join(unknown)}; known: glibc, glibc_tuned, {', '.join(LIBRARIES)}")
     if args.worker:
         print(MARKER + json.dumps(worker(args)))
         return {}
