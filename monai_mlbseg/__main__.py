@@ -40,18 +40,52 @@ def synth(
     shape: Sequence[int] = (96, 96, 48),
     seed: int = 0,
 ) -> str:
-    """Write a synthetic data set in a real on-disk format (``uamt_h5``, ``la_raw``, ``msd_heart``, ``promise12``,
-    ``msd_prostate``), e.g. to smoke-test a bundle. Returns the folder."""
+    """
+    Write a synthetic data set in a real on-disk format, e.g. to smoke-test a bundle or the data check.
+
+    Args:
+        out: the folder to write (created; the cases and, for ``uamt_h5``, the split lists).
+        format: the layout, one of ``uamt_h5``, ``la_raw``, ``msd_heart``, ``promise12``, ``msd_prostate``.
+        num_cases: how many labeled cases.
+        shape: the spatial shape of every volume, slices along the last axis.
+        seed: seed of the generator (the same seed writes the same volumes).
+
+    Returns:
+        the folder's absolute path.
+
+    Example::
+
+        python -m monai_mlbseg synth /tmp/la --format uamt_h5 --num_cases 8 --shape 64,64,24
+    """
     ids = make_synthetic_dataset(out, format, num_cases=num_cases, shape=tuple(shape), seed=seed)
     print(f"wrote {len(ids)} {format} cases to {out}")
     return str(Path(out).resolve())
 
 
+def _paths(value: str | Sequence[str]) -> list[str]:
+    """A list of paths from the command line: one path, a comma-separated list, or a sequence."""
+    return [p for p in value.split(",") if p] if isinstance(value, str) else [str(p) for p in value]
+
+
 def evaluate(predictions: Sequence[str], labels: Sequence[str], out: str = ".", prefix: str = "metrics") -> str:
-    """Per-case Dice, Jaccard, 95HD and ASD (voxels and mm) of prediction masks against label files (two lists of
-    files in the same order), written as ``<out>/<prefix>.csv`` and ``.json``."""
-    preds = [predictions] if isinstance(predictions, str) else list(predictions)
-    labs = [labels] if isinstance(labels, str) else list(labels)
+    """
+    Per-case Dice, Jaccard, 95HD and ASD (voxels and mm) of prediction masks against label files, written as
+    ``<out>/<prefix>.csv`` and ``.json`` and printed as a table.
+
+    Args:
+        predictions: the prediction mask files (one path, or a comma-separated list).
+        labels: the label files, in the same order as ``predictions``.
+        out: the folder of the metric files (created).
+        prefix: the metric files' name without its extension.
+
+    Returns:
+        the path of the JSON file.
+
+    Example::
+
+        python -m monai_mlbseg evaluate --predictions a_seg.nii.gz,b_seg.nii.gz --labels a.nii.gz,b.nii.gz
+    """
+    preds, labs = _paths(predictions), _paths(labels)
     report = evaluate_files(preds, labs, out_dir=out, prefix=prefix)
     print(report.to_markdown())
     return str(Path(out).resolve() / f"{prefix}.json")

@@ -309,7 +309,7 @@ def run_demo(
     Args:
         out: output folder (created; rerunning continues an interrupted run).
         data_dir: run on this folder of real scans instead of generated ones (read only; nothing is written into
-            it): UA-MT style when it holds ``train.list`` / ``test.list`` (first ``num_labeled`` labeled, the next
+            it). UA-MT style when it holds ``train.list`` / ``test.list`` (first ``num_labeled`` labeled, the next
             ``num_unlabeled`` unlabeled, the first ``num_test`` of ``test.list`` for the report), otherwise its
             discovered cases in order (labeled, unlabeled, and the last ``num_test`` for the report).
         format: the layout of ``data_dir`` (``uamt_h5``, ``la_raw``, ``msd_heart``, ``promise12``,
@@ -330,10 +330,10 @@ def run_demo(
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         reuse_meta_grad: fast mode of :py:class:`~monai_mlbseg.engines.MetaTrainer` (off: the reference's clean step).
         meta_params: fast mode: restrict the meta-gradient to these parameter names or prefixes, e.g.
-            ``nodes.conv0_3,final`` (default: all parameters, as in the reference).
-        overrides: extra overrides of the bundle's training workflow, ``{"id#path": value}`` or the same as a JSON
-            object (on the command line: ``--overrides '{"train#trainer#joint_step": true}'``), merged after the
-            demo's own (so they win); named in the report's settings. The evaluation workflows do not get them.
+            ``nodes.conv0_3,final`` (all parameters by default, as in the reference).
+        overrides: extra overrides of the training workflow, e.g. ``'{"train#trainer#joint_step": true}'``
+            (a dict of ids to values, or the same as a JSON object as typed on the command line), merged after the
+            demo's own (so they win) and named in the report's settings. The evaluation workflows do not get them.
         quick: a tiny configuration for smoke tests (overrides the sizes).
         progress: show progress bars.
 

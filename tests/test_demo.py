@@ -29,6 +29,25 @@ def test_cli_lists_the_commands():
         assert re.search(rf"\b{command}\b", text), f"{command} missing from --help"
 
 
+@pytest.mark.parametrize("command", ["demo", "prepare", "check", "synth", "evaluate", "bundles"])
+def test_cli_help_keeps_every_option_description_whole(command):
+    """fire drops docstring lines it mistakes for new arguments (a colon in a continuation line): none may be lost."""
+    import inspect
+
+    from fire import docstrings
+
+    from monai_mlbseg.__main__ import COMMANDS
+
+    doc = inspect.getdoc(inspect.unwrap(COMMANDS[command]))
+    args = doc.split("Args:")[1].split("\n\n")[0]
+    described = dict(re.findall(r"^    (\w+): (.+?)(?=^    \w+: |\Z)", args, flags=re.M | re.S))
+    assert described, f"{command}: no Args section"
+    shown = {a.name: a.description for a in docstrings.parse(doc).args}
+    assert set(shown) == set(described), f"{command}: fire sees the arguments {sorted(shown)}"
+    for name, text in described.items():
+        assert " ".join(shown[name].split()) == " ".join(text.split()), f"{command} --{name}: description cut"
+
+
 def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path):
     out = tmp_path / "demo"
     proc = demo(out)

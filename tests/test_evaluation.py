@@ -452,3 +452,35 @@ def test_dice_score_conventions_agree_with_case_metrics():
     assert dice_score(0.4 * disc, empty) == 1.0
     with pytest.raises(ValueError, match="shapes differ"):
         dice_score(disc, batch)
+
+
+def test_evaluate_command_takes_comma_separated_file_lists(tmp_path):
+    """``python -m monai_mlbseg evaluate --predictions a,b --labels c,d``: fire passes the lists as one string."""
+    import subprocess
+    import sys
+
+    spacing = (1.0, 1.0, 1.0)
+    preds = [_save_nifti(tmp_path / f"pred_{i}.nii.gz", blob((10, 11, 9), i), spacing) for i in range(2)]
+    labels = [_save_nifti(tmp_path / f"case_{i}.nii.gz", blob((10, 11, 9), i + 7), spacing) for i in range(2)]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai_mlbseg",
+            "evaluate",
+            "--predictions",
+            ",".join(map(str, preds)),
+            "--labels",
+            ",".join(map(str, labels)),
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = rows["cases"] if isinstance(rows, dict) else rows
+    assert [r["case_id"] for r in rows] == ["case_0", "case_1"]
+    assert rows[1]["dice"] == pytest.approx(case_metrics(blob((10, 11, 9), 1), blob((10, 11, 9), 8))["dice"])
