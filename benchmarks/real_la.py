@@ -40,6 +40,7 @@ from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
+from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import set_determinism
 
 from monai_mlbseg.data import (
@@ -80,7 +81,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 #: benchmark-level options a variant may set (the rest go to :py:class:`MetaTrainer`)
-RUN_OPTIONS = ("lr", "unlabeled_batch", "clean_batch", "supervised", "iterations_factor")
+RUN_OPTIONS = ("lr", "unlabeled_batch", "clean_batch", "supervised", "iterations_factor", "initial_labels")
+
+#: ``initial_labels`` of a variant: how the stage-1 predictions become the initial labels of the unlabeled volumes
+INITIAL_LABELS = ("raw", "largest_component")
 
 QUICK = {
     "num_cases": 10,
@@ -107,6 +111,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     trainer = {**base_spec["trainer"], **{k: v for k, v in extra.items() if k not in RUN_OPTIONS}}
     run = {k: v for k, v in base_spec.items() if k != "trainer"}
     run.update({k: v for k, v in extra.items() if k in RUN_OPTIONS})
+    if run.get("initial_labels", "raw") not in INITIAL_LABELS:
+        raise ValueError(f"variant {text!r}: initial_labels must be one of {INITIAL_LABELS}")
     return name.strip(), {**run, "trainer": trainer}
 
 
@@ -233,12 +239,27 @@ class Benchmark:
         logger.info(f"seed {seed}: stage 1 validation Dice {100 * result['summary']['dice']['mean']:.2f}")
         return weights, unlabeled, result
 
+    def largest_component_labels(self, seed: int, weights: Path) -> list[dict]:
+        """The initial labels of one seed with only their largest 3D connected component kept (bootstrapped once)."""
+        folder = self.out / f"seed{seed}" / "stage1" / "initial_labels_largest_component"
+        items = initial_label_items(self.datalist["unlabeled"], folder)
+        if not all(Path(item["label"]).is_file() for item in items):
+            network = self.network()
+            network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+            postprocess = KeepLargestConnectedComponent()
+            bootstrap_labels(
+                network, self.inferer, items, self.load, self.device, progress=False, postprocess=postprocess
+            )
+        return items
+
     def stage2(self, seed: int, name: str, spec: dict[str, Any], weights: Path, unlabeled: list[dict]) -> dict:
         """One stage-2 variant of one seed (skipped when its ``result.json`` exists)."""
         args, folder = self.args, self.out / f"seed{seed}" / name
         result_file = folder / "result.json"
         if result_file.is_file():
             return json.loads(result_file.read_text(encoding="utf-8"))
+        if spec.get("initial_labels", "raw") == "largest_component":
+            unlabeled = self.largest_component_labels(seed, weights)
         set_determinism(seed=seed + 1)
         network, teacher = self.network(), self.network()
         network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))

@@ -150,3 +150,62 @@ def test_named_stage2_methods_set_their_options_and_train(method):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
     with pytest.raises(ValueError, match="unknown stage-2 method 'ssl'"):
         stage2_method_options("ssl")
+
+
+def test_copy_paste_term_is_one_plain_bce_step_on_the_mixed_views(monkeypatch):
+    """mix_weight: BCE on unlabeled views with a box of a clean view pasted in, against the mixed label."""
+    import monai_mlbseg.engines.meta_trainer as meta_trainer_module
+
+    def left_half(num, spatial_shape, fraction, generator=None, device="cpu"):
+        box = torch.zeros(num, 1, *spatial_shape, device=device)
+        box[..., : spatial_shape[-1] // 2] = 1.0
+        return box
+
+    monkeypatch.setattr(meta_trainer_module, "random_box_masks", left_half)
+    unlabeled = corrupt(disc_samples(2, 16, seed=1))
+    clean = disc_samples(2, 16, seed=2)
+    options = dict(reweight=False, use_ple=False, label_sources=(), pc_weight=0.0, use_teacher=False, mix_weight=2.0)
+    trainer = make_trainer(iterations=1, unlabeled=unlabeled, clean=clean, clean_step=False, grad_clip=None, **options)
+    net = copy.deepcopy(trainer.network)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    trainer.run()
+
+    views = PLEViews(2).set_random_state(0)
+    v = views(unlabeled[0]["image"][None])
+    pseudo = (torch.sigmoid(net(v)) > 0.5).float()  # the student's own prediction (no PLE, no teacher)
+    clean_images = torch.stack([c["image"] for c in clean])
+    vc = views(clean_images)
+    vc_labels = warp_to_views(torch.stack([c["label"] for c in clean]), views.params, threshold=0.5)
+    box = left_half(v.shape[0], v.shape[2:], 2 / 3)
+    pick = torch.arange(v.shape[0]) % vc.shape[0]
+    mixed, target = box * vc[pick] + (1 - box) * v, box * vc_labels[pick] + (1 - box) * pseudo
+    loss = F.binary_cross_entropy_with_logits(net(mixed), target)
+    assert trainer.state.output["loss_mix"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert trainer.state.output["loss"] == pytest.approx(2.0 * float(loss.detach()), rel=1e-5)
+    opt.zero_grad()
+    (2.0 * loss).backward()
+    opt.step()
+    for p, q in zip(trainer.network.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_copy_paste_term_with_meta_weights_and_its_errors():
+    trainer = make_trainer(iterations=2, mix_weight=1.0)
+    trainer.run()
+    out = trainer.state.output
+    assert out["loss_mix"] > 0 and math.isfinite(out["loss_meta"])
+    assert out["loss"] == pytest.approx(
+        out["loss_weighted"] + out["loss_pc"] + out["loss_mt"] + out["loss_mix"], rel=1e-5
+    )
+    plain = make_trainer(iterations=1)
+    plain.run()
+    assert plain.state.output["loss_mix"] == 0.0, "off by default (the reference)"
+    with pytest.raises(ValueError, match="mix_fraction"):
+        make_trainer(mix_weight=1.0, mix_fraction=1.5)
+    with pytest.raises(ValueError, match="mix_weight"):
+        make_trainer(mix_weight=-1.0)
+    only_mix = make_trainer(
+        iterations=1, reweight=False, label_sources=(), pc_weight=0.0, mt_weight=0.0, mix_weight=1.0
+    )
+    only_mix.run()
+    assert only_mix.state.output["loss"] == pytest.approx(only_mix.state.output["loss_mix"], rel=1e-6)

@@ -219,3 +219,29 @@ def test_bootstrap_keeps_metatensor_affine_for_in_memory_loaders(tmp_path):
     items = initial_label_items([{"case_id": "m", "image": "m"}], tmp_path)
     bootstrap_labels(torch.nn.Identity(), SliceResizeInferer(roi_size=(8, 8)), items, load, progress=False)
     assert np.allclose(nib.load(items[0]["label"]).affine, affine.numpy())
+
+
+def test_bootstrap_postprocess_keeps_the_largest_component(tmp_path):
+    """``postprocess`` acts on the thresholded mask before it is written; the raw labels stay the default."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    image = torch.full((1, 12, 12, 4), -1.0)
+    image[:, 1:7, 1:7, :] = 1.0  # a 6x6x4 body
+    image[:, 9:11, 9:11, 1:3] = 1.0  # a detached 2x2x2 blob
+
+    def load(item):
+        return {"image": MetaTensor(image.clone())}
+
+    class Sign(torch.nn.Module):
+        def forward(self, x):
+            return 10 * (x - 0.5)  # SliceResizeInferer min-max scales each slice to [0, 1]
+
+    inferer = SliceResizeInferer(roi_size=(12, 12))
+    raw = initial_label_items([{"case_id": "r", "image": "r"}], tmp_path / "raw")
+    bootstrap_labels(Sign(), inferer, raw, load, progress=False)
+    lcc = initial_label_items([{"case_id": "r", "image": "r"}], tmp_path / "lcc")
+    bootstrap_labels(Sign(), inferer, lcc, load, progress=False, postprocess=KeepLargestConnectedComponent())
+    mask_raw = np.asarray(nib.load(raw[0]["label"]).dataobj)
+    mask_lcc = np.asarray(nib.load(lcc[0]["label"]).dataobj)
+    assert mask_raw.sum() == 6 * 6 * 4 + 2 * 2 * 2 and mask_raw[9:11, 9:11, 1:3].all()
+    assert mask_lcc.sum() == 6 * 6 * 4 and mask_lcc[1:7, 1:7].all() and mask_lcc.dtype == np.uint8

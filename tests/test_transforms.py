@@ -332,3 +332,19 @@ def test_flip_subset_distribution_covers_all_choices():
     assert len(codes) == 7 and (False, False, False) not in codes
     counts = np.unique(flip.params.flips[:, 0].numpy(), axis=0, return_counts=True)[1]
     assert counts.min() > 60
+
+
+def test_random_box_masks_are_one_box_of_the_given_side_each():
+    from monai_mlbseg.transforms import random_box_masks
+
+    masks = random_box_masks(6, (12, 9), 2 / 3, generator=torch.Generator().manual_seed(0))
+    assert masks.shape == (6, 1, 12, 9) and set(masks.unique().tolist()) == {0.0, 1.0}
+    for m in masks[:, 0]:
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        assert len(rows) == 8 and len(cols) == 6 and m.sum() == 48, "an 8 x 6 box, filled"
+        assert (rows.diff() == 1).all() and (cols.diff() == 1).all()
+    again = random_box_masks(6, (12, 9), 2 / 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again) and not all(torch.equal(masks[0], m) for m in masks[1:])
+    assert random_box_masks(2, (4, 4, 4), 1.0).sum() == 2 * 64
+    with pytest.raises(ValueError, match="fraction"):
+        random_box_masks(1, (8, 8), 0.0)

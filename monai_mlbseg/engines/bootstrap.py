@@ -99,6 +99,7 @@ def bootstrap_labels(
     label_key: str = "label",
     threshold: float = 0.5,
     progress: bool = True,
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict]:
     """
     Stage-1 bootstrap: predict every unlabeled image and write the thresholded prediction as its initial label,
@@ -116,6 +117,9 @@ def bootstrap_labels(
         image_key, label_key: keys.
         threshold: binarisation threshold.
         progress: show a progress bar.
+        postprocess: applied to every binary mask (``[1, *S]``, uint8, on the CPU) before it is written, e.g.
+            ``monai.transforms.KeepLargestConnectedComponent()`` to drop the detached false positives of a
+            slice-wise network; default: none (the reference writes the thresholded prediction).
 
     Returns:
         the items (unchanged), for chaining in configs.
@@ -136,6 +140,8 @@ def bootstrap_labels(
             image = data[image_key]
             batch = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))[None].to(device)
             mask = (torch.sigmoid(inferer(batch, module)) > threshold)[0].to(torch.uint8).cpu()
+            if postprocess is not None:
+                mask = torch.as_tensor(postprocess(mask)).to(torch.uint8)
             affine = image.meta.get("affine", torch.eye(4)) if isinstance(image, MetaTensor) else torch.eye(4)
             writer = AtomicNibabelWriter(output_dtype=torch.uint8)
             writer.set_data_array(mask, channel_dim=0)

@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader
 from monai_mlbseg.evaluation import dice_score
 from monai_mlbseg.losses import MeanTeacherLoss, MetaReweightLoss, ViewConsistencyLoss
 from monai_mlbseg.meta import WEIGHTINGS, MetaLookAhead
-from monai_mlbseg.transforms import PLEViews, ViewParams, ViewTransform, ple_pseudo_labels, warp_to_views
+from monai_mlbseg.transforms import (
+    PLEViews,
+    ViewParams,
+    ViewTransform,
+    ple_pseudo_labels,
+    random_box_masks,
+    warp_to_views,
+)
 from monai_mlbseg.utils import unwrap_network
 
 from .events import MetaIterationEvents
@@ -54,6 +61,7 @@ STAGE2_TERMS = (
     "loss_weighted",
     "loss_pc",
     "loss_mt",
+    "loss_mix",
     "loss_meta",
     "loss_clean",
     "weight_initial",
@@ -98,8 +106,8 @@ class Stage2State:
         pseudo: ``[N, 1, *S]`` the pseudo labels; ``back`` the view predictions mapped back (``None`` without PLE).
         sources: the label sources of the weighted term by name, each ``[N, 1, *S]``
             (:py:meth:`MetaTrainer.label_source_maps`); weight channel ``i`` belongs to the ``i``-th.
-        l_pc: the view-consistency term; ``l_mt`` the mean-teacher term.
-        regularisation: ``pc_weight * l_pc + mt_weight * l_mt``.
+        l_pc: the view-consistency term; ``l_mt`` the mean-teacher term; ``l_mix`` the copy-paste term.
+        regularisation: ``pc_weight * l_pc + mt_weight * l_mt + mix_weight * l_mix``.
         clean_views: the clean batch's views (with ``clean_view_labels``, ``clean_params``), made when first needed.
         weights: ``[N, len(sources), *S]`` the weight maps.
         meta_loss: the look-ahead's meta loss; ``meta_grads`` its gradient by parameter name (``reweight`` only).
@@ -121,6 +129,7 @@ class Stage2State:
     sources: dict[str, torch.Tensor] = field(default_factory=dict)
     l_pc: torch.Tensor | None = None
     l_mt: torch.Tensor | None = None
+    l_mix: torch.Tensor | None = None
     regularisation: torch.Tensor | None = None
     clean_views: torch.Tensor | None = None
     clean_view_labels: torch.Tensor | None = None
@@ -151,8 +160,8 @@ class MetaTrainer(SupervisedTrainer):
     3. ``mlbseg.weight_maps``: the regularisers L_pc and L_mt, and look-ahead weight maps for every label source
        per pixel (:py:class:`~monai_mlbseg.meta.MetaLookAhead`, differentiating the loss function's
        ``pixel_loss``);
-    4. ``mlbseg.weighted_step``: ``sum(w * l) + pc_weight * L_pc + mt_weight * L_mt``, gradient-norm clip, SGD
-       step, EMA;
+    4. ``mlbseg.weighted_step``: ``sum(w * l) + pc_weight * L_pc + mt_weight * L_mt`` (``+ mix_weight * L_mix``),
+       gradient-norm clip, SGD step, EMA;
     5. ``mlbseg.clean_step``: mean BCE on the clean views ``+ L_pc + L_mt``, clip, SGD step, EMA (with
        ``joint_step=True`` this loss joins step 4 instead, and the iteration makes one step).
 
@@ -193,6 +202,14 @@ class MetaTrainer(SupervisedTrainer):
         reweight: meta-learned weights; off: uniform weights (plain bootstrapping).
         pc_weight: weight of L_pc.
         mt_weight: weight of L_mt.
+        mix_weight: weight of the copy-paste term L_mix (0, the reference: off). Each unlabeled view gets a box
+            (sides ``mix_fraction`` of the image's) of a clean view pasted in, and the student is trained with BCE
+            on the mixed image against the mixed target: the expert label inside the box, the mean teacher's
+            thresholded prediction of the unlabeled view outside it (the PLE pseudo label without a teacher). The
+            term joins the weighted step (and its look-ahead) like L_pc and L_mt; it costs one more student forward
+            and backward on the unlabeled views. Copy-paste between labeled and unlabeled images is the
+            bidirectional-copy-paste idea of semi-supervised segmentation, here in one direction.
+        mix_fraction: the side of the pasted box relative to the image's, in ``(0, 1]``.
         grad_clip: gradient-norm clip of both steps (``None``: no clipping).
         ema_decay: EMA decay of the teacher.
         teacher_noise: std of the Gaussian noise added to the teacher's input.
@@ -261,6 +278,8 @@ class MetaTrainer(SupervisedTrainer):
         reweight: bool = True,
         pc_weight: float = 1.0,
         mt_weight: float = 1.0,
+        mix_weight: float = 0.0,
+        mix_fraction: float = 2 / 3,
         grad_clip: float | None = 0.2,
         ema_decay: float = 0.99,
         teacher_noise: float = 0.02,
@@ -288,8 +307,12 @@ class MetaTrainer(SupervisedTrainer):
             raise ValueError(f"label_sources must be distinct names of {LABEL_SOURCES}, got {label_sources}.")
         if reweight and not label_sources:
             raise ValueError("reweight=True needs at least one label source.")
-        if not label_sources and pc_weight <= 0 and not (use_teacher and mt_weight > 0):
-            raise ValueError("without label sources, pc_weight or the mean teacher must act on the unlabeled views.")
+        if not label_sources and pc_weight <= 0 and mix_weight <= 0 and not (use_teacher and mt_weight > 0):
+            raise ValueError(
+                "without label sources, pc_weight, mix_weight or the mean teacher must act on the unlabeled views."
+            )
+        if mix_weight < 0 or not 0 < mix_fraction <= 1:
+            raise ValueError(f"mix_weight must be >= 0 and mix_fraction in (0, 1], got {mix_weight}, {mix_fraction}.")
         if meta_weighting not in WEIGHTINGS:
             raise ValueError(f"meta_weighting must be one of {WEIGHTINGS}, got {meta_weighting!r}.")
         if batch_norm not in BATCH_NORM_MODES:
@@ -337,6 +360,8 @@ class MetaTrainer(SupervisedTrainer):
         self.reweight = reweight
         self.pc_weight = float(pc_weight)
         self.mt_weight = float(mt_weight)
+        self.mix_weight = float(mix_weight)
+        self.mix_fraction = float(mix_fraction)
         self.grad_clip = grad_clip
         self.teacher_noise = float(teacher_noise)
         self.reuse_meta_grad = reuse_meta_grad
@@ -526,7 +551,8 @@ class MetaTrainer(SupervisedTrainer):
 
     def _weight_maps_phase(self, state: Stage2State) -> None:
         state.l_pc, state.l_mt = self._regularisers(state.probs, state.views, state.params, state.back)
-        state.regularisation = self.pc_weight * state.l_pc + self.mt_weight * state.l_mt
+        state.l_mix = self._mix_loss(state) if self.mix_weight > 0 else state.l_pc.new_zeros(())
+        state.regularisation = self.pc_weight * state.l_pc + self.mt_weight * state.l_mt + self.mix_weight * state.l_mix
         if self.joint_step:
             self._clean_views(state)
             state.loss_clean = self.state.output["loss_clean"] = self._clean_step_loss(state)
@@ -554,6 +580,17 @@ class MetaTrainer(SupervisedTrainer):
             "num_views": state.params.num_views,
         }
         self.fire_event(MetaIterationEvents.WEIGHTS_COMPLETED)
+
+    def _mix_loss(self, state: Stage2State) -> torch.Tensor:
+        """L_mix: the student's BCE on unlabeled views with a box of a clean view pasted in, against the mixed label."""
+        self._clean_views(state)
+        views, clean = state.views, state.clean_views
+        pick = torch.arange(views.shape[0], device=views.device) % clean.shape[0]
+        box = random_box_masks(views.shape[0], views.shape[2:], self.mix_fraction, device=views.device)
+        outside = state.pseudo if self.teacher is None else (self._teacher_probs(views) > self.threshold).float()
+        images = box * clean[pick] + (1 - box) * views
+        targets = box * state.clean_view_labels[pick] + (1 - box) * outside
+        return F.binary_cross_entropy_with_logits(self._forward(images), targets)
 
     def _step_terms(self, state: Stage2State) -> torch.Tensor:
         """The weighted step's loss except the weighted term: the regularisers (plus the clean loss if joint)."""
@@ -614,6 +651,7 @@ class MetaTrainer(SupervisedTrainer):
             "loss_weighted": state.loss_weighted.detach(),
             "loss_pc": state.l_pc.detach(),
             "loss_mt": state.l_mt.detach(),
+            "loss_mix": state.l_mix.detach(),
             "loss_meta": nan if state.meta_loss is None else state.meta_loss.detach(),
             "loss_clean": nan if state.loss_clean is None else state.loss_clean.detach().float(),
             **{

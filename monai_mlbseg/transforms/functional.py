@@ -32,6 +32,7 @@ __all__ = [
     "map_view_pairs",
     "ple_pseudo_labels",
     "view_pairs",
+    "random_box_masks",
 ]
 
 
@@ -266,3 +267,46 @@ def ple_pseudo_labels(view_probs: torch.Tensor, params: ViewParams, threshold: f
         mean = back.reshape(params.batch_size, params.num_views, *back.shape[1:]).mean(dim=1)
         pseudo = warp_to_views(mean, params, threshold=threshold)
     return PLEResult(mean, pseudo, back)
+
+
+def random_box_masks(
+    num: int,
+    spatial_shape: Sequence[int],
+    fraction: float,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """
+    ``num`` masks, each 1 inside one axis-aligned box and 0 elsewhere, for copy-paste mixing of images.
+
+    Every side of a box is ``round(fraction * size)`` pixels (at least one), at a uniformly random position
+    inside the image, drawn independently per mask.
+
+    Args:
+        num: how many masks.
+        spatial_shape: the image's spatial shape ``S`` (2D or 3D).
+        fraction: the box's side relative to the image's, in ``(0, 1]``.
+        generator: the random generator of the positions (default: ``torch``'s global one).
+        device: the device of the masks.
+
+    Returns:
+        ``[num, 1, *S]`` float masks.
+
+    Raises:
+        ValueError: when ``fraction`` is outside ``(0, 1]``.
+
+    Example::
+
+        box = random_box_masks(4, (64, 64), 2 / 3)
+        mixed = box * labeled_images + (1 - box) * unlabeled_images
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    spatial_shape = [int(s) for s in spatial_shape]
+    masks = torch.zeros(num, 1, *spatial_shape, device=device)
+    sides = [max(1, round(fraction * s)) for s in spatial_shape]
+    starts = [torch.randint(0, s - b + 1, (num,), generator=generator).tolist() for s, b in zip(spatial_shape, sides)]
+    for i in range(num):
+        box = tuple(slice(start[i], start[i] + b) for start, b in zip(starts, sides))
+        masks[(i, slice(None), *box)] = 1.0
+    return masks
