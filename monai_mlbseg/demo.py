@@ -148,6 +148,56 @@ class _WeightMapKeeper:
         }
 
 
+#: the report's name of the labeled-only control
+CONTROL_NAME = "labeled only, continued"
+
+
+def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path, seed: int, iterations: int) -> Path:
+    """
+    The labeled-only control: the bundle's stage-2 workflow with no unlabeled volumes (its trainer then makes one
+    clean step per iteration), from the stage-1 weights, for ``iterations`` iterations, reseeded like stage 2.
+    Checkpoints in ``<out_dir>/checkpoints/control`` (a rerun continues), weights in
+    ``<out_dir>/models/control/model.pt``, which it returns (a finished control, whose weights exist, is not run
+    again).
+    """
+    model = out_dir / "models" / "control" / "model.pt"
+    if model.is_file():
+        return model
+    epoch_length, epochs = _stage_settings(iterations, 50)
+    workflow = _workflow(
+        bundle,
+        ["train.json"],
+        "train",
+        {
+            **overrides,
+            "train#unlabeled#source": [],
+            "ckpt_dir": str(out_dir / "models" / "control"),
+            "train#checkpoint_dir": str(out_dir / "checkpoints" / "control"),
+            "train#trainer#max_epochs": epochs,
+            "train#trainer#epoch_length": epoch_length,
+        },
+    )
+    _parsed(workflow, "network").load_state_dict(
+        torch.load(out_dir / "models" / "stage1.pt", map_location="cpu", weights_only=True)
+    )
+    trainer = _parsed(workflow, "train#trainer")
+    set_determinism(seed=seed + 1)
+    trainer.set_random_state(seed)
+    _parsed(workflow, f"training#{TRAINING_STEPS.index('stage 2')}")
+    return model
+
+
+def _report_rows(
+    report1: SegmentationReport, report2: SegmentationReport, name: str, control: SegmentationReport | None
+) -> dict[str, SegmentationReport]:
+    """The rows of the metrics table: stage 1, the labeled-only control (when run), stage 2."""
+    rows = {"labeled only (stage 1)": report1}
+    if control is not None:
+        rows[f"{CONTROL_NAME} (control)"] = control
+    rows[f"{name} (stage 2)"] = report2
+    return rows
+
+
 #: the steps of the bundle's ``training`` list, in order
 TRAINING_STEPS = ("data check", "stage 1", "bootstrap", "stage 2")
 
@@ -280,6 +330,7 @@ def run_demo(
     reuse_meta_grad: bool = False,
     meta_params: str | Sequence[str] | None = None,
     overrides: dict[str, Any] | str | None = None,
+    control: bool = True,
     quick: bool = False,
     progress: bool = True,
 ) -> str:
@@ -334,6 +385,10 @@ def run_demo(
         overrides: extra overrides of the training workflow, e.g. ``'{"train#trainer#joint_step": true}'``
             (a dict of ids to values, or the same as a JSON object as typed on the command line), merged after the
             demo's own (so they win) and named in the report's settings. The evaluation workflows do not get them.
+        control: also train the labeled-only control, the bundle's stage-2 workflow without unlabeled volumes
+            from the same stage-1 weights and for the same number of optimizer steps (twice the iterations of a
+            two-step stage 2), and report it next to both stages; what the unlabeled volumes added is stage 2
+            against this control, not against stage 1.
         quick: a tiny configuration for smoke tests (overrides the sizes).
         progress: show progress bars.
 
@@ -391,31 +446,27 @@ def run_demo(
     }
     epoch_length1, epochs1 = _stage_settings(stage1_iterations, 50)
     epoch_length2, epochs2 = _stage_settings(stage2_iterations, 50)
-    training = _workflow(
-        bundle,
-        ["train.json"],
-        "train",
-        {
-            **common,
-            "seed": seed,
-            "lr": lr,
-            "run_dir": str(out_dir),
-            "ckpt_dir": str(out_dir / "models"),
-            "stage1#model": str(out_dir / "models" / "stage1.pt"),
-            "stage1#checkpoint_dir": str(out_dir / "checkpoints" / "stage1"),
-            "train#checkpoint_dir": str(out_dir / "checkpoints" / "stage2"),
-            "stage1#batch_size": stage1_batch,
-            "stage1#max_epochs": epochs1,
-            "stage1#trainer#epoch_length": epoch_length1,
-            "train#trainer#max_epochs": epochs2,
-            "train#trainer#epoch_length": epoch_length2,
-            "train#trainer#reuse_meta_grad": reuse_meta_grad,
-            "train#trainer#meta_params": None if meta_params is None else [str(m) for m in _as_sequence(meta_params)],
-            "train#dataset#progress": progress,
-            "train#unlabeled#dataset#progress": progress,
-            **extra,
-        },
-    )
+    train_overrides = {
+        **common,
+        "seed": seed,
+        "lr": lr,
+        "run_dir": str(out_dir),
+        "ckpt_dir": str(out_dir / "models"),
+        "stage1#model": str(out_dir / "models" / "stage1.pt"),
+        "stage1#checkpoint_dir": str(out_dir / "checkpoints" / "stage1"),
+        "train#checkpoint_dir": str(out_dir / "checkpoints" / "stage2"),
+        "stage1#batch_size": stage1_batch,
+        "stage1#max_epochs": epochs1,
+        "stage1#trainer#epoch_length": epoch_length1,
+        "train#trainer#max_epochs": epochs2,
+        "train#trainer#epoch_length": epoch_length2,
+        "train#trainer#reuse_meta_grad": reuse_meta_grad,
+        "train#trainer#meta_params": None if meta_params is None else [str(m) for m in _as_sequence(meta_params)],
+        "train#dataset#progress": progress,
+        "train#unlabeled#dataset#progress": progress,
+        **extra,
+    }
+    training = _workflow(bundle, ["train.json"], "train", train_overrides)
     steps = training.parser["training"]
     if len(steps) != len(TRAINING_STEPS):
         raise RuntimeError(f"the bundle's training has {len(steps)} steps, the demo knows {TRAINING_STEPS}.")
@@ -441,16 +492,25 @@ def run_demo(
             set_determinism(seed=seed + 1)
             stage2.set_random_state(seed)
     report2, pred2 = _evaluate(bundle, common, out_dir / "models" / "model.pt", out_dir, "stage2")
+    report_control, predictions = None, {"labeled only": pred1}
+    if control:
+        t0 = time.time()
+        control_steps = stage2_iterations * (1 if bool(_parsed(training, "train#trainer").joint_step) else 2)
+        model = _labeled_only_control(bundle, train_overrides, out_dir, seed, control_steps)
+        timings["control"] = time.time() - t0
+        report_control, pred_control = _evaluate(bundle, common, model, out_dir, "control")
+        predictions[CONTROL_NAME] = pred_control
     network = _parsed(training, "network")
     method = str(_parsed(training, "stage2_method"))
     stage2_name = STAGE2_REPORT[method][0]
+    predictions[stage2_name] = pred2
     history = logged_series(logger1, "stage 1")
     for group, names in STAGE2_CURVES.items():
         history.update(logged_series(logger2, group, offset=stage1_iterations, select=names))
 
     # 4. figures and report
     load = load_volume_transforms(format, keys=("image", "label"))
-    images, labels, preds, titles = _overlay_slices(datalist["test"], load, {"labeled only": pred1, stage2_name: pred2})
+    images, labels, preds, titles = _overlay_slices(datalist["test"], load, predictions)
     save_overlays(fig_dir / "test_overlays.png", images, labels, preds, titles=titles)
     figures = ["test_overlays.png"]
     if keeper.maps is not None and keeper.maps["weights"].shape[1] > 0:  # a method without a weighted term has none
@@ -472,17 +532,18 @@ def run_demo(
         "network": f"NestedUNet features {features}, {sum(p.numel() for p in network.parameters()):,} parameters",
         "iterations (stage 1 / stage 2)": f"{stage1_iterations} / {stage2_iterations}",
         "stage-2 method": method,
+        "labeled-only control (iterations)": str(control_steps) if control else "not run",
         "stage-2 mode": _mode_name(reuse_meta_grad, meta_params),
         "extra overrides (training)": json.dumps(extra) if extra else "none",
         "learning rate": f"{lr:g}",
         "device": str(dev),
         "bundle": str(bundle),
     }
-    text = _report_text(report1, report2, settings, timings, figures, user_data, method)
+    text = _report_text(report1, report2, settings, timings, figures, user_data, method, report_control)
     atomic_write_json(out_dir / "summary.json", {"settings": settings, "wall_time_s": timings})
     report_path = atomic_write_text(out_dir / "report.md", text)
     logger.info(f"report written to {report_path}")
-    print(compare_markdown({"labeled only (stage 1)": report1, f"{stage2_name} (stage 2)": report2}))
+    print(compare_markdown(_report_rows(report1, report2, stage2_name, report_control)))
     print(f"\nreport: {report_path}")
     return str(report_path)
 
@@ -495,6 +556,7 @@ def _report_text(
     figures: list[str],
     user_data: bool = False,
     method: str = "mlbseg",
+    control: SegmentationReport | None = None,
 ) -> str:
     d1 = report1.summary()["dice"]["mean"] * 100
     d2 = report2.summary()["dice"]["mean"] * 100
@@ -503,6 +565,13 @@ def _report_text(
         f"{name} changed the mean test Dice by {d2 - d1:+.1f} points over labeled-only training "
         f"({d1:.1f}% -> {d2:.1f}%)."
     )
+    if control is not None:
+        dc = control.summary()["dice"]["mean"] * 100
+        verdict += (
+            f" Training on the labeled volumes alone for the same number of optimizer steps (the control) changed it "
+            f"by {dc - d1:+.1f} ({d1:.1f}% -> {dc:.1f}%), so the unlabeled volumes added **{d2 - dc:+.1f}** points "
+            f"({name} against the control)."
+        )
     source = (
         "The scans of the folder named under Settings"
         if user_data
@@ -515,11 +584,17 @@ def _report_text(
         f"stage 2 ({name}) starts from it and {does}. "
         "Both run as the left-atrium bundle's training workflow (`bundle/`), and "
         "the bundle's evaluation workflow measures both on the test volumes: per volume (3D), in "
-        "`metrics_stage1.csv` and `metrics_stage2.csv` (the masks in `eval_stage1/` and `eval_stage2/`).",
+        "`metrics_stage1.csv` and `metrics_stage2.csv` (the masks in `eval_stage1/` and `eval_stage2/`)."
+        + (
+            " The control continues stage 1 in stage 2's workflow on the labeled volumes alone, for the same number "
+            "of optimizer steps (`metrics_control.csv`, `eval_control/`)."
+            if control is not None
+            else ""
+        ),
         "",
         "## Test metrics",
         "",
-        compare_markdown({"labeled only (stage 1)": report1, f"{name} (stage 2)": report2}),
+        compare_markdown(_report_rows(report1, report2, name, control)),
         "",
         verdict,
         "",
@@ -539,7 +614,7 @@ def _report_text(
         "",
     ]
     captions = {
-        "test_overlays.png": "Test slices: ground truth (green) and prediction (red) for both stages.",
+        "test_overlays.png": "Test slices: ground truth (green) and prediction (red) of every row of the table.",
         "weight_maps.png": "Learned weight maps of one stage-2 iteration: the five views, their initial and pseudo "
         "labels, and the per-pixel weights of each label source.",
         "training_curves.png": "Training curves of both stages.",

@@ -54,12 +54,15 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| labeled only (stage 1) |" in report and "| MLB-Seg (stage 2) |" in report
+    rows = re.findall(r"^\| (labeled only[^|]*|MLB-Seg[^|]*) \|", report, flags=re.M)
+    assert rows == ["labeled only (stage 1)", "labeled only, continued (control)", "MLB-Seg (stage 2)"]
+    assert "so the unlabeled volumes added" in report
     for figure in re.findall(r"\]\((figures/[^)]+\.png)\)", report):
         assert (out / figure).stat().st_size > 1000, f"{figure} is linked but empty"
     assert {"figures/test_overlays.png", "figures/weight_maps.png", "figures/training_curves.png"} <= set(
         re.findall(r"\]\((figures/[^)]+\.png)\)", report)
     )
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2", "control"):
         metrics = json.loads((out / f"metrics_{stage}.json").read_text())
         assert len(metrics["cases"]) == 2 and 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
         assert (out / f"metrics_{stage}.csv").read_text().count("\n") == 2 + 2 + 1  # header, 2 cases, mean and std rows
@@ -72,12 +75,15 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
     assert set(summary["wall_time_s"]) >= {"stage 1", "stage 2", "total"}
     assert len(list((out / "initial_labels").glob("*.nii.gz"))) == 3, "one initial label per unlabeled volume"
     stage1 = (out / "models" / "stage1.pt").stat().st_mtime_ns
+    control = {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "control").iterdir()}
+    assert summary["settings"]["labeled-only control (iterations)"] == "12", "twice the 6 two-step iterations"
     labels = {p: p.stat().st_mtime_ns for p in (out / "initial_labels").iterdir()}
 
     again = demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "models" / "stage1.pt").stat().st_mtime_ns == stage1, "stage 1 is not retrained"
     assert {p: p.stat().st_mtime_ns for p in labels} == labels, "initial labels are not rewritten"
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "control").iterdir()} == control, "not retrained"
     assert not list(out.rglob("*.partial-*")), "no temporary files left"
 
 
@@ -201,3 +207,32 @@ def test_demo_names_the_stage2_method_and_skips_weight_maps_without_a_weighted_t
     settings = json.loads((out / "summary.json").read_text())["settings"]
     assert settings["stage-2 method"] == "mean_teacher"
     assert set(STAGE2_REPORT) == set(STAGE2_METHODS), "the report names every stage-2 method"
+
+
+def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp_path, monkeypatch):
+    import torch
+
+    import monai_mlbseg.demo as demo_module
+
+    seen = []
+    parsed = demo_module._parsed
+
+    def keep(workflow, id):
+        value = parsed(workflow, id)
+        if id == "train#trainer" and all(value is not trainer for trainer, _ in seen):  # each workflow's, once
+            state = {k: v.detach().clone() for k, v in value.network.state_dict().items()}
+            seen.append((value, state))
+        return value
+
+    monkeypatch.setattr(demo_module, "_parsed", keep)
+    run_demo(out=str(tmp_path), quick=True, progress=False)
+    (stage2, _), (control, at_start) = seen
+    assert not stage2.supervised_only and control.supervised_only, "the control sees no unlabeled volume"
+    assert control.state.iteration == 12 and stage2.state.iteration == 6
+    stage1 = torch.load(tmp_path / "models" / "stage1.pt", weights_only=True)
+    assert all(torch.equal(at_start[k], stage1[k]) for k in stage1), "the control starts from the stage-1 weights"
+    final = torch.load(tmp_path / "models" / "control" / "model.pt", weights_only=True)
+    assert any(not torch.equal(final[k], stage1[k]) for k in stage1), "and trains"
+    run_demo(out=str(tmp_path / "no_control"), quick=True, progress=False, control=False)
+    assert not (tmp_path / "no_control" / "metrics_control.json").exists()
+    assert "(control)" not in (tmp_path / "no_control" / "report.md").read_text()
