@@ -470,11 +470,19 @@ class MetaTrainer(SupervisedTrainer):
             return torch.sigmoid(self.inferer(noisy, self._teacher_forward).float())
 
     def _regularisers(
-        self, probs: torch.Tensor, views: torch.Tensor, params: ViewParams, back: torch.Tensor | None
+        self,
+        probs: torch.Tensor,
+        views: torch.Tensor,
+        params: ViewParams,
+        back: torch.Tensor | None,
+        teacher: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_pc and L_mt of ``probs``; ``teacher``: the teacher's probabilities on ``views`` if already computed."""
         zero = probs.new_zeros(())
         l_pc = self.pc_loss(probs, params, back) if self.pc_weight > 0 else zero
-        l_mt = self.mt_loss(probs, self._teacher_probs(views)) if self.use_teacher else zero
+        if self.use_teacher and teacher is None:
+            teacher = self._teacher_probs(views)
+        l_mt = self.mt_loss(probs, teacher) if self.use_teacher else zero
         return l_pc, l_mt
 
     def _step(self, loss: torch.Tensor, what: str, event: Any) -> None:
@@ -550,8 +558,9 @@ class MetaTrainer(SupervisedTrainer):
         state.sources = dict(self.label_source_maps(state))
 
     def _weight_maps_phase(self, state: Stage2State) -> None:
-        state.l_pc, state.l_mt = self._regularisers(state.probs, state.views, state.params, state.back)
-        state.l_mix = self._mix_loss(state) if self.mix_weight > 0 else state.l_pc.new_zeros(())
+        teacher = self._teacher_probs(state.views) if self.use_teacher else None  # shared by L_mt and L_mix
+        state.l_pc, state.l_mt = self._regularisers(state.probs, state.views, state.params, state.back, teacher)
+        state.l_mix = self._mix_loss(state, teacher) if self.mix_weight > 0 else state.l_pc.new_zeros(())
         state.regularisation = self.pc_weight * state.l_pc + self.mt_weight * state.l_mt + self.mix_weight * state.l_mix
         if self.joint_step:
             self._clean_views(state)
@@ -581,13 +590,13 @@ class MetaTrainer(SupervisedTrainer):
         }
         self.fire_event(MetaIterationEvents.WEIGHTS_COMPLETED)
 
-    def _mix_loss(self, state: Stage2State) -> torch.Tensor:
+    def _mix_loss(self, state: Stage2State, teacher: torch.Tensor | None) -> torch.Tensor:
         """L_mix: the student's BCE on unlabeled views with a box of a clean view pasted in, against the mixed label."""
         self._clean_views(state)
         views, clean = state.views, state.clean_views
         pick = torch.arange(views.shape[0], device=views.device) % clean.shape[0]
         box = random_box_masks(views.shape[0], views.shape[2:], self.mix_fraction, device=views.device)
-        outside = state.pseudo if self.teacher is None else (self._teacher_probs(views) > self.threshold).float()
+        outside = state.pseudo if teacher is None else (teacher > self.threshold).float()
         images = box * clean[pick] + (1 - box) * views
         targets = box * state.clean_view_labels[pick] + (1 - box) * outside
         return F.binary_cross_entropy_with_logits(self._forward(images), targets)
