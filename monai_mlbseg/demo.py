@@ -39,7 +39,7 @@ from monai_mlbseg.data import (
     make_synthetic_dataset,
     read_case_list,
 )
-from monai_mlbseg.engines import MetaIterationEvents, stage2_terms
+from monai_mlbseg.engines import MetaIterationEvents, load_weights, stage2_terms
 from monai_mlbseg.evaluation import SegmentationReport, compare_markdown
 from monai_mlbseg.pipeline import logged_series
 from monai_mlbseg.utils import InputError, Problem, atomic_write_json, atomic_write_text, find_input_error
@@ -177,9 +177,7 @@ def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path
             "train#trainer#epoch_length": epoch_length,
         },
     )
-    _parsed(workflow, "network").load_state_dict(
-        torch.load(out_dir / "models" / "stage1.pt", map_location="cpu", weights_only=True)
-    )
+    load_weights(_parsed(workflow, "network"), out_dir / "models" / "stage1.pt")
     trainer = _parsed(workflow, "train#trainer")
     set_determinism(seed=seed + 1)
     trainer.set_random_state(seed)
