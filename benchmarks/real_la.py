@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ from monai_mlbseg.data import (
     resolve_datalist,
 )
 from monai_mlbseg.engines import (
+    STAGE2_METHODS,
     AtomicCheckpointSaver,
     MetaTrainer,
     NonFiniteLossGuard,
@@ -59,12 +61,12 @@ from monai_mlbseg.engines import (
     bootstrap_labels,
     initial_label_items,
     run_stage,
-    stage2_method_options,
 )
 from monai_mlbseg.evaluation import SegmentationReport
 from monai_mlbseg.inferers import SliceResizeInferer
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.pipeline import slice_augmentation, slice_preprocessing
+from monai_mlbseg.transforms import StrongIntensityAugment
 from monai_mlbseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("real_la")
@@ -73,11 +75,12 @@ logger = logging.getLogger("real_la")
 #: base inherits the base's options and overrides them.
 VARIANTS: dict[str, dict[str, Any]] = {
     "a_labeled_only": {"trainer": {}, "supervised": True},
-    "b_self_training": {"trainer": stage2_method_options("self_training")},
-    "c_mean_teacher": {"trainer": stage2_method_options("mean_teacher")},
+    "b_self_training": {"trainer": copy.deepcopy(STAGE2_METHODS["self_training"])},
+    "c_mean_teacher": {"trainer": copy.deepcopy(STAGE2_METHODS["mean_teacher"])},
     "d_mlbseg": {"trainer": {}},
     "e_reuse_meta_grad": {"trainer": {"reuse_meta_grad": True}},
     "e_meta_params_last": {"trainer": {"meta_params": "LAST"}},
+    "f_weak_to_strong": {"trainer": copy.deepcopy(STAGE2_METHODS["weak_to_strong"])},
 }
 
 #: benchmark-level options a variant may set (the rest go to :py:class:`MetaTrainer`)
@@ -276,6 +279,9 @@ class Benchmark:
         # the reference's per-epoch decay lr * 20 / (e + 20), over the reference's 120 epochs spread on this budget
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 20.0 / (e * 120.0 / max(epochs, 1) + 20.0))
         save = {"network": network, "teacher": teacher, "optimizer": optimizer, "lr_scheduler": scheduler}
+        for key in ("student_augment", "clean_augment"):  # the JSON form: StrongIntensityAugment's arguments
+            if isinstance(options.get(key), dict):
+                options[key] = StrongIntensityAugment(**options[key])
         if options.get("meta_params") == "LAST":
             options["meta_params"] = [f"nodes.conv0_{len(args.features) - 1}", "final"]
         unlabeled_ds = SliceDataset(unlabeled, self.load, self.prep, self.augment, progress=False)

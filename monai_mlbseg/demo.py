@@ -84,6 +84,11 @@ STAGE2_REPORT = {
         "mean teacher",
         "makes its predictions on the unlabeled slices' views agree with an EMA teacher's",
     ),
+    "weak_to_strong": (
+        "weak-to-strong mean teacher",
+        "trains on an EMA teacher's confident labels of the unlabeled slices' views, seen through a strong "
+        "intensity perturbation",
+    ),
     "self_training": ("self-training", "trains on the initial labels of the unlabeled slices"),
 }
 

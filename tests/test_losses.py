@@ -129,3 +129,39 @@ def test_mean_teacher_loss():
     assert MeanTeacherLoss(reduction="none")(student, teacher).shape == student.shape
     with pytest.raises(ValueError, match="shapes differ"):
         MeanTeacherLoss()(student, teacher[:2])
+
+
+def test_confident_pseudo_label_loss_matches_the_definition():
+    from monai_mlbseg.losses import ConfidentPseudoLabelLoss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 1, 5, 5, generator=g, requires_grad=True)
+    teacher = torch.rand(3, 1, 5, 5, generator=g).requires_grad_()
+    probs = torch.sigmoid(logits)
+    expected = torch.zeros(())
+    for s, t in zip(probs.flatten(), teacher.detach().flatten()):
+        if max(float(t), 1 - float(t)) >= 0.8:
+            y = 1.0 if t > 0.5 else 0.0
+            expected = expected - (y * torch.log(s) + (1 - y) * torch.log(1 - s))
+    loss = ConfidentPseudoLabelLoss(threshold=0.8)(probs, teacher)
+    assert loss.item() == pytest.approx(float(expected.detach()) / probs.numel(), rel=1e-5)
+    from_logits = ConfidentPseudoLabelLoss(threshold=0.8, sigmoid=True)(logits, teacher)
+    assert from_logits.item() == pytest.approx(loss.item(), rel=1e-5)
+    none = ConfidentPseudoLabelLoss(threshold=0.8, reduction="none")(probs, teacher)
+    unsure = torch.maximum(teacher, 1 - teacher) < 0.8
+    assert none.shape == probs.shape and unsure.any() and torch.all(none[unsure] == 0) and torch.all(none[~unsure] > 0)
+    loss.backward()
+    assert teacher.grad is None and logits.grad.abs().sum() > 0
+    # a teacher sure of nothing gives a zero term; a threshold of 0.5 keeps every pixel
+    assert ConfidentPseudoLabelLoss(0.95)(probs, torch.full_like(teacher, 0.6)).item() == 0.0
+    everything = F.binary_cross_entropy(probs, (teacher > 0.5).float())
+    assert ConfidentPseudoLabelLoss(0.5)(probs, teacher).item() == pytest.approx(everything.item(), rel=1e-5)
+
+
+def test_confident_pseudo_label_loss_errors():
+    from monai_mlbseg.losses import ConfidentPseudoLabelLoss
+
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0.5, 1\], got 0.3"):
+        ConfidentPseudoLabelLoss(0.3)
+    with pytest.raises(ValueError, match="shapes differ"):
+        ConfidentPseudoLabelLoss()(torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 5))

@@ -1,11 +1,13 @@
 import copy
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
 
-from monai_mlbseg.transforms import PLEViews, warp_to_views
+from monai_mlbseg.transforms import PLEViews, StrongIntensityAugment, warp_to_views
 
 from .helpers import corrupt, disc_samples
 from .test_meta_trainer import count_steps, make_trainer
@@ -132,21 +134,32 @@ def test_sign_meta_weighting_in_the_trainer_uses_the_same_meta_gradient():
         make_trainer(meta_weighting="cosine", reweight=False)
 
 
-@pytest.mark.parametrize("method", ["mlbseg", "mean_teacher", "self_training"])
+@pytest.mark.parametrize("method", ["mlbseg", "mean_teacher", "weak_to_strong", "self_training"])
 def test_named_stage2_methods_set_their_options_and_train(method):
     from monai_mlbseg.engines import STAGE2_METHODS, stage2_method_options
 
     options = stage2_method_options(method)
-    assert options == STAGE2_METHODS[method] and options is not STAGE2_METHODS[method]
+    table = STAGE2_METHODS[method]
+    assert {k: v for k, v in options.items() if k != "student_augment"} == {
+        k: v for k, v in table.items() if k != "student_augment"
+    }
+    augment = options["student_augment"]
+    assert (augment is None) == (table["student_augment"] is None)
+    if augment is not None:
+        assert isinstance(augment, StrongIntensityAugment)
+        assert {k: getattr(augment, k) for k in table["student_augment"]} == table["student_augment"]
+    json.dumps(table)  # JSON-compatible, for configs and result files
     options["label_sources"].append("x")
     assert "x" not in STAGE2_METHODS[method]["label_sources"], "a copy: changing it leaves the table alone"
     trainer = make_trainer(iterations=1, **stage2_method_options(method))
+    steps = count_steps(trainer)
     before = [p.detach().clone() for p in trainer.network.parameters()]
     trainer.run()
     out = trainer.state.output
     assert (trainer.lookahead is not None) == (method == "mlbseg")
     assert math.isnan(out["loss_meta"]) == (method != "mlbseg")
-    assert (out["loss_weighted"] == 0.0) == (method == "mean_teacher")
+    assert (out["loss_weighted"] == 0.0) == (method in ("mean_teacher", "weak_to_strong"))
+    assert steps["n"] == (1 if method == "weak_to_strong" else 2), "weak_to_strong makes one joint step"
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
     with pytest.raises(ValueError, match="unknown stage-2 method 'ssl'"):
         stage2_method_options("ssl")
@@ -209,3 +222,105 @@ def test_copy_paste_term_with_meta_weights_and_its_errors():
     )
     only_mix.run()
     assert only_mix.state.output["loss"] == pytest.approx(only_mix.state.output["loss_mix"], rel=1e-6)
+
+
+def test_weak_to_strong_is_one_confident_pseudo_label_step_on_the_augmented_views():
+    """student_augment + mt_confidence: the student sees augment(views), the teacher the views themselves."""
+    unlabeled = corrupt(disc_samples(2, 16, seed=1))
+
+    def augment(x):
+        return 0.6 * x + 0.3
+
+    options = dict(reweight=False, label_sources=(), pc_weight=0.0, mt_weight=1.5, teacher_noise=0.0)
+    trainer = make_trainer(
+        iterations=1,
+        unlabeled=unlabeled,
+        clean_step=False,
+        grad_clip=None,
+        student_augment=augment,
+        mt_confidence=0.55,
+        **options,
+    )
+    net, teacher = copy.deepcopy(trainer.network), copy.deepcopy(trainer.teacher)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.output["image"]))
+    trainer.run()
+
+    views = PLEViews(2).set_random_state(0)
+    v = views(unlabeled[0]["image"][None])
+    with torch.no_grad():
+        t = torch.sigmoid(teacher(v))
+    sure = (torch.maximum(t, 1 - t) >= 0.55).float()
+    assert 0 < sure.mean() < 1, "the test needs confident and unsure pixels"
+    bce = F.binary_cross_entropy_with_logits(net(augment(v)), (t > 0.5).float(), reduction="none")
+    loss = 1.5 * (bce * sure).sum() / bce.numel()
+    assert trainer.state.output["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    torch.testing.assert_close(seen[0], augment(v))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for p, q in zip(trainer.network.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_weak_to_strong_keeps_the_squared_term_on_the_clean_views_and_refuses_a_bad_confidence():
+    trainer = make_trainer(iterations=1, mt_confidence=0.9, student_augment=lambda x: x + 0.1)
+    assert type(trainer.mt_loss).__name__ == "MeanTeacherLoss"
+    assert type(trainer.unlabeled_mt_loss).__name__ == "ConfidentPseudoLabelLoss"
+    trainer.run()
+    assert math.isfinite(trainer.state.output["loss_meta"]), "the look-ahead runs on the student's views"
+    with pytest.raises(ValueError, match="threshold must lie in"):
+        make_trainer(iterations=1, mt_confidence=0.2)
+
+
+def test_clean_augment_is_what_the_student_sees_of_the_clean_views():
+    """clean_augment: labeled-only training is one BCE step on augment(views); the clean step's forward likewise."""
+    clean = disc_samples(2, 16, seed=2)
+
+    def augment(x):
+        return 0.5 * x + 0.2
+
+    options = dict(pc_weight=0.0, use_teacher=False, grad_clip=None, clean_augment=augment)
+    trainer = make_trainer(iterations=1, unlabeled=[], clean=clean, **options)
+    net = copy.deepcopy(trainer.network)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    trainer.run()
+    views = PLEViews(2).set_random_state(0)
+    v = views(torch.stack([c["image"] for c in clean]))
+    labels = warp_to_views(torch.stack([c["label"] for c in clean]), views.params, threshold=0.5)
+    loss = F.binary_cross_entropy_with_logits(net(augment(v)), labels)
+    assert trainer.state.output["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for p, q in zip(trainer.network.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+    inputs = []
+    trainer = make_trainer(iterations=1, clean=clean, reweight=False, label_sources=(), clean_augment=augment)
+    trainer.network.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    trainer.run()
+    views = PLEViews(2).set_random_state(0)
+    views(torch.rand(1, 1, 16, 16))  # the unlabeled image's draw comes first
+    v = views(torch.stack([c["image"] for c in clean]))
+    assert any(x.shape == v.shape and torch.allclose(x, augment(v)) for x in inputs)
+    assert not any(x.shape == v.shape and torch.allclose(x, v) for x in inputs)
+
+
+def test_strong_augments_are_seeded_by_the_trainer():
+    def run():
+        trainer = make_trainer(
+            iterations=1,
+            reweight=False,
+            label_sources=(),
+            student_augment=StrongIntensityAugment(),
+            clean_augment=StrongIntensityAugment(),
+        )
+        trainer.run()
+        return trainer.student_augment.scale.copy(), trainer.clean_augment.scale.copy(), trainer.state.output["loss"]
+
+    first, second = run(), run()
+    assert first[2] == second[2]
+    assert (first[0] == second[0]).all() and (first[1] == second[1]).all()
+    assert not (first[0][:1] == first[1][:1]).all(), "the two augments draw from differently seeded generators"

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from ignite.engine import Engine
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.transforms import Randomizable
 from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from monai_mlbseg.evaluation import dice_score
-from monai_mlbseg.losses import MeanTeacherLoss, MetaReweightLoss, ViewConsistencyLoss
+from monai_mlbseg.losses import ConfidentPseudoLabelLoss, MeanTeacherLoss, MetaReweightLoss, ViewConsistencyLoss
 from monai_mlbseg.meta import WEIGHTINGS, MetaLookAhead
 from monai_mlbseg.transforms import (
     PLEViews,
@@ -101,8 +102,9 @@ class Stage2State:
         clean_images: ``[M, C, *S]`` the clean batch's images.
         clean_labels: ``[M, 1, *S]`` their expert labels.
         views: ``[N, C, *S]`` the PLE views of ``images``; ``params`` their view parameters.
+        student_views: what the student sees of ``views``: ``student_augment(views)``, or ``views`` without one.
         initial_views: ``[N, 1, *S]`` the initial labels warped into the views.
-        logits: ``[N, 1, *S]`` the student's logits on ``views`` (``probs`` their sigmoid).
+        logits: ``[N, 1, *S]`` the student's logits on ``student_views`` (``probs`` their sigmoid).
         pseudo: ``[N, 1, *S]`` the pseudo labels; ``back`` the view predictions mapped back (``None`` without PLE).
         sources: the label sources of the weighted term by name, each ``[N, 1, *S]``
             (:py:meth:`MetaTrainer.label_source_maps`); weight channel ``i`` belongs to the ``i``-th.
@@ -120,6 +122,7 @@ class Stage2State:
     clean_images: torch.Tensor | None = None
     clean_labels: torch.Tensor | None = None
     views: torch.Tensor | None = None
+    student_views: torch.Tensor | None = None
     initial_views: torch.Tensor | None = None
     params: ViewParams | None = None
     logits: torch.Tensor | None = None
@@ -153,9 +156,9 @@ class MetaTrainer(SupervisedTrainer):
     ``torch.profiler.record_function("mlbseg.<phase>")`` (names in :py:data:`STAGE2_PHASES`):
 
     1. ``mlbseg.views``: both batches expand into the PLE views; the student runs once on the unlabeled views
-       (through ``engine.inferer``): this forward serves the pseudo labels, the regularisers, the look-ahead and
-       the weighted step; PLE pseudo labels: the view predictions mapped back, averaged, warped into every view,
-       thresholded;
+       (through ``engine.inferer``; on ``student_augment`` of them when given): this forward serves the pseudo
+       labels, the regularisers, the look-ahead and the weighted step; PLE pseudo labels: the view predictions
+       mapped back, averaged, warped into every view, thresholded;
     2. ``mlbseg.label_sources``: the label sources of the weighted term, :py:meth:`label_source_maps` (a hook);
     3. ``mlbseg.weight_maps``: the regularisers L_pc and L_mt, and look-ahead weight maps for every label source
        per pixel (:py:class:`~monai_mlbseg.meta.MetaLookAhead`, differentiating the loss function's
@@ -166,9 +169,9 @@ class MetaTrainer(SupervisedTrainer):
        ``joint_step=True`` this loss joins step 4 instead, and the iteration makes one step).
 
     Events keep ``SupervisedTrainer``'s contract, with the weighted step as the iteration's model step:
-    ``FORWARD_COMPLETED`` once ``engine.state.output`` holds ``image``/``label``/``pred`` (views, initial labels in
-    the views, logits), ``LOSS_COMPLETED`` once it holds ``loss``, ``BACKWARD_COMPLETED`` after the weighted
-    backward, ``MODEL_COMPLETED`` at the end; each once per iteration. The other steps fire
+    ``FORWARD_COMPLETED`` once ``engine.state.output`` holds ``image``/``label``/``pred`` (the student's views,
+    initial labels in the views, logits), ``LOSS_COMPLETED`` once it holds ``loss``, ``BACKWARD_COMPLETED`` after
+    the weighted backward, ``MODEL_COMPLETED`` at the end; each once per iteration. The other steps fire
     :py:class:`~monai_mlbseg.engines.MetaIterationEvents`. At ``MODEL_COMPLETED`` ``engine.state.output`` holds the
     scalar terms of :py:data:`STAGE2_TERMS` as floats (``weight_<name>`` for each label source; ``dice_*_gt``
     monitoring entries when a ground truth is given); ``engine.state.weight_maps`` holds the latest views, labels
@@ -202,6 +205,19 @@ class MetaTrainer(SupervisedTrainer):
         reweight: meta-learned weights; off: uniform weights (plain bootstrapping).
         pc_weight: weight of L_pc.
         mt_weight: weight of L_mt.
+        student_augment: a perturbation of the unlabeled views that the student sees instead of the views
+            themselves, e.g. :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment`; it must keep every pixel in
+            place (intensity, noise, blur: no geometry), since the teacher, the pseudo labels and the weight maps
+            stay in the views' frame. ``None`` (the reference): the student sees the views. With the teacher on
+            the unperturbed views this is weak-to-strong consistency (FixMatch, UniMatch).
+        clean_augment: the same for the clean views: the student's forward of the clean step (and of labeled-only
+            training, without unlabeled data) runs on ``clean_augment(views)``; the teacher and the look-ahead's
+            meta loss keep the views themselves. ``None`` (the reference): no perturbation.
+        mt_confidence: ``None`` (the reference): L_mt on the unlabeled views is the mean squared difference of the
+            student's and the teacher's probabilities (:py:class:`~monai_mlbseg.losses.MeanTeacherLoss`); a value in
+            ``[0.5, 1]``: it is the BCE against the teacher's thresholded prediction where the teacher's confidence
+            reaches that value (:py:class:`~monai_mlbseg.losses.ConfidentPseudoLabelLoss`). L_mt of the clean
+            views stays squared.
         mix_weight: weight of the copy-paste term L_mix (0, the reference: off). Each unlabeled view gets a box
             (sides ``mix_fraction`` of the image's) of a clean view pasted in, and the student is trained with BCE
             on the mixed image against the mixed target: the expert label inside the box, the mean teacher's
@@ -278,6 +294,9 @@ class MetaTrainer(SupervisedTrainer):
         reweight: bool = True,
         pc_weight: float = 1.0,
         mt_weight: float = 1.0,
+        student_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        clean_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mt_confidence: float | None = None,
         mix_weight: float = 0.0,
         mix_fraction: float = 2 / 3,
         grad_clip: float | None = 0.2,
@@ -352,6 +371,8 @@ class MetaTrainer(SupervisedTrainer):
         self.views = views if views is not None else PLEViews(spatial_dims)
         if self.views.spatial_dims != spatial_dims:
             raise ValueError(f"views are {self.views.spatial_dims}D but spatial_dims is {spatial_dims}.")
+        self.student_augment = student_augment
+        self.clean_augment = clean_augment
         self.set_random_state(int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed)
         self.clean_step = clean_step
         self.joint_step = joint_step
@@ -371,6 +392,8 @@ class MetaTrainer(SupervisedTrainer):
         self.gt_key = gt_key
         self.pc_loss = ViewConsistencyLoss()
         self.mt_loss = MeanTeacherLoss()
+        #: L_mt of the unlabeled views (``mt_loss`` is L_mt of the clean views)
+        self.unlabeled_mt_loss = self.mt_loss if mt_confidence is None else ConfidentPseudoLabelLoss(mt_confidence)
         self.lookahead = None
         if reweight:
             self.lookahead = MetaLookAhead(
@@ -386,8 +409,14 @@ class MetaTrainer(SupervisedTrainer):
         self.state.weight_maps = None
 
     def set_random_state(self, seed: int) -> MetaTrainer:
-        """Seed the view transform (the other randomness follows ``torch``'s global generator)."""
+        """
+        Seed the view transform, ``student_augment`` with ``seed + 1`` and ``clean_augment`` with ``seed + 2`` when
+        they are MONAI ``Randomizable`` (the other randomness follows ``torch``'s global generator).
+        """
         self.views.set_random_state(seed)
+        for offset, augment in enumerate((self.student_augment, self.clean_augment), start=1):
+            if isinstance(augment, Randomizable):
+                augment.set_random_state(seed + offset)
         return self
 
     def label_source_maps(self, state: Stage2State) -> dict[str, torch.Tensor]:
@@ -476,13 +505,17 @@ class MetaTrainer(SupervisedTrainer):
         params: ViewParams,
         back: torch.Tensor | None,
         teacher: torch.Tensor | None = None,
+        mt_loss: Callable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_pc and L_mt of ``probs``; ``teacher``: the teacher's probabilities on ``views`` if already computed."""
+        """
+        L_pc and L_mt of ``probs``; ``teacher``: the teacher's probabilities on ``views`` if already computed;
+        ``mt_loss``: L_mt's loss (default ``self.mt_loss``).
+        """
         zero = probs.new_zeros(())
         l_pc = self.pc_loss(probs, params, back) if self.pc_weight > 0 else zero
         if self.use_teacher and teacher is None:
             teacher = self._teacher_probs(views)
-        l_mt = self.mt_loss(probs, teacher) if self.use_teacher else zero
+        l_mt = (mt_loss or self.mt_loss)(probs, teacher) if self.use_teacher else zero
         return l_pc, l_mt
 
     def _step(self, loss: torch.Tensor, what: str, event: Any) -> None:
@@ -543,8 +576,10 @@ class MetaTrainer(SupervisedTrainer):
     def _views_phase(self, state: Stage2State) -> None:
         state.clean_images, state.clean_labels = self._prepare(self._next_clean(), "a clean batch")
         state.views, state.initial_views, state.params = self._views(state.images, state.initial)
-        self.state.output = {Keys.IMAGE: state.views, Keys.LABEL: state.initial_views}
-        state.logits = self.state.output[Keys.PRED] = self._forward(state.views)
+        augment = self.student_augment
+        state.student_views = state.views if augment is None else augment(state.views)
+        self.state.output = {Keys.IMAGE: state.student_views, Keys.LABEL: state.initial_views}
+        state.logits = self.state.output[Keys.PRED] = self._forward(state.student_views)
         state.probs = torch.sigmoid(state.logits)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         if self.use_ple:
@@ -559,7 +594,9 @@ class MetaTrainer(SupervisedTrainer):
 
     def _weight_maps_phase(self, state: Stage2State) -> None:
         teacher = self._teacher_probs(state.views) if self.use_teacher else None  # shared by L_mt and L_mix
-        state.l_pc, state.l_mt = self._regularisers(state.probs, state.views, state.params, state.back, teacher)
+        state.l_pc, state.l_mt = self._regularisers(
+            state.probs, state.views, state.params, state.back, teacher, self.unlabeled_mt_loss
+        )
         state.l_mix = self._mix_loss(state, teacher) if self.mix_weight > 0 else state.l_pc.new_zeros(())
         state.regularisation = self.pc_weight * state.l_pc + self.mt_weight * state.l_mt + self.mix_weight * state.l_mix
         if self.joint_step:
@@ -568,9 +605,10 @@ class MetaTrainer(SupervisedTrainer):
         sources, views = list(state.sources.values()), state.views
         if self.lookahead is not None:
             self._clean_views(state)
-            # the look-ahead runs in float32: autocast does not combine with forward-mode AD (jvp)
+            # the look-ahead runs in float32: autocast does not combine with forward-mode AD (jvp); it differentiates
+            # the weighted step, whose forward is on the student's views
             result = self.lookahead(
-                views,
+                state.student_views,
                 sources,
                 state.clean_views,
                 state.clean_view_labels,
@@ -639,8 +677,12 @@ class MetaTrainer(SupervisedTrainer):
 
     def _clean_step_loss(self, state: Stage2State) -> torch.Tensor:
         """The clean step's forward (student, teacher, regularisers) and loss on the clean views."""
-        logits = self._forward(state.clean_views)
+        logits = self._forward(self._clean_student_views(state.clean_views))
         return self._clean_loss(state.clean_views, state.clean_view_labels, state.clean_params, logits)
+
+    def _clean_student_views(self, views: torch.Tensor) -> torch.Tensor:
+        """What the student sees of clean ``views``: ``clean_augment(views)``, or the views without one."""
+        return views if self.clean_augment is None else self.clean_augment(views)
 
     def _apply_meta_grads(self, meta_grads: dict[str, torch.Tensor]) -> None:
         """Fast mode: one SGD step along ``grad L_meta(theta_hat)`` (clipped), instead of a clean forward/backward."""
@@ -690,9 +732,10 @@ class MetaTrainer(SupervisedTrainer):
         images, labels = self._prepare(batchdata, "a clean batch")
         with record_function("mlbseg.clean_step"):
             views, view_labels, params = self._views(images, labels)
-            self.state.output = {Keys.IMAGE: views, Keys.LABEL: view_labels}
+            student_views = self._clean_student_views(views)
+            self.state.output = {Keys.IMAGE: student_views, Keys.LABEL: view_labels}
             self.fire_event(MetaIterationEvents.CLEAN_STEP_STARTED)
-            logits = self.state.output[Keys.PRED] = self._forward(views)
+            logits = self.state.output[Keys.PRED] = self._forward(student_views)
             self.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss = self.state.output[Keys.LOSS] = self._clean_loss(views, view_labels, params, logits)
             self.fire_event(IterationEvents.LOSS_COMPLETED)

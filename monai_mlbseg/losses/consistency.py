@@ -1,14 +1,15 @@
-"""The regularisers of MLB-Seg: view consistency (L_pc) and mean teacher (L_mt)."""
+"""The regularisers of MLB-Seg: view consistency (L_pc) and mean teacher (L_mt, squared or confident pseudo labels)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 from monai_mlbseg.transforms.functional import ViewParams, map_view_pairs, view_pairs, warp_from_views
 
-__all__ = ["ViewConsistencyLoss", "MeanTeacherLoss"]
+__all__ = ["ViewConsistencyLoss", "MeanTeacherLoss", "ConfidentPseudoLabelLoss"]
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -91,3 +92,56 @@ class MeanTeacherLoss(_Loss):
         if self.sigmoid:
             input, target = torch.sigmoid(input), torch.sigmoid(target)
         return _reduce((input - target.detach()) ** 2, self.reduction)
+
+
+class ConfidentPseudoLabelLoss(_Loss):
+    """
+    L_mt as confident pseudo labels (FixMatch's unlabeled loss, for binary segmentation): the BCE of the student
+    against the teacher's thresholded prediction ``1[t > 0.5]``, counted only where the teacher is confident,
+    ``max(t, 1 - t) >= threshold``; elsewhere the element contributes 0. The teacher is detached. With
+    ``reduction="mean"`` the sum is divided by the number of all elements, confident or not, so the term shrinks
+    as the teacher grows less sure.
+
+    Args:
+        threshold: the teacher's confidence needed, in ``[0.5, 1]``.
+        sigmoid: the student's input is logits (BCE with logits) instead of probabilities; the target is always
+            the teacher's probabilities.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (element-wise, 0 where the teacher is not confident).
+
+    Raises:
+        ValueError: when ``threshold`` is outside ``[0.5, 1]``.
+
+    Example::
+
+        loss = ConfidentPseudoLabelLoss(threshold=0.95)
+        l_mt = loss(torch.sigmoid(student(augment(views))), torch.sigmoid(teacher(views)))
+    """
+
+    def __init__(
+        self, threshold: float = 0.95, sigmoid: bool = False, reduction: LossReduction | str = LossReduction.MEAN
+    ) -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
+        if not 0.5 <= threshold <= 1:
+            raise ValueError(f"threshold must lie in [0.5, 1], got {threshold}.")
+        self.threshold = float(threshold)
+        self.sigmoid = sigmoid
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: student probabilities (logits with ``sigmoid=True``), any shape.
+            target: teacher probabilities, same shape (no gradient flows into it).
+
+        Raises:
+            ValueError: when the shapes differ.
+        """
+        if input.shape != target.shape:
+            raise ValueError(f"student {tuple(input.shape)} and teacher {tuple(target.shape)} shapes differ.")
+        target = target.detach()
+        hard = (target > 0.5).to(input.dtype)
+        confident = (torch.maximum(target, 1 - target) >= self.threshold).to(input.dtype)
+        if self.sigmoid:
+            bce = F.binary_cross_entropy_with_logits(input, hard, reduction="none")
+        else:
+            bce = F.binary_cross_entropy(input.clamp(1e-6, 1 - 1e-6), hard, reduction="none")
+        return _reduce(bce * confident, self.reduction)

@@ -19,6 +19,7 @@ from .functional import (
     warp_from_views,
     warp_to_views,
 )
+from .intensity import StrongIntensityAugment
 
 __all__ = [
     "DEFAULT_ZOOM_IN_RANGE",
@@ -27,6 +28,7 @@ __all__ = [
     "RandFlipView",
     "RandZoomView",
     "ViewTransform",
+    "StrongIntensityAugment",
     "PLEViewsd",
     "RandFlipViewd",
     "RandZoomViewd",
