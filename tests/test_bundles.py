@@ -12,8 +12,10 @@ from monai.transforms import RandFlipd, RandRotated
 
 from monai_mlbseg.bundles import TEMPLATE_DIR, TEMPLATE_FILES, bundles, render_bundle, stale_files, write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list
+from monai_mlbseg.losses import ConfidentPseudoLabelLoss
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.pipeline import slice_preprocessing
+from monai_mlbseg.transforms import StrongIntensityAugment
 from monai_mlbseg.utils import InputError
 
 from .bundle_utils import BUNDLES, REPO, copy_bundle, make_data, overrides, workflow
@@ -310,6 +312,22 @@ def test_stage2_label_sources_and_batch_norm_reach_the_trainer(name, tmp_path):
     method = {"stage2_method": "mean_teacher"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **method).parser.get_parsed_content("train#trainer")
     assert not trainer.reweight and trainer.label_sources == () and trainer.pc_weight == 0.0 and trainer.use_teacher
+    assert trainer.student_augment is None and not trainer.joint_step
+    w2s = {"stage2_method": "weak_to_strong"}
+    trainer = workflow(bundle, ["train.json"], "train", **over, **w2s).parser.get_parsed_content("train#trainer")
+    assert trainer.joint_step and not trainer.reweight and trainer.label_sources == ()
+    assert isinstance(trainer.student_augment, StrongIntensityAugment) and trainer.clean_augment is None
+    assert isinstance(trainer.unlabeled_mt_loss, ConfidentPseudoLabelLoss)
+    assert trainer.unlabeled_mt_loss.threshold == 0.95
+        isinstance(trainer.unlabeled_mt_loss, ConfidentPseudoLabelLoss) and trainer.unlabeled_mt_loss.threshold == 0.95
+    )
+    custom = {
+        **w2s,
+        "train#trainer#mt_confidence": 0.8,
+        "train#trainer#clean_augment": {"_target_": "monai_mlbseg.transforms.StrongIntensityAugment", "contrast": 0.3},
+    }
+    trainer = workflow(bundle, ["train.json"], "train", **over, **custom).parser.get_parsed_content("train#trainer")
+    assert trainer.unlabeled_mt_loss.threshold == 0.8 and trainer.clean_augment.contrast == 0.3
     with pytest.raises(RuntimeError) as raised:  # MONAI's config parser wraps the error of the expression
         parser = workflow(bundle, ["train.json"], "train", **over, stage2_method="meta").parser
         parser.get_parsed_content("train#trainer")
