@@ -319,8 +319,6 @@ def test_stage2_label_sources_and_batch_norm_reach_the_trainer(name, tmp_path):
     assert isinstance(trainer.student_augment, StrongIntensityAugment) and trainer.clean_augment is None
     assert isinstance(trainer.unlabeled_mt_loss, ConfidentPseudoLabelLoss)
     assert trainer.unlabeled_mt_loss.threshold == 0.95
-        isinstance(trainer.unlabeled_mt_loss, ConfidentPseudoLabelLoss) and trainer.unlabeled_mt_loss.threshold == 0.95
-    )
     custom = {
         **w2s,
         "train#trainer#mt_confidence": 0.8,
