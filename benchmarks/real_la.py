@@ -406,6 +406,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train nothing: rebuild table.md / table.json from every result.json under --out (all seeds, all rows)",
     )
+    p.add_argument(
+        "--control",
+        default="a_labeled_only",
+        help="with --report: the row the per-case differences are taken against (default the control (a))",
+    )
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     args.features = tuple(int(f) for f in str(args.features).split(",") if f.strip())
@@ -427,12 +432,17 @@ def collect_results(out: Path) -> dict[int, dict[str, dict]]:
     return results
 
 
-def write_table(out: Path, results: dict[int, dict[str, dict]], settings: dict) -> str:
-    """Write ``table.md`` and ``table.json`` of ``results`` into ``out``; returns the markdown."""
-    text, figures = table(results)
-    atomic_write_text(out / "table.md", text + "\n")
-    atomic_write_json(out / "table.json", {"figures": figures, "settings": settings | {"seeds": list(results)}})
-    return text
+def write_table(out: Path, results: dict[int, dict[str, dict]], settings: dict, control: str = "a_labeled_only") -> str:
+    """
+    Write the table of ``results`` into ``out`` (``table.md``, ``table.json``; ``table_vs_<control>.*`` for another
+    control than ``a_labeled_only``); returns the markdown.
+    """
+    text, figures = table(results, control)
+    stem = "table" if control == "a_labeled_only" else f"table_vs_{control}"
+    atomic_write_text(out / f"{stem}.md", text.replace("vs (a)", f"vs {control}") + "\n")
+    payload = {"figures": figures, "control": control, "settings": settings | {"seeds": list(results)}}
+    atomic_write_json(out / f"{stem}.json", payload)
+    return text if control == "a_labeled_only" else text.replace("vs (a)", f"vs {control}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -443,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results = collect_results(out)
         if not results:
             raise SystemExit(f"{out}: no seed<N>/stage1/result.json to report")
-        print(write_table(out, results, {"report": True}))
+        print(write_table(out, results, {"report": True}, args.control))
         return results
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()

@@ -77,6 +77,11 @@ def test_report_mode_tables_every_row_of_every_seed_without_training(tmp_path):
     assert figures["b_self_training"]["seeds"] == [1] and figures["b_self_training"]["cases"] == 0
     assert "| a_labeled_only | 0 |" in (out / "table.md").read_text()
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps, "the report trains nothing"
+    real_la.main(["--out", str(out), "--report", "--control", "stage1"])
+    against_stage1 = json.loads((out / "table_vs_stage1.json").read_text())
+    assert against_stage1["control"] == "stage1" and against_stage1["figures"]["b_self_training"]["cases"] == 3
+    assert "Dice vs stage1" in (out / "table_vs_stage1.md").read_text()
+    assert json.loads((out / "table.json").read_text())["figures"] == figures, "the main table is kept"
     with pytest.raises(SystemExit, match="no seed"):
         real_la.main(["--out", str(tmp_path / "empty"), "--report"])
 
