@@ -515,7 +515,8 @@ class MetaTrainer(SupervisedTrainer):
         l_pc = self.pc_loss(probs, params, back) if self.pc_weight > 0 else zero
         if self.use_teacher and teacher is None:
             teacher = self._teacher_probs(views)
-        l_mt = (mt_loss or self.mt_loss)(probs, teacher) if self.use_teacher else zero
+        loss = self.mt_loss if mt_loss is None else mt_loss
+        l_mt = loss(probs, teacher) if self.use_teacher else zero
         return l_pc, l_mt
 
     def _step(self, loss: torch.Tensor, what: str, event: Any) -> None:
