@@ -93,8 +93,10 @@ STAGE2_REPORT = {
 }
 
 
-def _mode_name(reuse_meta_grad: bool, meta_params: str | Sequence[str] | None) -> str:
-    """Human-readable name of the stage-2 mode for the report."""
+def _mode_name(reuse_meta_grad: bool, meta_params: str | Sequence[str] | None, reweight: bool = True) -> str:
+    """Human-readable name of the stage-2 mode for the report (a method without a meta step has no mode)."""
+    if not reweight:
+        return "no meta step"
     parts = (["reuse_meta_grad"] if reuse_meta_grad else []) + (
         [f"meta_params={'+'.join(map(str, _as_sequence(meta_params)))}"] if meta_params is not None else []
     )
@@ -350,13 +352,14 @@ def run_demo(
     decay 5e-4) except the learning rate, larger here for the short schedule; ``overrides`` changes any other id of
     the training workflow (e.g. ``{"train#trainer#joint_step": true}``).
 
-    The defaults are sized for 2 CPU cores. Measured at 1 thread on 2 cores shared with two other jobs, a run takes
-    8-9.5 minutes (stage 1 about 0.18 s an iteration, stage 2 1.0-1.2 s); on 2 idle cores (2 threads) it took
-    3.5 minutes. On the synthetic data (``"la_demo"``: the atrium is about 6% of the voxels,
-    with 1-3 distractors of 0.6-1.0 times its intensity, half of them touching it, a tube through every slice in 80%
-    of the volumes, contrast-to-noise 1.5-3.5) labeled-only training is clearly imperfect: measured test Dice for
-    seeds 0, 1, 2 of 62.8, 49.8, 46.1 after stage 1 and 71.4, 52.0, 41.8 after stage 2 (68.3, 51.6, 41.9 with
-    ``{"train#trainer#joint_step": true}``); with 6 test volumes the stage-2 gain is not reliable at these sizes.
+    The defaults are sized for 2 CPU cores. Measured at 1 thread on 2 cores shared with other jobs, a run takes
+    7-10.5 minutes (stage 1 155-214 s, stage 2 147-224 s, the control 100-146 s). On the synthetic data
+    (``"la_demo"``: the atrium is about 6% of the voxels, with 1-3 distractors of 0.6-1.0 times its intensity, half
+    of them touching it, a tube through every slice in 80% of the volumes, contrast-to-noise 1.5-3.5) labeled-only
+    training is clearly imperfect: measured test Dice for seeds 0, 1, 2 of 62.8, 49.8, 46.1 after stage 1, 69.2,
+    52.5, 42.8 for the control and 55.2, 46.4, 47.8 after the default stage 2 (the weak-to-strong mean teacher, which
+    beats labeled-only training on real left-atrium scans but not here); ``{"stage2_method": "mlbseg"}`` gave 71.4,
+    52.0, 41.8. With 6 test volumes none of these differences is reliable at these sizes.
     ``anatomy="la"`` is the harder problem of the tests and benchmarks (the atrium 2.5% of the voxels, 2-4
     distractors as bright as it), on which these sizes leave stage 1 at about 30 Dice.
 
@@ -377,7 +380,8 @@ def run_demo(
         image_size: slices are resized to ``image_size`` x ``image_size`` (144 in the reference).
         features: NestedUNet widths per level (64..1024 in the reference).
         stage1_iterations: supervised iterations on the labeled slices.
-        stage2_iterations: MLB-Seg iterations (1 unlabeled slice + 2 clean slices each).
+        stage2_iterations: stage-2 iterations (1 unlabeled slice + 2 clean slices each; one optimizer step each with
+            the default ``weak_to_strong``, two with ``mlbseg``).
         stage1_batch: stage-1 batch size.
         lr: SGD learning rate of both stages.
         seed: seed of the data and the training.
@@ -536,7 +540,7 @@ def run_demo(
         "iterations (stage 1 / stage 2)": f"{stage1_iterations} / {stage2_iterations}",
         "stage-2 method": method,
         "labeled-only control (iterations)": str(control_steps) if control else "not run",
-        "stage-2 mode": _mode_name(reuse_meta_grad, meta_params),
+        "stage-2 mode": _mode_name(reuse_meta_grad, meta_params, bool(_parsed(training, "train#trainer").reweight)),
         "extra overrides (training)": json.dumps(extra) if extra else "none",
         "learning rate": f"{lr:g}",
         "device": str(dev),

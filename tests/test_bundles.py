@@ -29,7 +29,8 @@ def test_committed_bundles_equal_the_generated_ones():
 
 
 def test_the_bundles_differ_only_in_their_data():
-    data_keys = {"dataset_dir", "data_format", "h5_spacing", "split"}
+    # the data, and the default stage-2 method: the best one measured on that data (docs/results.md)
+    data_keys = {"dataset_dir", "data_format", "h5_spacing", "split", "stage2_method"}
     la, pr = render_bundle("mlbseg_la"), render_bundle("mlbseg_prostate")
     for name in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json"):
         a, b = json.loads(la[f"configs/{name}"]), json.loads(pr[f"configs/{name}"])
@@ -304,8 +305,12 @@ def test_stage2_label_sources_and_batch_norm_reach_the_trainer(name, tmp_path):
     bundle = copy_bundle(name, tmp_path)
     data, split = make_data(tmp_path, DEFAULT_FORMAT[name])
     over = overrides(bundle, data, DEFAULT_FORMAT[name], split)
-    default = workflow(bundle, ["train.json"], "train", **over).parser.get_parsed_content("train#trainer")
-    assert default.label_sources == ("initial", "pseudo") and default.batch_norm == "train"
+    parser = workflow(bundle, ["train.json"], "train", **over).parser
+    default = parser.get_parsed_content("train#trainer")
+    expected = {"mlbseg_la": "weak_to_strong", "mlbseg_prostate": "mlbseg"}[name]  # the measured best on LA scans
+    assert parser.get_parsed_content("stage2_method") == expected and default.batch_norm == "train"
+    assert default.label_sources == (() if expected == "weak_to_strong" else ("initial", "pseudo"))
+    assert default.joint_step == (expected == "weak_to_strong")
     changed = {"train#trainer#batch_norm": "frozen", "train#trainer#label_sources": ["initial"]}
     trainer = workflow(bundle, ["train.json"], "train", **over, **changed).parser.get_parsed_content("train#trainer")
     assert trainer.label_sources == ("initial",) and trainer.batch_norm == "frozen"

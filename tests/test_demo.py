@@ -53,30 +53,34 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
     proc = demo(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
-    assert "| labeled only (stage 1) |" in report and "| MLB-Seg (stage 2) |" in report
-    rows = re.findall(r"^\| (labeled only[^|]*|MLB-Seg[^|]*) \|", report, flags=re.M)
-    assert rows == ["labeled only (stage 1)", "labeled only, continued (control)", "MLB-Seg (stage 2)"]
+    assert "| labeled only (stage 1) |" in report and "| weak-to-strong mean teacher (stage 2) |" in report
+    rows = re.findall(r"^\| (labeled only[^|]*|[^|]*\(stage 2\)) \|", report, flags=re.M)
+    assert rows == [
+        "labeled only (stage 1)",
+        "labeled only, continued (control)",
+        "weak-to-strong mean teacher (stage 2)",
+    ], "the bundle's default stage 2"
     assert "so the unlabeled volumes added" in report
     for figure in re.findall(r"\]\((figures/[^)]+\.png)\)", report):
         assert (out / figure).stat().st_size > 1000, f"{figure} is linked but empty"
-    assert {"figures/test_overlays.png", "figures/weight_maps.png", "figures/training_curves.png"} <= set(
-        re.findall(r"\]\((figures/[^)]+\.png)\)", report)
-    )
+    linked = set(re.findall(r"\]\((figures/[^)]+\.png)\)", report))
+    assert {"figures/test_overlays.png", "figures/training_curves.png"} <= linked
+    assert "figures/weight_maps.png" not in linked, "a method without a weighted term has no weight maps"
     for stage in ("stage1", "stage2", "control"):
         metrics = json.loads((out / f"metrics_{stage}.json").read_text())
         assert len(metrics["cases"]) == 2 and 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
         assert (out / f"metrics_{stage}.csv").read_text().count("\n") == 2 + 2 + 1  # header, 2 cases, mean and std rows
         assert len(list((out / f"eval_{stage}").rglob("*_seg.nii.gz"))) == 2, "the bundle's evaluation wrote the masks"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["settings"]["stage-2 mode"] == "faithful (reference)"
-    assert summary["settings"]["stage-2 method"] == "mlbseg"
+    assert summary["settings"]["stage-2 mode"] == "no meta step"
+    assert summary["settings"]["stage-2 method"] == "weak_to_strong", "the left-atrium bundle's default"
     for name in ("train.json", "inference.json", "evaluate.json"):  # the demo ran the left-atrium bundle itself
         assert (out / "bundle" / "configs" / name).read_text() == (BUNDLES["mlbseg_la"] / "configs" / name).read_text()
     assert set(summary["wall_time_s"]) >= {"stage 1", "stage 2", "total"}
     assert len(list((out / "initial_labels").glob("*.nii.gz"))) == 3, "one initial label per unlabeled volume"
     stage1 = (out / "models" / "stage1.pt").stat().st_mtime_ns
     control = {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "control").iterdir()}
-    assert summary["settings"]["labeled-only control (iterations)"] == "12", "twice the 6 two-step iterations"
+    assert summary["settings"]["labeled-only control (iterations)"] == "6", "one optimizer step per joint iteration"
     labels = {p: p.stat().st_mtime_ns for p in (out / "initial_labels").iterdir()}
 
     again = demo(out)
@@ -95,7 +99,7 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
     ],
 )
 def test_demo_fast_modes_reach_the_trainer(tmp_path, kwargs, mode):
-    run_demo(out=str(tmp_path), quick=True, progress=False, **kwargs)
+    run_demo(out=str(tmp_path), quick=True, progress=False, overrides='{"stage2_method": "mlbseg"}', **kwargs)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["settings"]["stage-2 mode"] == mode
     assert (tmp_path / "models" / "model.pt").is_file()
@@ -153,7 +157,13 @@ def test_cli_reports_bad_overrides_without_a_traceback(tmp_path):
 
 def test_demo_rejects_meta_params_that_select_nothing(tmp_path):
     with pytest.raises(ValueError, match="select none"):
-        run_demo(out=str(tmp_path), quick=True, progress=False, meta_params="decoder_that_does_not_exist")
+        run_demo(
+            out=str(tmp_path),
+            quick=True,
+            progress=False,
+            meta_params="decoder_that_does_not_exist",
+            overrides='{"stage2_method": "mlbseg"}',
+        )
 
 
 def _tree(folder):
@@ -179,7 +189,7 @@ def test_demo_runs_on_a_users_folder_without_writing_into_it(tmp_path, fmt):
         assert [i["case_id"] for i in datalist["test"]] == ids[-2:]
         assert [i["case_id"] for i in datalist["labeled"]] == ids[:2]
     report = (tmp_path / "out" / "report.md").read_text()
-    assert f"{fmt} scans in {data}" in report and "| MLB-Seg (stage 2) |" in report
+    assert f"{fmt} scans in {data}" in report and "| weak-to-strong mean teacher (stage 2) |" in report
     rows = json.loads((tmp_path / "out" / "metrics_stage2.json").read_text())["cases"]
     assert [r["case_id"] for r in rows] == [i["case_id"] for i in datalist["test"]]
 
@@ -195,17 +205,17 @@ def test_demo_on_a_folder_with_too_few_cases_is_refused(tmp_path):
     assert not (tmp_path / "out" / "models").exists()
 
 
-def test_demo_names_the_stage2_method_and_skips_weight_maps_without_a_weighted_term(tmp_path):
-    out = tmp_path / "mt"
-    proc = demo(out, "--overrides", '{"stage2_method": "mean_teacher"}')
+def test_demo_names_the_stage2_method_and_shows_the_weight_maps_of_mlbseg(tmp_path):
+    out = tmp_path / "mlbseg"
+    proc = demo(out, "--overrides", '{"stage2_method": "mlbseg"}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
-    assert "| mean teacher (stage 2) |" in report and "MLB-Seg (stage 2)" not in report
-    assert "mean teacher changed the mean test Dice by" in report
-    assert "weight_maps.png" not in report and not (out / "figures" / "weight_maps.png").exists()
-    assert (out / "figures" / "test_overlays.png").stat().st_size > 1000
+    assert "| MLB-Seg (stage 2) |" in report and "weak-to-strong mean teacher (stage 2)" not in report
+    assert "MLB-Seg changed the mean test Dice by" in report
+    assert "figures/weight_maps.png" in report and (out / "figures" / "weight_maps.png").stat().st_size > 1000
     settings = json.loads((out / "summary.json").read_text())["settings"]
-    assert settings["stage-2 method"] == "mean_teacher"
+    assert settings["stage-2 method"] == "mlbseg" and settings["stage-2 mode"] == "faithful (reference)"
+    assert settings["labeled-only control (iterations)"] == "12", "twice the 6 two-step iterations"
     assert set(STAGE2_REPORT) == set(STAGE2_METHODS), "the report names every stage-2 method"
 
 
@@ -228,7 +238,7 @@ def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp
     run_demo(out=str(tmp_path), quick=True, progress=False)
     (stage2, _), (control, at_start) = seen
     assert not stage2.supervised_only and control.supervised_only, "the control sees no unlabeled volume"
-    assert control.state.iteration == 12 and stage2.state.iteration == 6
+    assert control.state.iteration == 6 and stage2.state.iteration == 6, "equal optimizer steps (one per joint step)"
     stage1 = torch.load(tmp_path / "models" / "stage1.pt", weights_only=True)
     assert all(torch.equal(at_start[k], stage1[k]) for k in stage1), "the control starts from the stage-1 weights"
     final = torch.load(tmp_path / "models" / "control" / "model.pt", weights_only=True)
