@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -14,12 +16,13 @@ from monai_mlbseg.engines import (
     save_weights,
 )
 from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.transforms import StrongIntensityAugment
 from monai_mlbseg.utils import InputError
 
 from .helpers import corrupt, disc_samples
 
 
-def build(ckpt_dir, epochs=2, stop_at=None, seed=0):
+def build(ckpt_dir, epochs=2, stop_at=None, seed=0, **options):
     """A stage-2 trainer that checkpoints every 2 iterations and resumes from ckpt_dir, as the bundles do."""
     torch.manual_seed(seed)
     net = NestedUNet(2, features=(4, 8))
@@ -37,6 +40,7 @@ def build(ckpt_dir, epochs=2, stop_at=None, seed=0):
         opt,
         teacher=teacher,
         train_handlers=handlers,
+        **options,
     )
     AtomicCheckpointSaver(
         str(ckpt_dir), save_dict, save_interval=2, epoch_level=False, n_saved=1, save_final=True
@@ -78,6 +82,44 @@ def test_interrupted_and_resumed_run_finishes_the_planned_iterations(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
 
 
+def test_a_resume_with_other_stage2_settings_is_refused_before_training(tmp_path):
+    strong = {"student_augment": StrongIntensityAugment(), "mt_confidence": 0.95}
+    trainer, *_ = build(tmp_path, stop_at=3, **strong)
+    trainer.run()
+    recorded = json.loads((tmp_path / ResumeFromCheckpoint.settings_file).read_text())
+    assert recorded["mt_confidence"] == 0.95 and recorded["student_augment"]["contrast"] == 0.25
+    assert recorded == trainer.run_settings
+
+    again, *_ = build(tmp_path, **strong)  # the same settings (and a new random state): resumes and finishes
+    again.run()
+    assert again.state.iteration == 2 * 5
+
+    cases = [
+        ({**strong, "mt_confidence": 0.9}, "mt_confidence: 0.95 there, 0.9 now"),
+        ({**strong, "student_augment": StrongIntensityAugment(contrast=0.3)}, "student_augment: "),
+        ({}, "student_augment: {"),  # MLB-Seg's defaults: no perturbation, no threshold
+    ]
+    for options, detail in cases:
+        other, net, *_ = build(tmp_path, **options)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        with pytest.raises(InputError, match="other settings") as error:
+            other.run()
+        assert str(tmp_path) in str(error.value) and detail in str(error.value)
+        assert other.state.iteration == 0
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), "nothing was loaded or trained"
+
+
+def test_checkpoints_without_recorded_settings_are_not_resumed(tmp_path):
+    trainer, *_ = build(tmp_path, stop_at=2)
+    trainer.run()
+    (tmp_path / ResumeFromCheckpoint.settings_file).unlink()  # as written by version 0.1.0
+    with pytest.raises(InputError, match="without run_settings.json"):
+        build(tmp_path)[0].run()
+    fresh = tmp_path / "fresh"
+    build(fresh, stop_at=1)[0].run()
+    assert json.loads((fresh / ResumeFromCheckpoint.settings_file).read_text())["reweight"] is True
+
+
 def test_a_failing_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     trainer, *_ = build(tmp_path, epochs=1)
 
@@ -88,7 +130,8 @@ def test_a_failing_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
         trainer.run()
-    assert list(tmp_path.iterdir()) == [], "neither a checkpoint nor a temporary file may remain"
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left == [ResumeFromCheckpoint.settings_file], "neither a checkpoint nor a temporary file may remain"
 
 
 def test_latest_checkpoint_ignores_other_and_temporary_files(tmp_path):

@@ -155,6 +155,16 @@ def test_cli_reports_bad_overrides_without_a_traceback(tmp_path):
     assert not (tmp_path / "out" / "models").exists()
 
 
+def test_a_rerun_with_another_stage2_method_in_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "demo"
+    assert demo(out, "--control", "False").returncode == 0
+    model = (out / "models" / "model.pt").read_bytes()
+    proc = demo(out, "--control", "False", "--overrides", '{"stage2_method": "mlbseg"}')
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert str(out / "checkpoints" / "stage2") in proc.stderr and "reweight: False there, True now" in proc.stderr
+    assert (out / "models" / "model.pt").read_bytes() == model, "the trained model is kept"
+
+
 def test_demo_rejects_meta_params_that_select_nothing(tmp_path):
     with pytest.raises(ValueError, match="select none"):
         run_demo(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -14,9 +15,11 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
-from monai_mlbseg.utils import InputError, Problem, atomic_torch_save, unwrap_network
+from monai_mlbseg.utils import InputError, Problem, atomic_torch_save, atomic_write_json, unwrap_network
 
 __all__ = ["AtomicCheckpointSaver", "ResumeFromCheckpoint", "latest_checkpoint", "load_weights", "save_weights"]
+
+_FRESH_START = "; use another output folder, or move or delete this one to train from the start"
 
 _STEP = re.compile(r"(?:^|_)(?:final_)?iteration=(\d+)\.pt$")
 
@@ -81,13 +84,26 @@ class ResumeFromCheckpoint:
     Attach it before handlers that look at the iteration count at start (MONAI registers ``train_handlers`` in
     order).
 
+    An engine with a ``run_settings`` dict (:py:class:`~monai_mlbseg.engines.MetaTrainer`: its stage-2 method and
+    options) has them recorded in ``checkpoint_dir/run_settings.json`` when a run starts, and a resume with other
+    settings is refused before any training, naming the folder and the settings that differ: otherwise a rerun
+    with, say, another ``stage2_method`` in the same output folder would silently reload the old method's model.
+    The number of epochs is not a setting: a finished run can be continued for longer.
+
     Args:
         checkpoint_dir: where :py:class:`AtomicCheckpointSaver` writes.
         load_dict: objects to restore, as for :py:class:`~monai.handlers.CheckpointLoader`.
         map_location: passed to ``torch.load``.
         strict: strict state-dict loading.
         engine_key: the attached engine's state is restored from this key (``None``: not restored).
+
+    Raises:
+        InputError: when the engine's ``run_settings`` differ from those recorded with the checkpoints, or when
+            checkpoints exist without recorded settings (written by version 0.1.0, whose settings are unknown).
     """
+
+    #: the file, in ``checkpoint_dir``, that records the engine's ``run_settings``
+    settings_file = "run_settings.json"
 
     def __init__(
         self,
@@ -109,6 +125,9 @@ class ResumeFromCheckpoint:
 
     def __call__(self, engine: Engine) -> None:
         path = latest_checkpoint(self.checkpoint_dir)
+        settings = getattr(engine, "run_settings", None)
+        if settings is not None:
+            self._check_settings(dict(settings), resuming=path is not None)
         if path is None:
             return
         load_dict = dict(self.load_dict)
@@ -116,6 +135,27 @@ class ResumeFromCheckpoint:
             load_dict[self.engine_key] = engine
         CheckpointLoader(str(path), load_dict, map_location=self.map_location, strict=self.strict)(engine)
         self.logger.info(f"resumed from {path} at iteration {engine.state.iteration} (epoch {engine.state.epoch})")
+
+    def _check_settings(self, settings: dict[str, Any], resuming: bool) -> None:
+        record = self.checkpoint_dir / self.settings_file
+        if not resuming:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(record, settings)
+            return
+        context = "stage 2 cannot resume"
+        if not record.is_file():
+            what = (
+                f"holds checkpoints without {self.settings_file}, so it cannot be checked that they were trained "
+                "with the current settings (stage-2 method and options)"
+            )
+            raise InputError([Problem(str(self.checkpoint_dir), what + _FRESH_START)], context)
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        current = json.loads(json.dumps(settings))
+        changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now" for k in changed)
+            what = f"holds checkpoints of a run with other settings ({details}); resuming would continue that run"
+            raise InputError([Problem(str(self.checkpoint_dir), what + _FRESH_START)], context)
 
 
 def save_weights(network: nn.Module, path: str | os.PathLike) -> Path:

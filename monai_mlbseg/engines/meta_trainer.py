@@ -30,7 +30,7 @@ from monai_mlbseg.transforms import (
     random_box_masks,
     warp_to_views,
 )
-from monai_mlbseg.utils import unwrap_network
+from monai_mlbseg.utils import describe_settings, unwrap_network
 
 from .events import MetaIterationEvents
 from .guards import check_finite
@@ -364,6 +364,33 @@ class MetaTrainer(SupervisedTrainer):
             event_names=event_names,
             decollate=decollate,
             **kwargs,
+        )
+        #: the method's settings, JSON-compatible: a resumed run must have the same (:py:class:`ResumeFromCheckpoint`)
+        self.run_settings: dict[str, Any] = describe_settings(
+            {
+                "clean_step": clean_step,
+                "joint_step": joint_step,
+                "use_teacher": use_teacher,
+                "use_ple": use_ple,
+                "reweight": reweight,
+                "pc_weight": pc_weight,
+                "mt_weight": mt_weight,
+                "student_augment": student_augment,
+                "clean_augment": clean_augment,
+                "mt_confidence": mt_confidence,
+                "mix_weight": mix_weight,
+                "mix_fraction": mix_fraction,
+                "grad_clip": grad_clip,
+                "ema_decay": ema_decay,
+                "teacher_noise": teacher_noise,
+                "meta_params": meta_params,
+                "reuse_meta_grad": reuse_meta_grad,
+                "threshold": threshold,
+                "label_sources": label_sources,
+                "batch_norm": batch_norm,
+                "meta_weighting": meta_weighting,
+                "supervised_only": _is_empty(train_data_loader),
+            }
         )
         self.clean_data_loader = clean_data_loader
         self._clean_batches: Iterator | None = None

@@ -2,7 +2,14 @@
 named profiler ranges."""
 
 from .errors import DEBUG_ENV, INPUT_ERROR_STATUS, InputError, Problem, exit_on_input_error, find_input_error
-from .io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, run_fingerprint
+from .io import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    describe_settings,
+    run_fingerprint,
+)
 from .network import unwrap_network
 from .profiling import SCOPE_PREFIX, profiled
 
@@ -16,6 +23,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_json",
     "atomic_write_text",
+    "describe_settings",
     "exit_on_input_error",
     "find_input_error",
     "profiled",

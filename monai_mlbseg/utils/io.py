@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_torch_save",
     "run_fingerprint",
+    "describe_settings",
     "TEMP_MARKER",
 ]
 
@@ -87,3 +89,33 @@ def run_fingerprint(*parts: Any, length: int = 10) -> str:
     """
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def describe_settings(value: Any) -> Any:
+    """
+    A JSON-compatible description of a setting: numbers, strings, ``None`` and booleans as they are, sequences as
+    lists, mappings key by key, and any other object as its class name with the attributes named like its
+    constructor's arguments (for instance a :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment` and its
+    strengths, not its random state), so that two runs can be compared setting by setting.
+
+    Args:
+        value: the setting.
+
+    Returns:
+        its description.
+
+    Example::
+
+        describe_settings({"mt_confidence": 0.95, "student_augment": StrongIntensityAugment()})
+        # {"mt_confidence": 0.95, "student_augment": {"_target_": "...StrongIntensityAugment", "contrast": 0.25, ...}}
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): describe_settings(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [describe_settings(v) for v in value]
+    kind = type(value)
+    arguments = inspect.signature(kind.__init__).parameters
+    built_with = {k: getattr(value, k) for k in arguments if k != "self" and hasattr(value, k)}
+    return {"_target_": f"{kind.__module__}.{kind.__qualname__}", **describe_settings(built_with)}
