@@ -88,7 +88,8 @@ def test_a_resume_with_other_stage2_settings_is_refused_before_training(tmp_path
     trainer.run()
     recorded = json.loads((tmp_path / ResumeFromCheckpoint.settings_file).read_text())
     assert recorded["mt_confidence"] == 0.95 and recorded["student_augment"]["contrast"] == 0.25
-    assert recorded == trainer.run_settings
+    assert recorded == trainer.run_settings and recorded["supervised_only"] is False
+    assert recorded["views"]["zoom_in_range"] == list(trainer.views.zoom_in_range), "the views are a setting too"
 
     again, *_ = build(tmp_path, **strong)  # the same settings (and a new random state): resumes and finishes
     again.run()

@@ -248,6 +248,7 @@ def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp
     run_demo(out=str(tmp_path), quick=True, progress=False)
     (stage2, _), (control, at_start) = seen
     assert not stage2.supervised_only and control.supervised_only, "the control sees no unlabeled volume"
+    assert control.run_settings["supervised_only"] and not stage2.run_settings["supervised_only"], "and records it"
     assert control.state.iteration == 6 and stage2.state.iteration == 6, "equal optimizer steps (one per joint step)"
     stage1 = torch.load(tmp_path / "models" / "stage1.pt", weights_only=True)
     assert all(torch.equal(at_start[k], stage1[k]) for k in stage1), "the control starts from the stage-1 weights"

@@ -389,13 +389,14 @@ class MetaTrainer(SupervisedTrainer):
                 "label_sources": label_sources,
                 "batch_norm": batch_norm,
                 "meta_weighting": meta_weighting,
-                "supervised_only": _is_empty(train_data_loader),
+                "supervised_only": self.supervised_only,
             }
         )
         self.clean_data_loader = clean_data_loader
         self._clean_batches: Iterator | None = None
         self.spatial_dims = spatial_dims
         self.views = views if views is not None else PLEViews(spatial_dims)
+        self.run_settings["views"] = describe_settings(self.views)
         if self.views.spatial_dims != spatial_dims:
             raise ValueError(f"views are {self.views.spatial_dims}D but spatial_dims is {spatial_dims}.")
         self.student_augment = student_augment
