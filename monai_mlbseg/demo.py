@@ -352,14 +352,15 @@ def run_demo(
     decay 5e-4) except the learning rate, larger here for the short schedule; ``overrides`` changes any other id of
     the training workflow (e.g. ``{"train#trainer#joint_step": true}``).
 
-    The defaults are sized for 2 CPU cores. Measured at 1 thread on 2 cores shared with other jobs, a run takes
-    7-10.5 minutes (stage 1 155-214 s, stage 2 147-224 s, the control 100-146 s). On the synthetic data
-    (``"la_demo"``: the atrium is about 6% of the voxels, with 1-3 distractors of 0.6-1.0 times its intensity, half
-    of them touching it, a tube through every slice in 80% of the volumes, contrast-to-noise 1.5-3.5) labeled-only
-    training is clearly imperfect: measured test Dice for seeds 0, 1, 2 of 62.8, 49.8, 46.1 after stage 1, 69.2,
-    52.5, 42.8 for the control and 55.2, 46.4, 47.8 after the default stage 2 (the weak-to-strong mean teacher, which
-    beats labeled-only training on real left-atrium scans but not here); ``{"stage2_method": "mlbseg"}`` gave 71.4,
-    52.0, 41.8. With 6 test volumes none of these differences is reliable at these sizes.
+    The defaults are sized for 2 CPU cores. Measured at 1 thread, with two demo runs on 2 cores, a run takes 4.7-5.2
+    minutes (stage 1 103-106 s, stage 2 101-113 s, the control 65-77 s). On the synthetic data (``"la_demo"``: the
+    atrium is about 6% of the voxels, in nearly one pose like the real ones, with 1-3 distractors of 0.6-1.0 times its
+    intensity, half of them touching it, a tube through every slice in 80% of the volumes, contrast-to-noise 1.5-3.5)
+    labeled-only training is clearly imperfect: measured test Dice for seeds 0, 1, 2 of 55.0, 54.2, 47.3 after stage
+    1, 61.7, 63.9, 48.3 for the control and 62.0, 62.6, 42.0 after the default stage 2 (the weak-to-strong mean
+    teacher, which beats labeled-only training on real left-atrium scans; here it is 3.4 above stage 1 and 2.4 below
+    the control on average); ``{"stage2_method": "mlbseg"}`` gave 61.2, 66.6, 39.9. With 6 test volumes none of these
+    differences is reliable at these sizes.
     ``anatomy="la"`` is the harder problem of the tests and benchmarks (the atrium 2.5% of the voxels, 2-4
     distractors as bright as it), on which these sizes leave stage 1 at about 30 Dice.
 

@@ -82,6 +82,21 @@ def test_the_demo_anatomy_is_a_larger_atrium_with_dimmer_distractors(tmp_path):
         for kind, out in (("la", la), ("la_demo", demo)):
             out.append(synthetic_case(np.random.default_rng([0, i]), SHAPE, kind)[1].mean())
     assert np.mean(demo) > 1.8 * np.mean(la)  # about 6% of the voxels instead of 2.5%
+    # like the real atria, the demo's share one pose and have little pixel noise (in the demo's volume shape)
+    shape, pose, noise = (80, 72, 32), {}, {}
+    for kind in ("la", "la_demo"):
+        axes, hp = [], []
+        for i in range(12):
+            image, label = synthetic_case(np.random.default_rng([1, i]), shape, kind)
+            idx = np.argwhere(label).astype(float)
+            axes.append(np.linalg.eigh(np.cov((idx - idx.mean(0)).T))[1][:, -1])
+            s = image[..., shape[2] // 2]
+            s = (s - s.min()) / np.ptp(s)
+            hp.append((s - ndimage.uniform_filter(s, 3)).std())
+        cosines = np.abs(np.array(axes) @ np.array(axes).T)[np.triu_indices(12, 1)]
+        pose[kind], noise[kind] = np.median(cosines), np.mean(hp)
+    assert pose["la_demo"] > 0.9 > pose["la"]
+    assert noise["la_demo"] < 0.6 * noise["la"]
     # the kind of a data set on disk is an option; the default stays the format's anatomy
     make_synthetic_dataset(tmp_path / "d", "uamt_h5", num_cases=1, shape=SHAPE, seed=0, kind="la_demo")
     make_synthetic_dataset(tmp_path / "l", "uamt_h5", num_cases=1, shape=SHAPE, seed=0)
