@@ -78,7 +78,7 @@ class AnatomyParams:
 #: orientation), ``"la_demo"`` (the demo's left atrium: the same generator with a larger, more central body in a
 #: tighter crop, about 6% of the voxels instead of 2.5%, and 1-3 distractors of 0.6-1.0 times its intensity instead of
 #: 2-4 of 0.8-1.15 times; with its bias field, texture and the tube, still not separable by intensity alone; and, like
-#: the real UA-MT volumes, a body in nearly one pose, tilted by at most 0.3 rad, and a third of the pixel noise) and
+#: the real UA-MT volumes, a body in nearly one pose, tilted by at most 0.3 rad, and under half the pixel noise) and
 #: ``"prostate"`` (a flatter gland with at most one lobe, nearly upright, more central).
 ANATOMIES: dict[str, AnatomyParams] = {
     "la": AnatomyParams(
