@@ -54,6 +54,9 @@ class AnatomyParams:
         adjacent_fraction: probability that a distractor touches the foreground.
         noise: range of the standard deviation of the Gaussian noise (before z-scoring; the textured background's
             amplitude is drawn from 0.15-0.35).
+        pool_texture: the texture's amplitude inside the blood pools (the foreground and the distractors) relative
+            to outside them; below 1 the pools are more uniform than the tissue around them, as contrast-enhanced
+            blood is.
     """
 
     num_appendages: tuple[int, int]
@@ -72,13 +75,15 @@ class AnatomyParams:
     distractor_radius: tuple[float, float] = (0.05, 0.14)
     adjacent_fraction: float = 0.5
     noise: tuple[float, float] = (0.15, 0.35)
+    pool_texture: float = 1.0
 
 
 #: the anatomies of :py:func:`synthetic_case`: ``"la"`` (left atrium: a body with 0-3 vein-like appendages, any
 #: orientation), ``"la_demo"`` (the demo's left atrium: the same generator with a larger, more central body in a
 #: tighter crop, about 6% of the voxels instead of 2.5%, and 1-3 distractors of 0.6-1.0 times its intensity instead of
 #: 2-4 of 0.8-1.15 times; with its bias field, texture and the tube, still not separable by intensity alone; and, like
-#: the real UA-MT volumes, a body in nearly one pose, tilted by at most 0.3 rad, and under half the pixel noise) and
+#: the real UA-MT volumes, a body in nearly one pose, tilted by at most 0.3 rad, under half the pixel noise and half
+#: the texture inside the blood pools) and
 #: ``"prostate"`` (a flatter gland with at most one lobe, nearly upright, more central).
 ANATOMIES: dict[str, AnatomyParams] = {
     "la": AnatomyParams(
@@ -108,10 +113,12 @@ ANATOMIES: dict[str, AnatomyParams] = {
         tube_probability=0.3,
     ),
 }
-#: the demo's left atrium: ``"la"`` with a larger, more central body and fewer, dimmer distractors, calibrated to two
+#: the demo's left atrium: ``"la"`` with a larger, more central body and fewer, dimmer distractors, calibrated to three
 #: statistics of the real UA-MT volumes (docs/results.md): their atria share a pose (the median absolute cosine
-#: between the main axes of two training labels is 0.99; 0.74 for ``"la"``, 0.94 here) and their per-pixel noise is
-#: low (high-pass std of min-max scaled slices 0.022; 0.071 for ``"la"``, 0.028 here)
+#: between the main axes of two training labels is 0.99; 0.74 for ``"la"``, 0.94 here), their per-pixel noise is
+#: low (high-pass std of min-max scaled slices 0.022; 0.071 for ``"la"``, 0.028 here) and their blood pool is
+#: uniform (the atrium's intensity std in min-max scaled slices 0.073; 0.102 with the texture of ``"la"`` inside the
+#: pools, 0.075 here with half of it)
 ANATOMIES["la_demo"] = replace(
     ANATOMIES["la"],
     body_radius=(0.2, 0.3),
@@ -121,6 +128,7 @@ ANATOMIES["la_demo"] = replace(
     distractor_contrast=(0.6, 1.0),
     noise=(0.04, 0.09),
     max_tilt=0.3,
+    pool_texture=0.5,
 )
 
 
@@ -278,6 +286,9 @@ def synthetic_case(
     fg = mask.astype(np.float32) * fg_level * (1 + 0.15 * _smooth_field(rng, shape, 6))
     other = (distract & ~mask).astype(np.float32) * fg_level * rng.uniform(*p.distractor_contrast)
     texture = texture_amp * (_smooth_field(rng, shape, 8) + 0.5 * _smooth_field(rng, shape, 20))
+    if p.pool_texture != 1.0:
+        pools = ndimage.gaussian_filter((mask | distract).astype(np.float32), sigma=1.0)
+        texture = texture * (1.0 - (1.0 - p.pool_texture) * pools)
     content = ndimage.gaussian_filter(fg + other, sigma=rng.uniform(0.5, 1.0)) + texture + rng.uniform(0.5, 1.0)
     bias = np.exp(rng.uniform(0.1, 0.35) * _smooth_field(rng, shape, 3))
     image = content * bias + rng.normal(0.0, noise, size=shape)
