@@ -13,6 +13,15 @@ from .helpers import corrupt, disc_samples
 from .test_meta_trainer import count_steps, make_trainer
 
 
+def warp_from_views_one(x, scale):
+    """Undo a centred zoom by ``scale`` of one ``[1, C, H, W]`` map with torch's own grid sampling (zeros outside)."""
+    if scale == 1:
+        return x
+    theta = torch.tensor([[[scale, 0.0, 0.0], [0.0, scale, 0.0]]], dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def _batch_norms(net):
     return [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
@@ -262,6 +271,96 @@ def test_weak_to_strong_is_one_confident_pseudo_label_step_on_the_augmented_view
     opt.step()
     for p, q in zip(trainer.network.parameters(), net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_ensemble_targets_the_ple_mean_of_the_teachers_views():
+    """teacher_ensemble: L_mt's target is the teacher's view predictions mapped back, averaged and warped back."""
+    unlabeled = corrupt(disc_samples(2, 16, seed=1))
+    options = dict(reweight=False, label_sources=(), pc_weight=0.0, teacher_noise=0.0, mt_confidence=0.55)
+    trainer = make_trainer(
+        iterations=1, unlabeled=unlabeled, clean_step=False, grad_clip=None, teacher_ensemble=True, **options
+    )
+    assert trainer.run_settings["teacher_ensemble"] is True
+    net, teacher = copy.deepcopy(trainer.network), copy.deepcopy(trainer.teacher)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    trainer.run()
+
+    views = PLEViews(2).set_random_state(0)
+    v = views(unlabeled[0]["image"][None])
+    params = views.params
+    with torch.no_grad():
+        t_views = torch.sigmoid(teacher(v))
+    # independent PLE mean: undo each view's flip, then its zoom (a centred crop-and-resize), one view at a time
+    back = []
+    for k in range(params.num_views):
+        x = t_views[k : k + 1]
+        flips = [d + 2 for d in range(2) if bool(params.flips.reshape(-1, 2)[k, d])]
+        x = torch.flip(x, flips) if flips else x
+        back.append(warp_from_views_one(x, float(params.scales.reshape(-1)[k])))
+    mean = torch.stack(back).mean(0)
+    t = warp_to_views(mean, params)
+    sure = (torch.maximum(t, 1 - t) >= 0.55).float()
+    assert 0 < sure.mean() < 1, "the test needs confident and unsure pixels"
+    assert not torch.allclose(t, t_views, atol=1e-3), "the ensemble differs from the views' own predictions"
+    bce = F.binary_cross_entropy_with_logits(net(v), (t > 0.5).float(), reduction="none")
+    loss = (bce * sure).sum() / bce.numel()
+    assert trainer.state.output["loss_mt"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for p, q in zip(trainer.network.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    off = make_trainer(iterations=1)
+    assert off.run_settings["teacher_ensemble"] is False, "off by default (the reference)"
+
+
+def _clip(grads, max_norm):
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    return [g * min(1.0, max_norm / (float(norm) + 1e-6)) for g in grads]
+
+
+@pytest.mark.parametrize("per_term", [True, False])
+def test_clip_per_term_clips_the_clean_and_the_unlabeled_gradient_apart(per_term):
+    """clip_per_term: a joint step adds the clean gradient and the unlabeled one, each clipped on its own."""
+    unlabeled = corrupt(disc_samples(2, 16, seed=1))
+    clean = disc_samples(2, 16, seed=2)
+    options = dict(reweight=False, use_ple=False, label_sources=("initial",), pc_weight=0.0, mt_weight=0.0)
+    trainer = make_trainer(
+        iterations=1,
+        unlabeled=unlabeled,
+        clean=clean,
+        joint_step=True,
+        grad_clip=0.05,
+        clip_per_term=per_term,
+        **options,
+    )
+    assert trainer.run_settings["clip_per_term"] is per_term
+    net = copy.deepcopy(trainer.network)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    trainer.run()
+
+    views = PLEViews(2).set_random_state(0)
+    v = views(unlabeled[0]["image"][None])
+    initial = warp_to_views(unlabeled[0]["label"][None], views.params, threshold=0.5)
+    vc = views(torch.stack([c["image"] for c in clean]))
+    vc_labels = warp_to_views(torch.stack([c["label"] for c in clean]), views.params, threshold=0.5)
+    params = list(net.parameters())
+    unl = F.binary_cross_entropy_with_logits(net(v), initial)
+    cln = F.binary_cross_entropy_with_logits(net(vc), vc_labels)
+    assert trainer.state.output["loss"] == pytest.approx(float((unl + cln).detach()), rel=1e-5)
+    g_unl = torch.autograd.grad(unl, params, retain_graph=True)
+    g_cln = torch.autograd.grad(cln, params, retain_graph=True)
+    summed = [a + b for a, b in zip(g_unl, g_cln)]
+    apart = [a + b for a, b in zip(_clip(g_unl, 0.05), _clip(g_cln, 0.05))]
+    grads = apart if per_term else _clip(summed, 0.05)
+    assert max(float((a - b).abs().max()) for a, b in zip(apart, _clip(summed, 0.05))) > 1e-4, "the two clips differ"
+    for p, g in zip(params, grads):
+        p.grad = g.float()
+    opt.step()
+    for p, q in zip(trainer.network.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="clip_per_term=True .* needs joint_step=True"):
+        make_trainer(clip_per_term=True)
 
 
 def test_weak_to_strong_keeps_the_squared_term_on_the_clean_views_and_refuses_a_bad_confidence():

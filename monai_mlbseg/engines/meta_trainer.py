@@ -210,6 +210,10 @@ class MetaTrainer(SupervisedTrainer):
             place (intensity, noise, blur: no geometry), since the teacher, the pseudo labels and the weight maps
             stay in the views' frame. ``None`` (the reference): the student sees the views. With the teacher on
             the unperturbed views this is weak-to-strong consistency (FixMatch, UniMatch).
+        teacher_ensemble: the teacher's target on the unlabeled views (L_mt, and L_mix's label outside the box) is
+            its PLE ensemble instead of each view's own prediction: the teacher's view probabilities mapped back,
+            averaged over the views of their slice and warped into every view (soft, like the PLE mean). Off (the
+            reference): each view's own teacher prediction. It costs no network forward.
         clean_augment: the same for the clean views: the student's forward of the clean step (and of labeled-only
             training, without unlabeled data) runs on ``clean_augment(views)``; the teacher and the look-ahead's
             meta loss keep the views themselves. ``None`` (the reference): no perturbation.
@@ -227,6 +231,10 @@ class MetaTrainer(SupervisedTrainer):
             bidirectional-copy-paste idea of semi-supervised segmentation, here in one direction.
         mix_fraction: the side of the pasted box relative to the image's, in ``(0, 1]``.
         grad_clip: gradient-norm clip of both steps (``None``: no clipping).
+        clip_per_term: with ``joint_step``, clip the gradient of the clean loss and that of the unlabeled terms
+            (weighted term and regularisers) each to ``grad_clip``, then add them, as the reference's two steps are
+            clipped each on its own; off: one clip of the summed gradient, under which every unlabeled term shrinks
+            the labeled part of a clipped step. It costs one more gradient buffer, no forward. Needs ``joint_step``.
         ema_decay: EMA decay of the teacher.
         teacher_noise: std of the Gaussian noise added to the teacher's input.
         meta_params: restrict the meta-gradient to these parameter names/prefixes (approximation; default all).
@@ -297,9 +305,11 @@ class MetaTrainer(SupervisedTrainer):
         student_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         clean_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         mt_confidence: float | None = None,
+        teacher_ensemble: bool = False,
         mix_weight: float = 0.0,
         mix_fraction: float = 2 / 3,
         grad_clip: float | None = 0.2,
+        clip_per_term: bool = False,
         ema_decay: float = 0.99,
         teacher_noise: float = 0.02,
         meta_params: Sequence[str] | None = None,
@@ -321,6 +331,11 @@ class MetaTrainer(SupervisedTrainer):
             )
         if joint_step and not clean_step:
             raise ValueError("joint_step=True adds the clean loss to the weighted step: it needs clean_step=True.")
+        if clip_per_term and not joint_step:
+            raise ValueError(
+                "clip_per_term=True clips the two terms of a joint step apart: it needs joint_step=True (the "
+                "two-step iteration already clips each step on its own)."
+            )
         label_sources = tuple(label_sources)
         if any(s not in LABEL_SOURCES for s in label_sources) or len(set(label_sources)) != len(label_sources):
             raise ValueError(f"label_sources must be distinct names of {LABEL_SOURCES}, got {label_sources}.")
@@ -378,9 +393,11 @@ class MetaTrainer(SupervisedTrainer):
                 "student_augment": student_augment,
                 "clean_augment": clean_augment,
                 "mt_confidence": mt_confidence,
+                "teacher_ensemble": teacher_ensemble,
                 "mix_weight": mix_weight,
                 "mix_fraction": mix_fraction,
                 "grad_clip": grad_clip,
+                "clip_per_term": clip_per_term,
                 "ema_decay": ema_decay,
                 "teacher_noise": teacher_noise,
                 "meta_params": meta_params,
@@ -405,6 +422,7 @@ class MetaTrainer(SupervisedTrainer):
         self.clean_step = clean_step
         self.joint_step = joint_step
         self.use_teacher = use_teacher and mt_weight > 0
+        self.teacher_ensemble = bool(teacher_ensemble)
         self.use_ple = use_ple
         self.reweight = reweight
         self.pc_weight = float(pc_weight)
@@ -412,6 +430,7 @@ class MetaTrainer(SupervisedTrainer):
         self.mix_weight = float(mix_weight)
         self.mix_fraction = float(mix_fraction)
         self.grad_clip = grad_clip
+        self.clip_per_term = bool(clip_per_term)
         self.teacher_noise = float(teacher_noise)
         self.reuse_meta_grad = reuse_meta_grad
         self.threshold = threshold
@@ -526,6 +545,11 @@ class MetaTrainer(SupervisedTrainer):
             noisy = views + self.teacher_noise * torch.randn_like(views)
             return torch.sigmoid(self.inferer(noisy, self._teacher_forward).float())
 
+    def _unlabeled_teacher_probs(self, views: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """The teacher's target on the unlabeled ``views``: its own view predictions, or their PLE ensemble."""
+        probs = self._teacher_probs(views)
+        return warp_to_views(ple_pseudo_labels(probs, params).mean_prob, params) if self.teacher_ensemble else probs
+
     def _regularisers(
         self,
         probs: torch.Tensor,
@@ -558,6 +582,35 @@ class MetaTrainer(SupervisedTrainer):
             loss.backward()
         self.fire_event(event)
         self._clip_and_step(scaled=self.scaler is not None)
+
+    def _step_per_term(self, terms: Sequence[torch.Tensor], what: str, event: Any) -> None:
+        """
+        Like :py:meth:`_step` for a loss that is the sum of ``terms`` with disjoint graphs: the gradient of every term
+        is clipped to ``grad_clip`` on its own, then they are added (the AMP grad scaler, if any, sees their sum).
+        """
+        check_finite(sum(terms), self, what)
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+        total = [torch.zeros_like(p) for p in params]
+        for term in terms:
+            if not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(term * scale, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g / scale for g, p in zip(grads, params)]
+            if self.grad_clip is not None:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+                grads = [g * coef for g in grads]
+            total = [t + g for t, g in zip(total, grads)]
+        self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        for p, g in zip(params, total):
+            p.grad = g * scale
+        self.fire_event(event)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def _clip_and_step(self, scaled: bool) -> None:
         if self.grad_clip is not None:
@@ -622,7 +675,8 @@ class MetaTrainer(SupervisedTrainer):
         state.sources = dict(self.label_source_maps(state))
 
     def _weight_maps_phase(self, state: Stage2State) -> None:
-        teacher = self._teacher_probs(state.views) if self.use_teacher else None  # shared by L_mt and L_mix
+        # shared by L_mt and L_mix
+        teacher = self._unlabeled_teacher_probs(state.views, state.params) if self.use_teacher else None
         state.l_pc, state.l_mt = self._regularisers(
             state.probs, state.views, state.params, state.back, teacher, self.unlabeled_mt_loss
         )
@@ -687,7 +741,11 @@ class MetaTrainer(SupervisedTrainer):
         state.loss_weighted = self.loss_function(logits, sources, state.weights) if sources else logits.new_zeros(())
         state.loss = self.state.output[Keys.LOSS] = state.loss_weighted + self._step_terms(state)
         self.fire_event(IterationEvents.LOSS_COMPLETED)
-        self._step(state.loss, "weighted-step loss", IterationEvents.BACKWARD_COMPLETED)
+        if self.clip_per_term:
+            unlabeled = state.loss_weighted + state.regularisation
+            self._step_per_term([unlabeled, state.loss_clean], "weighted-step loss", IterationEvents.BACKWARD_COMPLETED)
+        else:
+            self._step(state.loss, "weighted-step loss", IterationEvents.BACKWARD_COMPLETED)
         self.fire_event(MetaIterationEvents.REAL_STEP_COMPLETED)
 
     def _clean_step_phase(self, state: Stage2State) -> None:
