@@ -157,12 +157,16 @@ class _WeightMapKeeper:
 
 #: the report's name of the labeled-only control
 CONTROL_NAME = "labeled only, continued"
+#: the stage-2 method whose settings the control trains with (on labeled volumes only): the reference's
+CONTROL_METHOD = "mlbseg"
 
 
 def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path, seed: int, iterations: int) -> Path:
     """
     The labeled-only control: the bundle's stage-2 workflow with no unlabeled volumes (its trainer then makes one
-    clean step per iteration), from the stage-1 weights, for ``iterations`` iterations, reseeded like stage 2.
+    clean step per iteration) and the reference's stage-2 settings (``stage2_method`` ``"mlbseg"``: L_pc and L_mt on
+    the clean views, the gradient clipped at 0.2; the benchmark's control (a)), from the stage-1 weights, for
+    ``iterations`` iterations, reseeded like stage 2.
     Checkpoints in ``<out_dir>/checkpoints/control`` (a rerun continues), weights in
     ``<out_dir>/models/control/model.pt``, which it returns (a finished control, whose weights exist, is not run
     again).
@@ -177,6 +181,7 @@ def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path
         "train",
         {
             **overrides,
+            "stage2_method": CONTROL_METHOD,
             "train#unlabeled#source": [],
             "ckpt_dir": str(out_dir / "models" / "control"),
             "train#checkpoint_dir": str(out_dir / "checkpoints" / "control"),
@@ -322,7 +327,7 @@ def run_demo(
     anatomy: str = "la_demo",
     num_labeled: int = 4,
     num_unlabeled: int = 16,
-    num_test: int = 6,
+    num_test: int = 16,
     volume_shape: Sequence[int] = (80, 72, 32),
     image_size: int = 64,
     features: Sequence[int] = (8, 16, 32, 64),
@@ -394,9 +399,10 @@ def run_demo(
             (a dict of ids to values, or the same as a JSON object as typed on the command line), merged after the
             demo's own (so they win) and named in the report's settings. The evaluation workflows do not get them.
         control: also train the labeled-only control, the bundle's stage-2 workflow without unlabeled volumes
-            from the same stage-1 weights and for the same number of optimizer steps (twice the iterations of a
-            two-step stage 2), and report it next to both stages; what the unlabeled volumes added is stage 2
-            against this control, not against stage 1.
+            and with the reference's stage-2 settings (those of ``stage2_method`` ``"mlbseg"``; the trainer options
+            of ``overrides`` still apply), from the same stage-1 weights and for the same number of optimizer steps
+            (twice the iterations of a two-step stage 2), and report it next to both stages; what the unlabeled
+            volumes added is stage 2 against this control, not against stage 1.
         quick: a tiny configuration for smoke tests (overrides the sizes).
         progress: show progress bars.
 
@@ -594,7 +600,8 @@ def _report_text(
         "the bundle's evaluation workflow measures both on the test volumes: per volume (3D), in "
         "`metrics_stage1.csv` and `metrics_stage2.csv` (the masks in `eval_stage1/` and `eval_stage2/`)."
         + (
-            " The control continues stage 1 in stage 2's workflow on the labeled volumes alone, for the same number "
+            " The control continues stage 1 in stage 2's workflow on the labeled volumes alone, with the reference's "
+            "stage-2 settings (L_pc and L_mt on the clean views, the gradient clipped at 0.2), for the same number "
             "of optimizer steps (`metrics_control.csv`, `eval_control/`)."
             if control is not None
             else ""

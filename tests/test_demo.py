@@ -250,6 +250,7 @@ def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp
     assert not stage2.supervised_only and control.supervised_only, "the control sees no unlabeled volume"
     assert control.run_settings["supervised_only"] and not stage2.run_settings["supervised_only"], "and records it"
     assert control.state.iteration == 6 and stage2.state.iteration == 6, "equal optimizer steps (one per joint step)"
+    assert (control.grad_clip, control.pc_weight, stage2.grad_clip) == (0.2, 1.0, None), "the reference's settings"
     stage1 = torch.load(tmp_path / "models" / "stage1.pt", weights_only=True)
     assert all(torch.equal(at_start[k], stage1[k]) for k in stage1), "the control starts from the stage-1 weights"
     final = torch.load(tmp_path / "models" / "control" / "model.pt", weights_only=True)
