@@ -311,26 +311,29 @@ def test_stage2_label_sources_and_batch_norm_reach_the_trainer(name, tmp_path):
     assert parser.get_parsed_content("stage2_method") == expected and default.batch_norm == "train"
     assert default.label_sources == (() if expected == "weak_to_strong" else ("initial", "pseudo"))
     assert default.joint_step == (expected == "weak_to_strong")
+    assert default.grad_clip == (None if expected == "weak_to_strong" else 0.2)
     changed = {"train#trainer#batch_norm": "frozen", "train#trainer#label_sources": ["initial"]}
     trainer = workflow(bundle, ["train.json"], "train", **over, **changed).parser.get_parsed_content("train#trainer")
     assert trainer.label_sources == ("initial",) and trainer.batch_norm == "frozen"
     method = {"stage2_method": "mean_teacher"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **method).parser.get_parsed_content("train#trainer")
     assert not trainer.reweight and trainer.label_sources == () and trainer.pc_weight == 0.0 and trainer.use_teacher
-    assert trainer.student_augment is None and not trainer.joint_step
+    assert trainer.student_augment is None and not trainer.joint_step and trainer.grad_clip == 0.2
     w2s = {"stage2_method": "weak_to_strong"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **w2s).parser.get_parsed_content("train#trainer")
-    assert trainer.joint_step and not trainer.reweight and trainer.label_sources == ()
+    assert trainer.joint_step and not trainer.reweight and trainer.label_sources == () and trainer.grad_clip is None
     assert isinstance(trainer.student_augment, StrongIntensityAugment) and trainer.clean_augment is None
     assert isinstance(trainer.unlabeled_mt_loss, ConfidentPseudoLabelLoss)
     assert trainer.unlabeled_mt_loss.threshold == 0.95
     custom = {
         **w2s,
         "train#trainer#mt_confidence": 0.8,
+        "train#trainer#grad_clip": 0.5,
         "train#trainer#clean_augment": {"_target_": "monai_mlbseg.transforms.StrongIntensityAugment", "contrast": 0.3},
     }
     trainer = workflow(bundle, ["train.json"], "train", **over, **custom).parser.get_parsed_content("train#trainer")
     assert trainer.unlabeled_mt_loss.threshold == 0.8 and trainer.clean_augment.contrast == 0.3
+    assert trainer.grad_clip == 0.5, "the method's clip is an override away"
     with pytest.raises(RuntimeError) as raised:  # MONAI's config parser wraps the error of the expression
         parser = workflow(bundle, ["train.json"], "train", **over, stage2_method="meta").parser
         parser.get_parsed_content("train#trainer")
