@@ -28,6 +28,7 @@ from ignite.engine import Events
 from ignite.handlers import ProgressBar
 from monai.bundle import ConfigWorkflow
 from monai.handlers import MetricLogger, from_engine
+from monai.transforms import Randomizable
 from monai.utils import set_determinism
 
 from monai_mlbseg.bundles import write_bundle
@@ -190,11 +191,22 @@ def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path
         },
     )
     load_weights(_parsed(workflow, "network"), out_dir / "models" / "stage1.pt")
-    trainer = _parsed(workflow, "train#trainer")
-    set_determinism(seed=seed + 1)
-    trainer.set_random_state(seed)
+    _reseed_stage2(workflow, seed)
     _parsed(workflow, f"training#{TRAINING_STEPS.index('stage 2')}")
     return model
+
+
+def _reseed_stage2(workflow: ConfigWorkflow, seed: int) -> None:
+    """
+    Seed what stage 2 draws from: the global generators, the trainer's views and perturbations, and the slice
+    augmentation, which stage 1 shares (``train#preprocessing``) and would otherwise leave wherever stage 1 stopped
+    drawing, so that a run whose stage 1 was reused continues exactly as an uninterrupted one.
+    """
+    set_determinism(seed=seed + 1)
+    _parsed(workflow, "train#trainer").set_random_state(seed)
+    augment = _parsed(workflow, "train#preprocessing")
+    if isinstance(augment, Randomizable):
+        augment.set_random_state(seed)
 
 
 def _report_rows(
@@ -503,8 +515,7 @@ def run_demo(
         if step == "stage 1":
             report1, pred1 = _evaluate(bundle, common, out_dir / "models" / "stage1.pt", out_dir, "stage1")
         if step == "bootstrap":  # stage 2's randomness does not depend on whether stage 1 ran in this process
-            set_determinism(seed=seed + 1)
-            stage2.set_random_state(seed)
+            _reseed_stage2(training, seed)
     report2, pred2 = _evaluate(bundle, common, out_dir / "models" / "model.pt", out_dir, "stage2")
     report_control, predictions = None, {"labeled only": pred1}
     if control:

@@ -258,3 +258,23 @@ def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp
     run_demo(out=str(tmp_path / "no_control"), quick=True, progress=False, control=False)
     assert not (tmp_path / "no_control" / "metrics_control.json").exists()
     assert "(control)" not in (tmp_path / "no_control" / "report.md").read_text()
+
+
+def test_a_reused_stage_1_gives_the_same_stage_2_as_an_uninterrupted_run(tmp_path):
+    """Stage 2 is reseeded after the bootstrap, the slice augmentation it shares with stage 1 included."""
+    import shutil
+
+    import torch
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_demo(out=str(first), quick=True, progress=False, control=False)
+    second.mkdir()
+    for name in ("data", "datalist.json", "initial_labels", "models/stage1.pt", "checkpoints/stage1"):
+        (second / name).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (first / name).is_dir() else shutil.copy
+        copy(first / name, second / name)
+    run_demo(out=str(second), quick=True, progress=False, control=False)
+    a, b = (torch.load(d / "models" / "model.pt", weights_only=True) for d in (first, second))
+    stage1 = torch.load(first / "models" / "stage1.pt", weights_only=True)
+    assert any(not torch.equal(a[k], stage1[k]) for k in a), "stage 2 trained"
+    assert all(torch.equal(a[k], b[k]) for k in a), "stage 1 in this process or reused: the same stage 2"
