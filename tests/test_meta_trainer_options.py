@@ -13,6 +13,15 @@ from .helpers import corrupt, disc_samples
 from .test_meta_trainer import count_steps, make_trainer
 
 
+def assert_one_sgd_step(trainer, net, opt, loss):
+    """The trainer's weights equal ``net``'s after one step of ``opt`` on the independently computed ``loss``."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for p, q in zip(trainer.network.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def warp_from_views_one(x, scale):
     """Undo a centred zoom by ``scale`` of one ``[1, C, H, W]`` map with torch's own grid sampling (zeros outside)."""
     if scale == 1:
@@ -204,11 +213,7 @@ def test_copy_paste_term_is_one_plain_bce_step_on_the_mixed_views(monkeypatch):
     loss = F.binary_cross_entropy_with_logits(net(mixed), target)
     assert trainer.state.output["loss_mix"] == pytest.approx(float(loss.detach()), rel=1e-5)
     assert trainer.state.output["loss"] == pytest.approx(2.0 * float(loss.detach()), rel=1e-5)
-    opt.zero_grad()
-    (2.0 * loss).backward()
-    opt.step()
-    for p, q in zip(trainer.network.parameters(), net.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_one_sgd_step(trainer, net, opt, 2.0 * loss)
 
 
 def test_copy_paste_term_with_meta_weights_and_its_errors():
@@ -266,11 +271,7 @@ def test_weak_to_strong_is_one_confident_pseudo_label_step_on_the_augmented_view
     loss = 1.5 * (bce * sure).sum() / bce.numel()
     assert trainer.state.output["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     torch.testing.assert_close(seen[0], augment(v))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    for p, q in zip(trainer.network.parameters(), net.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_one_sgd_step(trainer, net, opt, loss)
 
 
 def test_teacher_ensemble_targets_the_ple_mean_of_the_teachers_views():
@@ -305,11 +306,7 @@ def test_teacher_ensemble_targets_the_ple_mean_of_the_teachers_views():
     bce = F.binary_cross_entropy_with_logits(net(v), (t > 0.5).float(), reduction="none")
     loss = (bce * sure).sum() / bce.numel()
     assert trainer.state.output["loss_mt"] == pytest.approx(float(loss.detach()), rel=1e-5)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    for p, q in zip(trainer.network.parameters(), net.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_one_sgd_step(trainer, net, opt, loss)
     off = make_trainer(iterations=1)
     assert off.run_settings["teacher_ensemble"] is False, "off by default (the reference)"
 
@@ -390,11 +387,7 @@ def test_clean_augment_is_what_the_student_sees_of_the_clean_views():
     labels = warp_to_views(torch.stack([c["label"] for c in clean]), views.params, threshold=0.5)
     loss = F.binary_cross_entropy_with_logits(net(augment(v)), labels)
     assert trainer.state.output["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    for p, q in zip(trainer.network.parameters(), net.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_one_sgd_step(trainer, net, opt, loss)
 
     inputs = []
     trainer = make_trainer(iterations=1, clean=clean, reweight=False, label_sources=(), clean_augment=augment)

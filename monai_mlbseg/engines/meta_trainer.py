@@ -548,7 +548,7 @@ class MetaTrainer(SupervisedTrainer):
     def _unlabeled_teacher_probs(self, views: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """The teacher's target on the unlabeled ``views``: its own view predictions, or their PLE ensemble."""
         probs = self._teacher_probs(views)
-        return warp_to_views(ple_pseudo_labels(probs, params).mean_prob, params) if self.teacher_ensemble else probs
+        return ple_pseudo_labels(probs, params, threshold=None).pseudo_labels if self.teacher_ensemble else probs
 
     def _regularisers(
         self,
@@ -597,23 +597,18 @@ class MetaTrainer(SupervisedTrainer):
                 continue
             grads = torch.autograd.grad(term * scale, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g / scale for g, p in zip(grads, params)]
-            if self.grad_clip is not None:
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            if self.grad_clip is not None:  # the coefficient of torch.nn.utils.clip_grad_norm_
+                coef = torch.clamp(self.grad_clip / (torch.nn.utils.get_total_norm(grads) + 1e-6), max=1.0)
                 grads = [g * coef for g in grads]
             total = [t + g for t, g in zip(total, grads)]
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         for p, g in zip(params, total):
             p.grad = g * scale
         self.fire_event(event)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self._clip_and_step(scaled=self.scaler is not None, clip=False)
 
-    def _clip_and_step(self, scaled: bool) -> None:
-        if self.grad_clip is not None:
+    def _clip_and_step(self, scaled: bool, clip: bool = True) -> None:
+        if clip and self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
         if scaled:
             self.scaler.step(self.optimizer)

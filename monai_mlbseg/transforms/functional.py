@@ -103,7 +103,8 @@ class PLEResult(NamedTuple):
 
     Attributes:
         mean_prob: ``[B, C, *S]`` mean of the ``K`` view probabilities mapped back to the original frame.
-        pseudo_labels: ``[B * K, C, *S]`` hard pseudo label of every view: ``1[A_k(mean_prob) > threshold]``.
+        pseudo_labels: ``[B * K, C, *S]`` pseudo label of every view: ``1[A_k(mean_prob) > threshold]``, or
+            ``A_k(mean_prob)`` without a threshold.
         back: ``[B * K, C, *S]`` every view probability mapped back to the original frame, ``A_k^-1(p_k)``.
     """
 
@@ -241,20 +242,20 @@ def map_view_pairs(back: torch.Tensor, params: ViewParams, mode: str = "bilinear
 
 
 @profiled("ple_pseudo_labels")
-def ple_pseudo_labels(view_probs: torch.Tensor, params: ViewParams, threshold: float = 0.5) -> PLEResult:
+def ple_pseudo_labels(view_probs: torch.Tensor, params: ViewParams, threshold: float | None = 0.5) -> PLEResult:
     """
     PLE ensemble: map the ``K`` view predictions back, average them, and warp the mean into every view.
 
-    ``mean = (1/K) sum_k A_k^-1(p_k)``; the pseudo label of view ``k`` is ``1[A_k(mean) > threshold]``.
-    The result carries no gradient.
+    ``mean = (1/K) sum_k A_k^-1(p_k)``; the pseudo label of view ``k`` is ``1[A_k(mean) > threshold]`` (``A_k(mean)``
+    itself, soft, with ``threshold=None``). The result carries no gradient.
 
     Args:
         view_probs: ``[B * K, C, *S]`` probabilities of the views (sigmoid outputs).
         params: the views.
-        threshold: binarisation threshold of the pseudo labels.
+        threshold: binarisation threshold of the pseudo labels; ``None``: soft pseudo labels.
 
     Returns:
-        :py:class:`PLEResult` (mean probability, per-view hard pseudo labels, per-view maps in the original frame).
+        :py:class:`PLEResult` (mean probability, per-view pseudo labels, per-view maps in the original frame).
 
     Example::
 
