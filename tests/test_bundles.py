@@ -12,6 +12,7 @@ from monai.transforms import RandFlipd, RandRotated
 
 from monai_mlbseg.bundles import TEMPLATE_DIR, TEMPLATE_FILES, bundles, render_bundle, stale_files, write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list
+from monai_mlbseg.engines import JointStep, TwoSteps, UniformWeighting
 from monai_mlbseg.losses import ConfidentPseudoLabelLoss
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.pipeline import slice_preprocessing
@@ -301,40 +302,43 @@ def test_monai_label_style_overrides_train_from_labeled_pairs_only(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLES))
-def test_stage2_label_sources_and_batch_norm_reach_the_trainer(name, tmp_path):
+def test_stage2_method_parts_reach_the_trainer(name, tmp_path):
     bundle = copy_bundle(name, tmp_path)
     data, split = make_data(tmp_path, DEFAULT_FORMAT[name])
     over = overrides(bundle, data, DEFAULT_FORMAT[name], split)
     parser = workflow(bundle, ["train.json"], "train", **over).parser
     default = parser.get_parsed_content("train#trainer")
     expected = {"mlbseg_la": "weak_to_strong", "mlbseg_prostate": "mlbseg"}[name]  # the measured best on LA scans
-    assert parser.get_parsed_content("stage2_method") == expected and default.batch_norm == "train"
-    assert default.label_sources == (() if expected == "weak_to_strong" else ("initial", "pseudo"))
-    assert default.joint_step == (expected == "weak_to_strong")
+    assert parser.get_parsed_content("stage2_method") == expected
+    assert [s.name for s in default.sources] == ([] if expected == "weak_to_strong" else ["initial", "pseudo"])
+    assert isinstance(default.schedule, JointStep if expected == "weak_to_strong" else TwoSteps)
     assert default.grad_clip == (None if expected == "weak_to_strong" else 0.2)
-    changed = {"train#trainer#batch_norm": "frozen", "train#trainer#label_sources": ["initial"]}
+    assert default.teacher is parser.get_parsed_content("teacher"), "the checkpointed teacher is the EMA network"
+    changed = {"train#trainer#sources": "$[monai_mlbseg.engines.InitialLabels()]"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **changed).parser.get_parsed_content("train#trainer")
-    assert trainer.label_sources == ("initial",) and trainer.batch_norm == "frozen"
+    assert [s.name for s in trainer.sources] == ["initial"]
     method = {"stage2_method": "mean_teacher"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **method).parser.get_parsed_content("train#trainer")
-    assert not trainer.reweight and trainer.label_sources == () and trainer.pc_weight == 0.0 and trainer.use_teacher
-    assert trainer.student_augment is None and not trainer.joint_step and trainer.grad_clip == 0.2
+    assert isinstance(trainer.weighting, UniformWeighting) and trainer.sources == []
+    assert [t.name for t in trainer.terms] == ["loss_mt"] and trainer.mean_teacher is not None
+    assert trainer.student_augment is None and isinstance(trainer.schedule, TwoSteps) and trainer.grad_clip == 0.2
     w2s = {"stage2_method": "weak_to_strong"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **w2s).parser.get_parsed_content("train#trainer")
-    assert trainer.joint_step and not trainer.reweight and trainer.label_sources == () and trainer.grad_clip is None
+    assert isinstance(trainer.schedule, JointStep) and isinstance(trainer.weighting, UniformWeighting)
+    assert trainer.sources == [] and trainer.grad_clip is None
     assert isinstance(trainer.student_augment, StrongIntensityAugment) and trainer.clean_augment is None
-    assert isinstance(trainer.unlabeled_mt_loss, ConfidentPseudoLabelLoss)
-    assert trainer.unlabeled_mt_loss.threshold == 0.95
+    assert isinstance(trainer.terms[0].loss, ConfidentPseudoLabelLoss)
+    assert trainer.terms[0].loss.threshold == 0.95
     custom = {
         **w2s,
-        "train#trainer#mt_confidence": 0.8,
+        "train#trainer#terms": "$[monai_mlbseg.engines.MeanTeacherTerm(1.0, monai_mlbseg.losses.ConfidentPseudoLabelLoss(0.8))]",
         "train#trainer#grad_clip": 0.5,
         "train#trainer#clean_augment": {"_target_": "monai_mlbseg.transforms.StrongIntensityAugment", "contrast": 0.3},
     }
     trainer = workflow(bundle, ["train.json"], "train", **over, **custom).parser.get_parsed_content("train#trainer")
-    assert trainer.unlabeled_mt_loss.threshold == 0.8 and trainer.clean_augment.contrast == 0.3
+    assert trainer.terms[0].loss.threshold == 0.8 and trainer.clean_augment.contrast == 0.3
     assert trainer.grad_clip == 0.5, "the method's clip is an override away"
     with pytest.raises(RuntimeError) as raised:  # MONAI's config parser wraps the error of the expression
         parser = workflow(bundle, ["train.json"], "train", **over, stage2_method="meta").parser
         parser.get_parsed_content("train#trainer")
-    assert "unknown stage-2 method 'meta'; known: mlbseg, mean_teacher" in str(raised.value.__cause__)
+    assert "unknown stage-2 method 'meta'; known: mlbseg, weak_to_strong" in str(raised.value.__cause__)
