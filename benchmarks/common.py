@@ -31,7 +31,7 @@ from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
 from monai_mlbseg.data import synthetic_case, synthetic_discs
-from monai_mlbseg.engines import MetaTrainer
+from monai_mlbseg.engines import MetaTrainer, MetaWeighting, TwoSteps, stage2_method
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.transforms import PLEViews
 
@@ -119,13 +119,13 @@ def last_decoder_blocks(features: Sequence[int]) -> list[str]:
 
 
 def stage2_modes(features: Sequence[int]) -> dict[str, dict]:
-    """The faithful stage 2 and the fast modes, as ``MetaTrainer`` keywords."""
+    """The faithful stage 2 and the fast modes, as ``MetaTrainer`` parts replacing MLB-Seg's (fresh on every call)."""
     last = last_decoder_blocks(features)
     return {
         "faithful": {},
-        "reuse_meta_grad": {"reuse_meta_grad": True},
-        "meta_params=" + "+".join(last): {"meta_params": last},
-        "reuse_meta_grad+meta_params": {"reuse_meta_grad": True, "meta_params": last},
+        "reuse_meta_grad": {"schedule": TwoSteps(reuse_meta_grad=True)},
+        "meta_params=" + "+".join(last): {"weighting": MetaWeighting(last)},
+        "reuse_meta_grad+meta_params": {"schedule": TwoSteps(reuse_meta_grad=True), "weighting": MetaWeighting(last)},
     }
 
 
@@ -158,7 +158,10 @@ class Workload:
         return build_network(self.dims, self.features, self.device, self.options.get("channels_last", False))
 
     def stage2(self, iterations: int = 1, **trainer_kwargs: Any) -> MetaTrainer:
-        """A ``MetaTrainer`` of ``iterations`` iterations on the fixed batches (bundle defaults, ``trainer_kwargs``)."""
+        """
+        A ``MetaTrainer`` of ``iterations`` iterations on the fixed batches: MLB-Seg (the reference) with its parts
+        replaced by ``trainer_kwargs``.
+        """
         net = self._network()
         return MetaTrainer(
             self.device,
@@ -171,7 +174,7 @@ class Workload:
             epoch_length=iterations,
             seed=0,
             **engine_options(self.options),
-            **trainer_kwargs,
+            **{**stage2_method("mlbseg"), **trainer_kwargs},
         )
 
     def supervised(self, iterations: int = 1) -> SupervisedTrainer:

@@ -41,7 +41,7 @@ from ignite.engine import Events
 from monai.data import DataLoader
 
 from monai_mlbseg.data import SliceDataset, synthetic_case
-from monai_mlbseg.engines import MetaTrainer
+from monai_mlbseg.engines import MetaTrainer, stage2_method
 from monai_mlbseg.pipeline import slice_augmentation, slice_preprocessing
 
 KEEP_ALIVE: list = []  # loaders with persistent workers, kept until exit (see measure)
@@ -118,6 +118,7 @@ def measure(args: argparse.Namespace) -> dict:
             optimizer=sgd(network),
             epoch_length=args.iterations,
             seed=0,
+            **stage2_method("mlbseg"),
         )
         marks: dict[str, list[float]] = defaultdict(list)
         for event, key in (

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -55,12 +54,16 @@ from monai_mlbseg.data import (
 from monai_mlbseg.engines import (
     STAGE2_METHODS,
     AtomicCheckpointSaver,
+    GroundTruthMonitor,
     MetaTrainer,
+    MetaWeighting,
     NonFiniteLossGuard,
     ResumeFromCheckpoint,
+    TwoSteps,
     bootstrap_labels,
     initial_label_items,
     run_stage,
+    stage2_method,
 )
 from monai_mlbseg.evaluation import SegmentationReport
 from monai_mlbseg.inferers import SliceResizeInferer
@@ -71,17 +74,22 @@ from monai_mlbseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("real_la")
 
-#: the rows of the table: ``(base variant or None, MetaTrainer options, benchmark options)``; a variant with a
-#: base inherits the base's options and overrides them.
+#: the rows of the table: a named method of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` (``method``), trainer
+#: options on top of it (``trainer``, the JSON form of :py:data:`TRAINER_OPTIONS`) and benchmark options.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "a_labeled_only": {"trainer": {}, "supervised": True},
-    "b_self_training": {"trainer": copy.deepcopy(STAGE2_METHODS["self_training"])},
-    "c_mean_teacher": {"trainer": copy.deepcopy(STAGE2_METHODS["mean_teacher"])},
-    "d_mlbseg": {"trainer": {}},
-    "e_reuse_meta_grad": {"trainer": {"reuse_meta_grad": True}},
-    "e_meta_params_last": {"trainer": {"meta_params": "LAST"}},
-    "f_weak_to_strong": {"trainer": copy.deepcopy(STAGE2_METHODS["weak_to_strong"])},
+    "a_labeled_only": {"method": "labeled_only", "trainer": {}},
+    "b_self_training": {"method": "self_training", "trainer": {}},
+    "c_mean_teacher": {"method": "mean_teacher", "trainer": {}},
+    "d_mlbseg": {"method": "mlbseg", "trainer": {}},
+    "e_reuse_meta_grad": {"method": "mlbseg", "trainer": {"reuse_meta_grad": True}},
+    "e_meta_params_last": {"method": "mlbseg", "trainer": {"meta_params": "LAST"}},
+    "f_weak_to_strong": {"method": "weak_to_strong", "trainer": {}},
 }
+
+#: the trainer options a variant may set, in JSON form: the method's ``grad_clip``; ``student_augment`` /
+#: ``clean_augment`` as the arguments of :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment` (or ``null``);
+#: MLB-Seg's fast modes ``reuse_meta_grad`` (bool) and ``meta_params`` (names, or ``"LAST"``: the last decoder block)
+TRAINER_OPTIONS = ("grad_clip", "student_augment", "clean_augment", "reuse_meta_grad", "meta_params")
 
 #: benchmark-level options a variant may set (the rest go to :py:class:`MetaTrainer`)
 RUN_OPTIONS = ("lr", "unlabeled_batch", "clean_batch", "supervised", "iterations_factor", "initial_labels")
@@ -112,6 +120,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if base_spec is None:
         raise ValueError(f"variant {text!r}: unknown base {base!r}; known: {', '.join(VARIANTS)}")
     trainer = {**base_spec["trainer"], **{k: v for k, v in extra.items() if k not in RUN_OPTIONS}}
+    unknown = sorted(set(trainer) - set(TRAINER_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"variant {text!r}: unknown options {unknown}; known: {', '.join(TRAINER_OPTIONS + RUN_OPTIONS)}"
+        )
     run = {k: v for k, v in base_spec.items() if k != "trainer"}
     run.update({k: v for k, v in extra.items() if k in RUN_OPTIONS})
     if run.get("initial_labels", "raw") not in INITIAL_LABELS:
@@ -255,6 +268,20 @@ class Benchmark:
             )
         return items
 
+    def trainer_parts(self, method: str, options: dict[str, Any], teacher: torch.nn.Module) -> dict[str, Any]:
+        """The ``MetaTrainer`` parts of ``method`` with a variant's JSON ``options`` (:py:data:`TRAINER_OPTIONS`)."""
+        options = dict(options)
+        reuse, meta_params = options.pop("reuse_meta_grad", False), options.pop("meta_params", None)
+        for key in ("student_augment", "clean_augment"):
+            if isinstance(options.get(key), dict):
+                options[key] = StrongIntensityAugment(**options[key])
+        if reuse:
+            options["schedule"] = TwoSteps(reuse_meta_grad=True)
+        if meta_params is not None:
+            last = [f"nodes.conv0_{len(self.args.features) - 1}", "final"]
+            options["weighting"] = MetaWeighting(last if meta_params == "LAST" else meta_params)
+        return stage2_method(method, teacher, **options)
+
     def stage2(self, seed: int, name: str, spec: dict[str, Any], weights: Path, unlabeled: list[dict]) -> dict:
         """One stage-2 variant of one seed (skipped when its ``result.json`` exists)."""
         args, folder = self.args, self.out / f"seed{seed}" / name
@@ -268,10 +295,10 @@ class Benchmark:
         network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
         lr = float(spec.get("lr", args.lr2))
         optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        supervised = bool(spec.get("supervised", False))
-        options = dict(spec["trainer"])
-        one_step = supervised or options.get("joint_step", False) or not options.get("clean_step", True)
-        steps_per_iteration = 1 if one_step else 2
+        method = spec.get("method", "mlbseg")
+        supervised = bool(spec.get("supervised", False)) or STAGE2_METHODS[method].labeled_only
+        parts = self.trainer_parts(method, spec["trainer"], teacher)
+        steps_per_iteration = 1 if supervised else parts["schedule"].steps_per_iteration
         # equal budgets in optimizer steps: a one-step variant runs twice the iterations of a two-step one
         iterations = int(args.stage2_iterations * 2 / steps_per_iteration * float(spec.get("iterations_factor", 1.0)))
         epoch_length = min(args.epoch_length, iterations)
@@ -279,11 +306,6 @@ class Benchmark:
         # the reference's per-epoch decay lr * 20 / (e + 20), over the reference's 120 epochs spread on this budget
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 20.0 / (e * 120.0 / max(epochs, 1) + 20.0))
         save = {"network": network, "teacher": teacher, "optimizer": optimizer, "lr_scheduler": scheduler}
-        for key in ("student_augment", "clean_augment"):  # the JSON form: StrongIntensityAugment's arguments
-            if isinstance(options.get(key), dict):
-                options[key] = StrongIntensityAugment(**options[key])
-        if options.get("meta_params") == "LAST":
-            options["meta_params"] = [f"nodes.conv0_{len(args.features) - 1}", "final"]
         unlabeled_ds = SliceDataset(unlabeled, self.load, self.prep, self.augment, progress=False)
         monitor = MonitorLog()
         trainer = MetaTrainer(
@@ -298,13 +320,13 @@ class Benchmark:
             ),
             network=network,
             optimizer=optimizer,
-            teacher=teacher,
             train_handlers=[
                 ResumeFromCheckpoint(folder / "checkpoints", save),
                 LrScheduleHandler(scheduler, print_lr=False),
                 monitor,
+                GroundTruthMonitor(),
             ],
-            **options,
+            **parts,
         )
         trainer.set_random_state(seed)
         AtomicCheckpointSaver(

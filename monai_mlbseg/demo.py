@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +25,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from ignite.handlers import ProgressBar
-from monai.bundle import ConfigWorkflow
 from monai.handlers import MetricLogger, from_engine
-from monai.transforms import Randomizable
-from monai.utils import set_determinism
 
 from monai_mlbseg.bundles import write_bundle
 from monai_mlbseg.data import (
@@ -40,10 +36,19 @@ from monai_mlbseg.data import (
     make_synthetic_dataset,
     read_case_list,
 )
-from monai_mlbseg.engines import MetaIterationEvents, load_weights, stage2_terms
+from monai_mlbseg.engines import STAGE2_METHODS, MetaIterationEvents, MetaWeighting, load_weights, stage2_terms
 from monai_mlbseg.evaluation import SegmentationReport, compare_markdown
 from monai_mlbseg.pipeline import logged_series
-from monai_mlbseg.utils import InputError, Problem, atomic_write_json, atomic_write_text, find_input_error
+from monai_mlbseg.recipe import (
+    TRAINING_STEPS,
+    parsed,
+    reseed_stage2,
+    run_training_step,
+    stage_length,
+    stage_overrides,
+    training_workflow,
+)
+from monai_mlbseg.utils import InputError, Problem, atomic_write_json, atomic_write_text
 from monai_mlbseg.visualize import save_overlays, save_training_curves, save_weight_maps
 
 __all__ = ["run_demo"]
@@ -75,28 +80,9 @@ def _as_sequence(value: str | Sequence[str]) -> Sequence[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
-#: the report's name of each stage-2 method of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` and what it does
-STAGE2_REPORT = {
-    "mlbseg": (
-        "MLB-Seg",
-        "learns per-pixel weights for the initial labels and the PLE pseudo labels of the unlabeled slices",
-    ),
-    "mean_teacher": (
-        "mean teacher",
-        "makes its predictions on the unlabeled slices' views agree with an EMA teacher's",
-    ),
-    "weak_to_strong": (
-        "weak-to-strong mean teacher",
-        "trains on an EMA teacher's confident labels of the unlabeled slices' views, seen through a strong "
-        "intensity perturbation",
-    ),
-    "self_training": ("self-training", "trains on the initial labels of the unlabeled slices"),
-}
-
-
-def _mode_name(reuse_meta_grad: bool, meta_params: str | Sequence[str] | None, reweight: bool = True) -> str:
+def _mode_name(reuse_meta_grad: bool, meta_params: str | Sequence[str] | None, meta_step: bool = True) -> str:
     """Human-readable name of the stage-2 mode for the report (a method without a meta step has no mode)."""
-    if not reweight:
+    if not meta_step:
         return "no meta step"
     parts = (["reuse_meta_grad"] if reuse_meta_grad else []) + (
         [f"meta_params={'+'.join(map(str, _as_sequence(meta_params)))}"] if meta_params is not None else []
@@ -123,10 +109,16 @@ def _parse_overrides(overrides: dict[str, Any] | str | None) -> dict[str, Any]:
     return dict(overrides)
 
 
-def _stage_settings(iterations: int, chunk: int) -> tuple[int, int]:
-    """``(epoch_length, max_epochs)`` giving exactly ``iterations`` iterations in epochs of at most ``chunk``."""
-    epoch_length = max(1, min(chunk, iterations))
-    return epoch_length, math.ceil(iterations / epoch_length)
+def _fast_mode_overrides(reuse_meta_grad: bool, meta_params: str | Sequence[str] | None) -> dict[str, str]:
+    """The training overrides of MLB-Seg's fast modes: the clean step reusing the meta-gradient, fewer meta params."""
+    overrides = {}
+    if reuse_meta_grad:
+        overrides["train#trainer#schedule"] = "$monai_mlbseg.engines.TwoSteps(reuse_meta_grad=True)"
+    if meta_params is not None:
+        overrides["train#trainer#weighting"] = (
+            f"$monai_mlbseg.engines.MetaWeighting({list(map(str, _as_sequence(meta_params)))!r})"
+        )
+    return overrides
 
 
 class _WeightMapKeeper:
@@ -158,15 +150,15 @@ class _WeightMapKeeper:
 
 #: the report's name of the labeled-only control
 CONTROL_NAME = "labeled only, continued"
-#: the stage-2 method whose settings the control trains with (on labeled volumes only): the reference's
-CONTROL_METHOD = "mlbseg"
+#: the stage-2 method the control trains with (on labeled volumes only): the registry's control
+CONTROL_METHOD = "labeled_only"
 
 
 def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path, seed: int, iterations: int) -> Path:
     """
     The labeled-only control: the bundle's stage-2 workflow with no unlabeled volumes (its trainer then makes one
-    clean step per iteration) and the reference's stage-2 settings (``stage2_method`` ``"mlbseg"``: L_pc and L_mt on
-    the clean views, the gradient clipped at 0.2; the benchmark's control (a)), from the stage-1 weights, for
+    clean step per iteration) and the reference's stage-2 settings (``stage2_method`` ``"labeled_only"``: L_pc and
+    L_mt on the clean views, the gradient clipped at 0.2; the benchmark's control (a)), from the stage-1 weights, for
     ``iterations`` iterations, reseeded like stage 2.
     Checkpoints in ``<out_dir>/checkpoints/control`` (a rerun continues), weights in
     ``<out_dir>/models/control/model.pt``, which it returns (a finished control, whose weights exist, is not run
@@ -175,11 +167,9 @@ def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path
     model = out_dir / "models" / "control" / "model.pt"
     if model.is_file():
         return model
-    epoch_length, epochs = _stage_settings(iterations, 50)
-    workflow = _workflow(
+    epoch_length, epochs = stage_length(iterations, 50)
+    workflow = training_workflow(
         bundle,
-        ["train.json"],
-        "train",
         {
             **overrides,
             "stage2_method": CONTROL_METHOD,
@@ -190,23 +180,11 @@ def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path
             "train#trainer#epoch_length": epoch_length,
         },
     )
-    load_weights(_parsed(workflow, "network"), out_dir / "models" / "stage1.pt")
-    _reseed_stage2(workflow, seed)
-    _parsed(workflow, f"training#{TRAINING_STEPS.index('stage 2')}")
+    load_weights(parsed(workflow, "network"), out_dir / "models" / "stage1.pt")
+    parsed(workflow, "train#trainer")
+    reseed_stage2(workflow, seed)
+    run_training_step(workflow, "stage 2")
     return model
-
-
-def _reseed_stage2(workflow: ConfigWorkflow, seed: int) -> None:
-    """
-    Seed what stage 2 draws from: the global generators, the trainer's views and perturbations, and the slice
-    augmentation, which stage 1 shares (``train#preprocessing``) and would otherwise leave wherever stage 1 stopped
-    drawing, so that a run whose stage 1 was reused continues exactly as an uninterrupted one.
-    """
-    set_determinism(seed=seed + 1)
-    _parsed(workflow, "train#trainer").set_random_state(seed)
-    augment = _parsed(workflow, "train#preprocessing")
-    if isinstance(augment, Randomizable):
-        augment.set_random_state(seed)
 
 
 def _report_rows(
@@ -220,39 +198,6 @@ def _report_rows(
     return rows
 
 
-#: the steps of the bundle's ``training`` list, in order
-TRAINING_STEPS = ("data check", "stage 1", "bootstrap", "stage 2")
-
-
-def _parsed(workflow: ConfigWorkflow, id: str) -> Any:
-    """
-    ``workflow.parser.get_parsed_content(id)``, raising the error behind MONAI's wrapping ``RuntimeError`` (an
-    :py:class:`~monai_mlbseg.utils.InputError` anywhere in the chain, else the direct cause) so that the demo
-    reports bad data or options as such.
-    """
-    try:
-        return workflow.parser.get_parsed_content(id)
-    except RuntimeError as e:
-        cause = find_input_error(e) or e.__cause__
-        if cause is None:
-            raise
-        raise cause from e
-
-
-def _workflow(bundle: Path, configs: Sequence[str], workflow_type: str, overrides: dict[str, Any]) -> ConfigWorkflow:
-    """A ``ConfigWorkflow`` of the bundle's ``configs`` with ``overrides``, initialised."""
-    files = [str(bundle / "configs" / c) for c in configs]
-    workflow = ConfigWorkflow(
-        config_file=files,
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        **overrides,
-    )
-    workflow.initialize()
-    return workflow
-
-
 def _evaluate(
     bundle: Path, overrides: dict[str, Any], model: Path, out_dir: Path, name: str
 ) -> tuple[SegmentationReport, dict[str, np.ndarray]]:
@@ -261,10 +206,8 @@ def _evaluate(
     in ``<out_dir>/eval_<name>``, the metrics in ``<out_dir>/metrics_<name>.csv`` / ``.json``. Returns the report
     and the predicted masks by case id.
     """
-    workflow = _workflow(
+    workflow = training_workflow(
         bundle,
-        ["inference.json", "evaluate.json"],
-        "infer",
         {
             **overrides,
             "model_path": str(model),
@@ -272,6 +215,8 @@ def _evaluate(
             "handlers#1#output_dir": str(out_dir),
             "handlers#1#prefix": f"metrics_{name}",
         },
+        configs=("inference.json", "evaluate.json"),
+        workflow_type="infer",
     )
     predictions: dict[str, np.ndarray] = {}
 
@@ -279,11 +224,11 @@ def _evaluate(
         for item, output in zip(engine.state.batch, engine.state.output):
             predictions[str(item["case_id"])] = output["pred"][0].cpu().numpy()
 
-    evaluator = _parsed(workflow, "evaluator")
+    evaluator = parsed(workflow, "evaluator")
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, keep)
     workflow.run()
     workflow.finalize()
-    return _parsed(workflow, "handlers#1").report, predictions
+    return parsed(workflow, "handlers#1").report, predictions
 
 
 def _overlay_slices(items, load, predictions: dict[str, dict[str, np.ndarray]], max_cases: int = 4):
@@ -470,8 +415,6 @@ def run_demo(
         "features": list(features),
         "device": str(dev),
     }
-    epoch_length1, epochs1 = _stage_settings(stage1_iterations, 50)
-    epoch_length2, epochs2 = _stage_settings(stage2_iterations, 50)
     train_overrides = {
         **common,
         "seed": seed,
@@ -482,21 +425,14 @@ def run_demo(
         "stage1#checkpoint_dir": str(out_dir / "checkpoints" / "stage1"),
         "train#checkpoint_dir": str(out_dir / "checkpoints" / "stage2"),
         "stage1#batch_size": stage1_batch,
-        "stage1#max_epochs": epochs1,
-        "stage1#trainer#epoch_length": epoch_length1,
-        "train#trainer#max_epochs": epochs2,
-        "train#trainer#epoch_length": epoch_length2,
-        "train#trainer#reuse_meta_grad": reuse_meta_grad,
-        "train#trainer#meta_params": None if meta_params is None else [str(m) for m in _as_sequence(meta_params)],
+        **stage_overrides(stage1_iterations, stage2_iterations),
+        **_fast_mode_overrides(reuse_meta_grad, meta_params),
         "train#dataset#progress": progress,
         "train#unlabeled#dataset#progress": progress,
         **extra,
     }
-    training = _workflow(bundle, ["train.json"], "train", train_overrides)
-    steps = training.parser["training"]
-    if len(steps) != len(TRAINING_STEPS):
-        raise RuntimeError(f"the bundle's training has {len(steps)} steps, the demo knows {TRAINING_STEPS}.")
-    stage1, stage2 = _parsed(training, "stage1#trainer"), _parsed(training, "train#trainer")
+    training = training_workflow(bundle, train_overrides)
+    stage1, stage2 = parsed(training, "stage1#trainer"), parsed(training, "train#trainer")
     logger1 = MetricLogger(loss_transform=from_engine(["loss"], first=True))
     logger2 = MetricLogger(loss_transform=stage2_terms)
     logger1.attach(stage1)
@@ -508,26 +444,26 @@ def run_demo(
         ProgressBar(desc="stage 2").attach(stage2, output_transform=lambda o: {"loss": o["loss"]})
 
     # 3. the bundle's training, step by step; the stage-1 weights are evaluated before stage 2 starts
-    for i, step in enumerate(TRAINING_STEPS):
+    for step in TRAINING_STEPS:
         t0 = time.time()
-        _parsed(training, f"training#{i}")
+        run_training_step(training, step)
         timings[step] = time.time() - t0
         if step == "stage 1":
             report1, pred1 = _evaluate(bundle, common, out_dir / "models" / "stage1.pt", out_dir, "stage1")
         if step == "bootstrap":  # stage 2's randomness does not depend on whether stage 1 ran in this process
-            _reseed_stage2(training, seed)
+            reseed_stage2(training, seed)
     report2, pred2 = _evaluate(bundle, common, out_dir / "models" / "model.pt", out_dir, "stage2")
     report_control, predictions = None, {"labeled only": pred1}
     if control:
         t0 = time.time()
-        control_steps = stage2_iterations * (1 if bool(_parsed(training, "train#trainer").joint_step) else 2)
+        control_steps = stage2_iterations * stage2.schedule.steps_per_iteration
         model = _labeled_only_control(bundle, train_overrides, out_dir, seed, control_steps)
         timings["control"] = time.time() - t0
         report_control, pred_control = _evaluate(bundle, common, model, out_dir, "control")
         predictions[CONTROL_NAME] = pred_control
-    network = _parsed(training, "network")
-    method = str(_parsed(training, "stage2_method"))
-    stage2_name = STAGE2_REPORT[method][0]
+    network = parsed(training, "network")
+    method = str(parsed(training, "stage2_method"))
+    stage2_name = STAGE2_METHODS[method].title
     predictions[stage2_name] = pred2
     history = logged_series(logger1, "stage 1")
     for group, names in STAGE2_CURVES.items():
@@ -558,7 +494,7 @@ def run_demo(
         "iterations (stage 1 / stage 2)": f"{stage1_iterations} / {stage2_iterations}",
         "stage-2 method": method,
         "labeled-only control (iterations)": str(control_steps) if control else "not run",
-        "stage-2 mode": _mode_name(reuse_meta_grad, meta_params, bool(_parsed(training, "train#trainer").reweight)),
+        "stage-2 mode": _mode_name(reuse_meta_grad, meta_params, isinstance(stage2.weighting, MetaWeighting)),
         "extra overrides (training)": json.dumps(extra) if extra else "none",
         "learning rate": f"{lr:g}",
         "device": str(dev),
@@ -585,7 +521,7 @@ def _report_text(
 ) -> str:
     d1 = report1.summary()["dice"]["mean"] * 100
     d2 = report2.summary()["dice"]["mean"] * 100
-    name, does = STAGE2_REPORT[method]
+    name, does = STAGE2_METHODS[method].title, STAGE2_METHODS[method].description
     verdict = (
         f"{name} changed the mean test Dice by {d2 - d1:+.1f} points over labeled-only training "
         f"({d1:.1f}% -> {d2:.1f}%)."
@@ -606,7 +542,7 @@ def _report_text(
         "# MLB-Seg demo report",
         "",
         f"{source}, few labeled, more unlabeled, a held-out test set. Stage 1 trains on the labeled slices only; "
-        f"stage 2 ({name}) starts from it and {does}. "
+        f"stage 2 ({name}) starts from it: {does} "
         "Both run as the left-atrium bundle's training workflow (`bundle/`), and "
         "the bundle's evaluation workflow measures both on the test volumes: per volume (3D), in "
         "`metrics_stage1.csv` and `metrics_stage2.csv` (the masks in `eval_stage1/` and `eval_stage2/`)."

@@ -331,7 +331,8 @@ def test_stage2_method_parts_reach_the_trainer(name, tmp_path):
     assert trainer.terms[0].loss.threshold == 0.95
     custom = {
         **w2s,
-        "train#trainer#terms": "$[monai_mlbseg.engines.MeanTeacherTerm(1.0, monai_mlbseg.losses.ConfidentPseudoLabelLoss(0.8))]",
+        "train#trainer#terms": "$[monai_mlbseg.engines.MeanTeacherTerm(1.0, "
+        "monai_mlbseg.losses.ConfidentPseudoLabelLoss(0.8))]",
         "train#trainer#grad_clip": 0.5,
         "train#trainer#clean_augment": {"_target_": "monai_mlbseg.transforms.StrongIntensityAugment", "contrast": 0.3},
     }

@@ -8,13 +8,16 @@ from monai.handlers import LrScheduleHandler
 
 from monai_mlbseg.engines import (
     AtomicCheckpointSaver,
+    MeanTeacherTerm,
     MetaTrainer,
     ResumeFromCheckpoint,
     latest_checkpoint,
     load_weights,
     run_stage,
     save_weights,
+    stage2_method,
 )
+from monai_mlbseg.losses import ConfidentPseudoLabelLoss
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.transforms import StrongIntensityAugment
 from monai_mlbseg.utils import InputError
@@ -22,8 +25,9 @@ from monai_mlbseg.utils import InputError
 from .helpers import corrupt, disc_samples
 
 
-def build(ckpt_dir, epochs=2, stop_at=None, seed=0, **options):
-    """A stage-2 trainer that checkpoints every 2 iterations and resumes from ckpt_dir, as the bundles do."""
+def build(ckpt_dir, epochs=2, stop_at=None, seed=0, method="mlbseg", **parts):
+    """A stage-2 trainer of ``method`` (``parts`` replace its parts) that checkpoints every 2 iterations and resumes
+    from ckpt_dir, as the bundles do."""
     torch.manual_seed(seed)
     net = NestedUNet(2, features=(4, 8))
     teacher = NestedUNet(2, features=(4, 8))
@@ -38,9 +42,8 @@ def build(ckpt_dir, epochs=2, stop_at=None, seed=0, **options):
         DataLoader(disc_samples(4, 16, seed=2), batch_size=2, shuffle=True),
         net,
         opt,
-        teacher=teacher,
         train_handlers=handlers,
-        **options,
+        **stage2_method(method, teacher, **parts),
     )
     AtomicCheckpointSaver(
         str(ckpt_dir), save_dict, save_interval=2, epoch_level=False, n_saved=1, save_final=True
@@ -82,12 +85,18 @@ def test_interrupted_and_resumed_run_finishes_the_planned_iterations(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
 
 
+def confident_terms(threshold):
+    return {"terms": [MeanTeacherTerm(1.0, ConfidentPseudoLabelLoss(threshold))]}
+
+
 def test_a_resume_with_other_stage2_settings_is_refused_before_training(tmp_path):
-    strong = {"student_augment": StrongIntensityAugment(), "mt_confidence": 0.95}
+    strong = {"method": "weak_to_strong", "student_augment": StrongIntensityAugment(), **confident_terms(0.95)}
     trainer, *_ = build(tmp_path, stop_at=3, **strong)
     trainer.run()
     recorded = json.loads((tmp_path / ResumeFromCheckpoint.settings_file).read_text())
-    assert recorded["mt_confidence"] == 0.95 and recorded["student_augment"]["contrast"] == 0.25
+    confident = recorded["terms"][0]["loss"]
+    assert confident["_target_"].endswith(".ConfidentPseudoLabelLoss") and confident["threshold"] == 0.95
+    assert recorded["student_augment"]["contrast"] == 0.25
     assert recorded == trainer.run_settings and recorded["supervised_only"] is False
     assert recorded["views"]["zoom_in_range"] == list(trainer.views.zoom_in_range), "the views are a setting too"
 
@@ -95,8 +104,10 @@ def test_a_resume_with_other_stage2_settings_is_refused_before_training(tmp_path
     again.run()
     assert again.state.iteration == 2 * 5
 
+    # the message names each setting that differs as "<key>: <recorded> there, <current> now"
+    lower = [{**recorded["terms"][0], "loss": {**confident, "threshold": 0.9}}]
     cases = [
-        ({**strong, "mt_confidence": 0.9}, "mt_confidence: 0.95 there, 0.9 now"),
+        ({**strong, **confident_terms(0.9)}, f"(terms: {recorded['terms']!r} there, {lower!r} now)"),
         ({**strong, "student_augment": StrongIntensityAugment(contrast=0.3)}, "student_augment: "),
         ({}, "student_augment: {"),  # MLB-Seg's defaults: no perturbation, no threshold
     ]
@@ -118,7 +129,8 @@ def test_checkpoints_without_recorded_settings_are_not_resumed(tmp_path):
         build(tmp_path)[0].run()
     fresh = tmp_path / "fresh"
     build(fresh, stop_at=1)[0].run()
-    assert json.loads((fresh / ResumeFromCheckpoint.settings_file).read_text())["reweight"] is True
+    recorded = json.loads((fresh / ResumeFromCheckpoint.settings_file).read_text())
+    assert recorded["weighting"]["_target_"] == "monai_mlbseg.engines.parts.MetaWeighting"
 
 
 def test_a_failing_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

@@ -26,8 +26,15 @@ HOOKS = {
 }
 
 
+def saver_index(bundle, stage):
+    """The position of the ``AtomicCheckpointSaver`` among the ``stage``'s handlers in the bundle's train.json."""
+    handlers = json.loads((bundle / "configs" / "train.json").read_text())[stage]["handlers"]
+    return next(i for i, h in enumerate(handlers) if h.get("_target_", "").endswith("AtomicCheckpointSaver"))
+
+
 def command(bundle, data, split, extra_config=None):
     configs = [str(bundle / "configs" / "train.json")] + ([str(extra_config)] if extra_config else [])
+    stage1_saver, stage2_saver = saver_index(bundle, "stage1"), saver_index(bundle, "train")
     return [
         sys.executable, "-m", "monai.bundle", "run", "training",
         "--config_file", str(configs),
@@ -41,10 +48,10 @@ def command(bundle, data, split, extra_config=None):
         "--device", "cpu",
         "--num_workers", "0",
         "--stage1#max_epochs", "3",
-        "--stage1#handlers#3#save_interval", "2",
+        f"--stage1#handlers#{stage1_saver}#save_interval", "2",
         "--train#trainer#max_epochs", "2",
         "--train#trainer#epoch_length", "6",
-        "--train#handlers#5#save_interval", "2",
+        f"--train#handlers#{stage2_saver}#save_interval", "2",
     ]  # fmt: skip
 
 

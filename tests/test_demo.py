@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from monai_mlbseg.demo import STAGE2_REPORT, run_demo
+from monai_mlbseg.demo import run_demo
 from monai_mlbseg.engines import STAGE2_METHODS
 
 from .bundle_utils import BUNDLES
@@ -109,17 +109,17 @@ def test_demo_overrides_reach_the_training_workflow_last(tmp_path, monkeypatch):
     import monai_mlbseg.demo as demo_module
 
     trainers = {}
-    parsed = demo_module._parsed
+    parsed = demo_module.parsed
 
     def keep(workflow, id):
         value = parsed(workflow, id)
         trainers[id] = value
         return value
 
-    monkeypatch.setattr(demo_module, "_parsed", keep)
-    overrides = '{"train#trainer#joint_step": true, "stage1#batch_size": 3}'  # JSON, as typed on the command line
+    monkeypatch.setattr(demo_module, "parsed", keep)
+    overrides = '{"train#trainer#grad_clip": 0.5, "stage1#batch_size": 3}'  # JSON, as typed on the command line
     run_demo(out=str(tmp_path), quick=True, progress=False, overrides=overrides)
-    assert trainers["train#trainer"].joint_step is True
+    assert trainers["train#trainer"].grad_clip == 0.5
     assert trainers["stage1#trainer"].data_loader.batch_size == 3, "merged after the demo's own stage1_batch"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert json.loads(summary["settings"]["extra overrides (training)"]) == json.loads(overrides)
@@ -161,7 +161,8 @@ def test_a_rerun_with_another_stage2_method_in_the_same_folder_is_refused(tmp_pa
     model = (out / "models" / "model.pt").read_bytes()
     proc = demo(out, "--control", "False", "--overrides", '{"stage2_method": "mlbseg"}')
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert str(out / "checkpoints" / "stage2") in proc.stderr and "reweight: False there, True now" in proc.stderr
+    assert str(out / "checkpoints" / "stage2") in proc.stderr and "weighting: {" in proc.stderr
+    assert "UniformWeighting'} there, {'_target_': 'monai_mlbseg.engines.parts.MetaWeighting'" in proc.stderr
     assert (out / "models" / "model.pt").read_bytes() == model, "the trained model is kept"
 
 
@@ -226,7 +227,7 @@ def test_demo_names_the_stage2_method_and_shows_the_weight_maps_of_mlbseg(tmp_pa
     settings = json.loads((out / "summary.json").read_text())["settings"]
     assert settings["stage-2 method"] == "mlbseg" and settings["stage-2 mode"] == "faithful (reference)"
     assert settings["labeled-only control (iterations)"] == "12", "twice the 6 two-step iterations"
-    assert set(STAGE2_REPORT) == set(STAGE2_METHODS), "the report names every stage-2 method"
+    assert STAGE2_METHODS["mlbseg"].description in report, "the report describes the method from the registry"
 
 
 def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp_path, monkeypatch):
@@ -235,7 +236,7 @@ def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp
     import monai_mlbseg.demo as demo_module
 
     seen = []
-    parsed = demo_module._parsed
+    parsed = demo_module.parsed
 
     def keep(workflow, id):
         value = parsed(workflow, id)
@@ -244,13 +245,14 @@ def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp
             seen.append((value, state))
         return value
 
-    monkeypatch.setattr(demo_module, "_parsed", keep)
+    monkeypatch.setattr(demo_module, "parsed", keep)
     run_demo(out=str(tmp_path), quick=True, progress=False)
     (stage2, _), (control, at_start) = seen
     assert not stage2.supervised_only and control.supervised_only, "the control sees no unlabeled volume"
     assert control.run_settings["supervised_only"] and not stage2.run_settings["supervised_only"], "and records it"
     assert control.state.iteration == 6 and stage2.state.iteration == 6, "equal optimizer steps (one per joint step)"
-    assert (control.grad_clip, control.pc_weight, stage2.grad_clip) == (0.2, 1.0, None), "the reference's settings"
+    assert (control.grad_clip, stage2.grad_clip) == (0.2, None), "the reference's settings"
+    assert [(t.name, t.weight) for t in control.terms] == [("loss_pc", 1.0), ("loss_mt", 1.0)]
     stage1 = torch.load(tmp_path / "models" / "stage1.pt", weights_only=True)
     assert all(torch.equal(at_start[k], stage1[k]) for k in stage1), "the control starts from the stage-1 weights"
     final = torch.load(tmp_path / "models" / "control" / "model.pt", weights_only=True)

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from monai.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from monai_mlbseg.engines import MetaTrainer
+from monai_mlbseg.engines import MetaTrainer, stage2_method
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.utils import unwrap_network
 
@@ -34,6 +34,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
             DataLoader(clean, batch_size=2, sampler=DistributedSampler(clean, shuffle=True)),
             ddp,
             opt,
+            **stage2_method("mlbseg"),
         )
         trainer.set_random_state(rank)  # different views on each rank
         trainer.run()

@@ -8,7 +8,7 @@ from ignite.engine import Events
 from monai.data import DataLoader
 from monai.utils import set_determinism
 
-from monai_mlbseg.engines import STAGE2_TERMS, MetaTrainer
+from monai_mlbseg.engines import STAGE2_TERMS, MetaTrainer, stage2_method
 from monai_mlbseg.meta import MetaLookAhead
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.utils import unwrap_network
@@ -20,7 +20,8 @@ ITERATIONS = 3
 
 
 def stage2(network, loader_kwargs=None, epochs=1, **trainer_kwargs):
-    """``ITERATIONS`` x ``epochs`` stage-2 iterations on fixed data; returns the loss terms, weight maps, weights."""
+    """``ITERATIONS`` x ``epochs`` stage-2 iterations of MLB-Seg on fixed data; returns the loss terms, weight maps,
+    weights."""
     set_determinism(seed=3)
     loader_kwargs = {"shuffle": True, **(loader_kwargs or {})}
     # one generator per loader: worker processes prefetch, so a shared one would be drawn in another order
@@ -34,7 +35,9 @@ def stage2(network, loader_kwargs=None, epochs=1, **trainer_kwargs):
         disc_samples(4, 16, seed=2), batch_size=2, generator=torch.Generator().manual_seed(1), **loader_kwargs
     )
     opt = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    trainer = MetaTrainer("cpu", epochs, unlabeled, clean, network, opt, seed=0, **trainer_kwargs)
+    trainer = MetaTrainer(
+        "cpu", epochs, unlabeled, clean, network, opt, seed=0, **stage2_method("mlbseg"), **trainer_kwargs
+    )
     terms, weights = [], []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,
@@ -79,9 +82,12 @@ def test_compiled_network_trains_like_the_eager_one_and_the_lookahead_uses_the_p
     compiled = stage2(compiled_net, compile=True, compile_kwargs={"backend": "aot_eager"})
     trainer = compiled[3]
     assert trainer.network is not compiled_net and unwrap_network(trainer.network) is compiled_net
-    assert unwrap_network(trainer._teacher_forward) is trainer.teacher
-    assert trainer._teacher_forward is not trainer.teacher, "the teacher's forward is compiled too"
-    assert trainer.lookahead.meta_names == [n for n, _ in compiled_net.named_parameters()], "plain parameter names"
+    teacher_forward = trainer.mean_teacher._forward
+    assert unwrap_network(teacher_forward) is trainer.teacher
+    assert teacher_forward is not trainer.teacher, "the teacher's forward is compiled too"
+    assert trainer.weighting.lookahead.meta_names == [n for n, _ in compiled_net.named_parameters()], (
+        "plain parameter names"
+    )
     assert_same_run(eager, compiled, rtol=1e-4, atol=1e-6)
 
 

@@ -6,21 +6,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_mlbseg.engines import STAGE2_PHASES, STAGE2_TERMS, MetaTrainer, stage2_terms
+from monai_mlbseg.engines import (
+    STAGE2_PHASES,
+    STAGE2_TERMS,
+    InitialLabels,
+    LabelSource,
+    PseudoLabels,
+    UniformWeighting,
+    stage2_terms,
+)
 
 from .test_meta_trainer import make_trainer
 
 
-class SmoothedPredictionSource(MetaTrainer):
+class SmoothedPredictionSource(LabelSource):
     """A third label source: the student's prediction, smoothed over 3 x 3 pixels and thresholded."""
 
-    def label_source_maps(self, state):
-        smoothed = F.avg_pool2d(state.probs.detach(), 3, stride=1, padding=1)
-        return {**super().label_source_maps(state), "smoothed": (smoothed > self.threshold).float()}
+    name = "smoothed"
+
+    def __call__(self, ctx):
+        smoothed = F.avg_pool2d(ctx.probs.detach(), 3, stride=1, padding=1)
+        return (smoothed > ctx.trainer.threshold).float()
 
 
 def test_a_third_label_source_is_weighed_and_trained_on():
-    trainer = make_trainer(iterations=2, cls=SmoothedPredictionSource)
+    trainer = make_trainer(iterations=2, sources=[InitialLabels(), PseudoLabels(), SmoothedPredictionSource()])
     before = [p.detach().clone() for p in trainer.network.parameters()]
     trainer.run()
     out, maps = trainer.state.output, trainer.state.weight_maps
@@ -35,11 +45,13 @@ def test_a_third_label_source_is_weighed_and_trained_on():
 
 
 def test_a_subclass_source_replaces_the_selection_without_meta_weights():
-    trainer = make_trainer(iterations=1, cls=SmoothedPredictionSource, label_sources=("pseudo",), reweight=False)
+    trainer = make_trainer(
+        iterations=1, sources=[PseudoLabels(), SmoothedPredictionSource()], weighting=UniformWeighting()
+    )
     trainer.run()
     out = trainer.state.output
     assert list(trainer.state.weight_maps["sources"]) == ["pseudo", "smoothed"]
-    assert math.isnan(out["weight_initial"])
+    assert "weight_initial" not in out
     assert out["weight_pseudo"] == pytest.approx(0.5) and out["weight_smoothed"] == pytest.approx(0.5)
 
 
@@ -49,4 +61,4 @@ def test_every_phase_is_a_profiler_range():
         trainer.run()
     names = {event.name for event in prof.events()}
     assert {f"mlbseg.{phase}" for phase in STAGE2_PHASES} <= names
-    assert STAGE2_PHASES == ("views", "label_sources", "weight_maps", "weighted_step", "clean_step")
+    assert STAGE2_PHASES == ("views", "label_sources", "unlabeled_terms", "weight_maps", "weighted_step", "clean_step")

@@ -6,7 +6,24 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 
-from monai_mlbseg.engines import STAGE2_TERMS, MeanTeacherHandler, MetaIterationEvents, MetaTrainer, stage2_terms
+from monai_mlbseg.engines import (
+    STAGE2_TERMS,
+    GroundTruthMonitor,
+    InitialLabels,
+    MeanTeacher,
+    MeanTeacherHandler,
+    MeanTeacherTerm,
+    MetaIterationEvents,
+    MetaTrainer,
+    MetaWeighting,
+    PseudoLabels,
+    TwoSteps,
+    UniformWeighting,
+    ViewConsistencyTerm,
+    WeightedStepOnly,
+    stage2_method,
+    stage2_terms,
+)
 from monai_mlbseg.networks import NestedUNet
 
 from .helpers import corrupt, disc_samples, mean_dice
@@ -28,13 +45,28 @@ class CountingLoader:
 
 
 def make_trainer(
-    iterations=2, unlabeled=None, clean=None, seed=0, size=16, unlabeled_batch_size=1, cls=MetaTrainer, **kwargs
+    iterations=2,
+    unlabeled=None,
+    clean=None,
+    seed=0,
+    size=16,
+    unlabeled_batch_size=1,
+    cls=MetaTrainer,
+    method="mlbseg",
+    monitor=True,
+    net=None,
+    **kwargs,
 ):
+    """
+    A tiny trainer of the named stage-2 ``method`` (``None``: no method's parts, only ``kwargs``); ``kwargs`` replace
+    the method's parts or set other ``MetaTrainer`` arguments; ``monitor`` attaches the ground-truth monitor.
+    """
     torch.manual_seed(seed)
     unlabeled = corrupt(disc_samples(4, size, seed=1)) if unlabeled is None else unlabeled
     clean = disc_samples(4, size, seed=2) if clean is None else clean
-    net = NestedUNet(2, features=(4, 8))
+    net = NestedUNet(2, features=(4, 8)) if net is None else net
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    parts = {} if method is None else stage2_method(method)
     trainer = cls(
         "cpu",
         max_epochs=1,
@@ -43,8 +75,10 @@ def make_trainer(
         network=net,
         optimizer=opt,
         epoch_length=iterations,
-        **kwargs,
+        **{**parts, **kwargs},
     )
+    if monitor:
+        GroundTruthMonitor().attach(trainer)
     trainer.set_random_state(seed)
     return trainer
 
@@ -82,7 +116,7 @@ def test_iteration_output_terms_weights_and_teacher():
 
 
 def test_teacher_is_the_ema_of_the_student():
-    trainer = make_trainer(iterations=3, ema_decay=0.5)
+    trainer = make_trainer(iterations=3, mean_teacher=MeanTeacher(decay=0.5))
     history = []
 
     def remember(engine):
@@ -123,12 +157,12 @@ def test_teacher_handler_start_copies_only_on_fresh_runs():
 
 
 def test_reweight_off_gives_uniform_weights_and_no_meta_loss():
-    trainer = make_trainer(reweight=False)
+    trainer = make_trainer(weighting=UniformWeighting())
     trainer.run()
     w = trainer.state.weight_maps["weights"]
     assert torch.allclose(w, torch.full_like(w, 1.0 / w.numel()))
     assert math.isnan(trainer.state.output["loss_meta"])
-    assert trainer.lookahead is None
+    assert getattr(trainer.weighting, "lookahead", None) is None
 
 
 def test_reweight_on_gives_non_uniform_weights():
@@ -140,13 +174,13 @@ def test_reweight_on_gives_non_uniform_weights():
 
 def pseudo_and_own_labels(use_ple):
     """The pseudo labels of one iteration and each view's own thresholded prediction."""
-    trainer = make_trainer(use_ple=use_ple, iterations=1)
+    trainer = make_trainer(sources=[InitialLabels(), PseudoLabels(ensemble=use_ple)], iterations=1)
     seen = {}
     trainer.add_event_handler(
         MetaIterationEvents.PLE_COMPLETED, lambda e: seen.update(pred=e.state.output["pred"].detach().clone())
     )
     trainer.run()
-    return trainer.state.weight_maps["pseudo"], (torch.sigmoid(seen["pred"]) > 0.5).float()
+    return trainer.state.weight_maps["sources"]["pseudo"], (torch.sigmoid(seen["pred"]) > 0.5).float()
 
 
 def test_ple_off_uses_each_views_own_prediction():
@@ -160,33 +194,33 @@ def test_ple_on_ensembles_the_views():
 
 
 def test_clean_step_teacher_and_pc_switches():
-    trainer = make_trainer(clean_step=False)
+    trainer = make_trainer(schedule=WeightedStepOnly())
     steps = count_steps(trainer)
     trainer.run()
     assert steps["n"] == 2 and math.isnan(trainer.state.output["loss_clean"])
-    trainer = make_trainer(use_teacher=False, pc_weight=0.0)
+    trainer = make_trainer(terms=[], mean_teacher=None)
     trainer.run()
-    assert trainer.teacher is None
-    assert trainer.state.output["loss_mt"] == 0.0 and trainer.state.output["loss_pc"] == 0.0
-    trainer = make_trainer(pc_weight=2.0, mt_weight=3.0)
+    assert trainer.teacher is None and trainer.mean_teacher is None
+    assert "loss_mt" not in trainer.state.output and "loss_pc" not in trainer.state.output
+    trainer = make_trainer(terms=[ViewConsistencyTerm(2.0), MeanTeacherTerm(3.0)])
     trainer.run()
     out = trainer.state.output
     assert out["loss"] == pytest.approx(out["loss_weighted"] + 2.0 * out["loss_pc"] + 3.0 * out["loss_mt"], rel=1e-5)
 
 
 def test_fast_modes():
-    trainer = make_trainer(reuse_meta_grad=True)
+    trainer = make_trainer(schedule=TwoSteps(reuse_meta_grad=True))
     steps = count_steps(trainer)
     trainer.run()
     out = trainer.state.output
     assert steps["n"] == 4 and out["loss_clean"] == pytest.approx(out["loss_meta"])
-    trainer = make_trainer(meta_params=["nodes.conv0_1", "final"])
+    trainer = make_trainer(weighting=MetaWeighting(meta_params=["nodes.conv0_1", "final"]))
     trainer.run()
     assert math.isfinite(trainer.state.output["loss_meta"])
     with pytest.raises(ValueError, match="reuse_meta_grad"):
-        make_trainer(reuse_meta_grad=True, meta_params=["final"])
+        make_trainer(schedule=TwoSteps(reuse_meta_grad=True), weighting=MetaWeighting(meta_params=["final"]))
     with pytest.raises(ValueError, match="reuse_meta_grad"):
-        make_trainer(reuse_meta_grad=True, reweight=False)
+        make_trainer(schedule=TwoSteps(reuse_meta_grad=True), weighting=UniformWeighting())
 
 
 def test_clean_loader_is_cycled_not_rebuilt():
@@ -201,6 +235,7 @@ def test_clean_loader_is_cycled_not_rebuilt():
         loader,
         net,
         torch.optim.SGD(net.parameters(), lr=0.01),
+        **stage2_method("mlbseg"),
     )
     trainer.run()
     assert trainer.state.iteration == 6
@@ -218,6 +253,7 @@ def test_no_unlabeled_data_trains_supervised_on_the_clean_set():
         DataLoader(clean, batch_size=2),
         net,
         torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        **stage2_method("mlbseg"),
     )
     losses = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
@@ -257,7 +293,9 @@ def test_three_dimensional_stage2_is_a_configuration_change():
         net,
         torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9),
         spatial_dims=3,
+        **stage2_method("mlbseg"),
     )
+    GroundTruthMonitor().attach(trainer)
     trainer.run()
     assert trainer.state.weight_maps["weights"].shape == (5, 2, 12, 12, 12)
     assert all(math.isfinite(trainer.state.output[k]) for k in STAGE2_TERMS)
@@ -293,7 +331,7 @@ def stage1_then_stage2(seed: int) -> tuple[float, float]:
         DataLoader(clean, batch_size=2, shuffle=True),
         net,
         optimizer,
-        grad_clip=1.0,
+        **stage2_method("mlbseg", grad_clip=1.0),
     )
     trainer.set_random_state(0)
     trainer.run()

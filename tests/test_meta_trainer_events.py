@@ -8,7 +8,16 @@ from monai.data import DataLoader
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
 
-from monai_mlbseg.engines import STAGE2_TERMS, MetaIterationEvents, MetaTrainer
+from monai_mlbseg.engines import (
+    STAGE2_TERMS,
+    MetaIterationEvents,
+    MetaTrainer,
+    TwoSteps,
+    UniformWeighting,
+    ViewConsistencyTerm,
+    WeightedStepOnly,
+    stage2_method,
+)
 from monai_mlbseg.losses import MetaReweightLoss, pixel_bce
 from monai_mlbseg.meta import MetaLookAhead
 from monai_mlbseg.networks import NestedUNet
@@ -20,6 +29,8 @@ E, M = IterationEvents, MetaIterationEvents
 ALL_EVENTS = [*IterationEvents, *MetaIterationEvents]
 IMAGE_LABEL = {"image", "label"}
 MONAI_KEYS = {"image", "label", "pred"}
+#: the scalars of the default (mlbseg) trainer beyond STAGE2_TERMS: its terms' and its label sources' entries
+MLBSEG_KEYS = {"loss_pc", "loss_mt", "weight_initial", "weight_pseudo"}
 
 #: the events of one iteration, in order, with the keys of engine.state.output at each (at MODEL_COMPLETED: at least)
 META_ITERATION = [
@@ -32,7 +43,7 @@ META_ITERATION = [
     (M.CLEAN_STEP_STARTED, MONAI_KEYS | {"loss"}),
     (M.CLEAN_BACKWARD_COMPLETED, MONAI_KEYS | {"loss", "loss_clean"}),
     (M.CLEAN_STEP_COMPLETED, MONAI_KEYS | {"loss", "loss_clean"}),
-    (E.MODEL_COMPLETED, MONAI_KEYS | set(STAGE2_TERMS)),
+    (E.MODEL_COMPLETED, MONAI_KEYS | set(STAGE2_TERMS) | MLBSEG_KEYS),
 ]
 SUPERVISED_ITERATION = [
     (M.CLEAN_STEP_STARTED, IMAGE_LABEL),
@@ -93,13 +104,13 @@ def test_meta_iteration_fires_every_event_once_with_the_expected_output():
 
 
 def test_fast_mode_and_no_clean_step_keep_the_event_contract():
-    trainer = make_trainer(iterations=1, reuse_meta_grad=True)
+    trainer = make_trainer(iterations=1, schedule=TwoSteps(reuse_meta_grad=True))
     log = record(trainer)
     trainer.run()
     by_event = check_iterations(log, META_ITERATION, 1, views=5)
     final = by_event[E.MODEL_COMPLETED][0][2]
     assert float(by_event[M.CLEAN_BACKWARD_COMPLETED][0][2]["loss_clean"]) == final["loss_clean"] == final["loss_meta"]
-    trainer = make_trainer(iterations=1, clean_step=False)
+    trainer = make_trainer(iterations=1, schedule=WeightedStepOnly())
     log = record(trainer)
     trainer.run()
     clean_events = (M.CLEAN_STEP_STARTED, M.CLEAN_BACKWARD_COMPLETED, M.CLEAN_STEP_COMPLETED)
@@ -107,6 +118,7 @@ def test_fast_mode_and_no_clean_step_keep_the_event_contract():
 
 
 def supervised_trainer(iterations=2, **kwargs):
+    """A trainer without unlabeled data, with the default (mlbseg) method's parts; ``kwargs`` replace them."""
     torch.manual_seed(0)
     net = NestedUNet(2, features=(4, 8))
     return MetaTrainer(
@@ -116,7 +128,7 @@ def supervised_trainer(iterations=2, **kwargs):
         DataLoader(disc_samples(2 * iterations, 16, seed=3), batch_size=2),
         net,
         torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-        **kwargs,
+        **{**stage2_method("mlbseg"), **kwargs},
     )
 
 
@@ -162,7 +174,7 @@ def test_forwards_go_through_the_inferer_and_batches_through_prepare_batch():
     assert all(math.isfinite(trainer.state.output[k]) for k in STAGE2_TERMS)
 
     inferer = CountingInferer()
-    trainer = supervised_trainer(iterations=2, inferer=inferer, use_teacher=False)
+    trainer = supervised_trainer(iterations=2, inferer=inferer, terms=[ViewConsistencyTerm(1.0)], mean_teacher=None)
     trainer.run()
     assert inferer.calls == 2
 
@@ -179,8 +191,8 @@ def test_unsupported_contract_options_are_refused():
         trainer.run()
     with pytest.raises(TypeError, match="pixel_loss"):
         make_trainer(loss_function=torch.nn.BCEWithLogitsLoss())
-    trainer = make_trainer(iterations=1, loss_function=torch.nn.BCEWithLogitsLoss(), reweight=False)
-    assert trainer.lookahead is None
+    trainer = make_trainer(iterations=1, loss_function=torch.nn.BCEWithLogitsLoss(), weighting=UniformWeighting())
+    assert getattr(trainer.weighting, "lookahead", None) is None
 
 
 def test_the_lookahead_differentiates_the_loss_functions_pixel_loss():
@@ -189,7 +201,7 @@ def test_the_lookahead_differentiates_the_loss_functions_pixel_loss():
 
     loss = MetaReweightLoss(pixel_loss=doubled)
     trainer = make_trainer(iterations=1, loss_function=loss)
-    assert trainer.lookahead.pixel_loss is doubled
+    assert trainer.weighting.lookahead.pixel_loss is doubled
     torch.manual_seed(0)
     net = NestedUNet(2, features=(4, 8)).eval()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)

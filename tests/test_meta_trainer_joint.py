@@ -1,4 +1,4 @@
-"""joint_step=True (one optimizer step on the weighted + clean loss) and meta_weighting="agreement"."""
+"""JointStep (one optimizer step on the weighted + clean loss) and the experimental AgreementMetaWeighting."""
 
 import copy
 
@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 from monai.engines.utils import IterationEvents as E
 
+from monai_mlbseg.engines import (
+    InitialLabels,
+    JointStep,
+    MetaWeighting,
+    TwoSteps,
+    UniformWeighting,
+    WeightedStepOnly,
+)
 from monai_mlbseg.engines import MetaIterationEvents as M
+from monai_mlbseg.experimental import AgreementMetaWeighting
 from monai_mlbseg.meta import normalise_weights
 from monai_mlbseg.transforms import PLEViews, warp_to_views
 
@@ -15,8 +24,10 @@ from .helpers import corrupt, disc_samples
 from .test_meta_trainer import count_steps, make_trainer
 from .test_meta_trainer_events import META_ITERATION, check_iterations, record
 
-#: self-training on the initial labels without regularisers: the joint loss is two plain mean BCEs
-PLAIN = dict(use_ple=False, label_sources=("initial",), pc_weight=0.0, use_teacher=False, grad_clip=None)
+
+def plain(**parts):
+    """Self-training on the initial labels without regularisers: the joint loss is two plain mean BCEs."""
+    return dict(sources=[InitialLabels()], terms=[], mean_teacher=None, grad_clip=None) | parts
 
 
 def _reference_views(unlabeled, clean):
@@ -32,7 +43,9 @@ def _reference_views(unlabeled, clean):
 
 def test_joint_step_is_one_sgd_step_on_the_weighted_and_the_clean_loss():
     unlabeled, clean = corrupt(disc_samples(2, 16, seed=1)), disc_samples(4, 16, seed=2)
-    trainer = make_trainer(iterations=1, unlabeled=unlabeled, clean=clean, reweight=False, joint_step=True, **PLAIN)
+    trainer = make_trainer(
+        iterations=1, unlabeled=unlabeled, clean=clean, **plain(weighting=UniformWeighting(), schedule=JointStep())
+    )
     net = copy.deepcopy(trainer.network)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps = count_steps(trainer)
@@ -56,16 +69,18 @@ def test_joint_step_is_one_sgd_step_on_the_weighted_and_the_clean_loss():
 def test_joint_step_look_ahead_includes_the_clean_gradient():
     """The virtual step of the look-ahead is the step really made: its other-terms gradient is the clean BCE's."""
     unlabeled, clean = corrupt(disc_samples(2, 16, seed=1)), disc_samples(4, 16, seed=2)
-    trainer = make_trainer(iterations=1, unlabeled=unlabeled, clean=clean, joint_step=True, **PLAIN)
+    trainer = make_trainer(
+        iterations=1, unlabeled=unlabeled, clean=clean, **plain(weighting=MetaWeighting(), schedule=JointStep())
+    )
     net = copy.deepcopy(trainer.network)
     seen = {}
-    lookahead = trainer.lookahead
+    lookahead = trainer.weighting.lookahead
 
     def recording(*args, **kwargs):
         seen.update(kwargs["lookahead_grads"])
         return lookahead(*args, **kwargs)
 
-    trainer.lookahead = recording
+    trainer.weighting.lookahead = recording
     trainer.run()
     _, _, cv, cv_labels = _reference_views(unlabeled, clean)
     expected = torch.autograd.grad(F.binary_cross_entropy_with_logits(net(cv), cv_labels), list(net.parameters()))
@@ -76,7 +91,7 @@ def test_joint_step_look_ahead_includes_the_clean_gradient():
 
 def test_joint_step_event_contract_has_no_clean_step():
     """MONAI's events once per iteration; the clean loss is in the output from the weight maps on; no clean step."""
-    trainer = make_trainer(iterations=2, joint_step=True)
+    trainer = make_trainer(iterations=2, schedule=JointStep())
     log = record(trainer)
     trainer.run()
     clean_events = {M.CLEAN_STEP_STARTED, M.CLEAN_BACKWARD_COMPLETED, M.CLEAN_STEP_COMPLETED}
@@ -92,10 +107,26 @@ def test_joint_step_event_contract_has_no_clean_step():
     assert out["loss"] == pytest.approx(out["loss_weighted"] + out["loss_pc"] + out["loss_mt"] + out["loss_clean"])
 
 
-@pytest.mark.parametrize("options", [{"clean_step": False}, {"reuse_meta_grad": True}])
-def test_joint_step_refuses_options_without_a_clean_loss(options):
-    with pytest.raises(ValueError, match="joint_step"):
-        make_trainer(joint_step=True, **options)
+def test_joint_step_cannot_be_combined_with_options_without_a_clean_loss():
+    """
+    The old refusals of joint_step with clean_step=False or reuse_meta_grad=True: one trainer has one schedule, so a
+    joint step without a clean loss, or one that reuses the meta-gradient for a clean step, cannot be expressed.
+    """
+    assert JointStep().joint_loss.__func__ is JointStep.joint_loss, "a joint step always has the clean loss"
+    with pytest.raises(TypeError):
+        JointStep(reuse_meta_grad=True)
+    with pytest.raises(TypeError, match="StepSchedule"):
+        make_trainer(schedule=[JointStep(), WeightedStepOnly()])
+
+
+@pytest.mark.parametrize(
+    "weighting",
+    [lambda: MetaWeighting(meta_params=["nodes.conv0_0"]), UniformWeighting],
+    ids=["meta_params", "uniform"],
+)
+def test_reuse_meta_grad_needs_a_meta_weighting_over_all_parameters(weighting):
+    with pytest.raises(ValueError, match="reuse_meta_grad"):
+        make_trainer(weighting=weighting(), schedule=TwoSteps(reuse_meta_grad=True))
 
 
 def test_agreement_weights_sum_to_the_agreeing_share():
@@ -108,10 +139,10 @@ def test_agreement_weights_sum_to_the_agreeing_share():
 def test_agreement_weighting_scales_the_reference_maps_and_the_weighted_term():
     """Same first iteration: the agreement maps are the reference maps times one factor below 1, and so is the term."""
     runs = {}
-    for weighting in ("gradient", "agreement"):
-        trainer = make_trainer(iterations=1, meta_weighting=weighting)
+    for name, weighting in (("gradient", MetaWeighting()), ("agreement", AgreementMetaWeighting())):
+        trainer = make_trainer(iterations=1, weighting=weighting)
         trainer.run()
-        runs[weighting] = (trainer.state.weight_maps["weights"], trainer.state.output)
+        runs[name] = (trainer.state.weight_maps["weights"], trainer.state.output)
     (reference, ref_out), (agreement, out) = runs["gradient"], runs["agreement"]
     share = float(agreement.sum())
     assert 0 < share < 1 and float(reference.sum()) == pytest.approx(1.0, abs=1e-5)

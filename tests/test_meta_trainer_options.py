@@ -7,6 +7,29 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 
+from monai_mlbseg.engines import (
+    STAGE2_METHODS,
+    InitialLabels,
+    JointStep,
+    MeanTeacher,
+    MeanTeacherTerm,
+    MetaWeighting,
+    PseudoLabels,
+    TwoSteps,
+    UniformWeighting,
+    ViewConsistencyTerm,
+    WeightedStepOnly,
+    stage2_method,
+)
+from monai_mlbseg.experimental import (
+    CopyPasteTerm,
+    EnsembleMeanTeacherTerm,
+    PerTermClippedJointStep,
+    SignMetaWeighting,
+    freeze_batch_norm,
+)
+from monai_mlbseg.losses import ConfidentPseudoLabelLoss, MeanTeacherLoss, ViewConsistencyLoss
+from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.transforms import PLEViews, StrongIntensityAugment, warp_to_views
 
 from .helpers import corrupt, disc_samples
@@ -31,15 +54,33 @@ def warp_from_views_one(x, scale):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def ple_mean_one(view_probs, params):
+    """Independent PLE mean of one image's views: undo each view's flip, then its zoom, one view at a time; average."""
+    back = []
+    for k in range(params.num_views):
+        x = view_probs[k : k + 1]
+        flips = [d + 2 for d in range(2) if bool(params.flips.reshape(-1, 2)[k, d])]
+        x = torch.flip(x, flips) if flips else x
+        back.append(warp_from_views_one(x, float(params.scales.reshape(-1)[k])))
+    return torch.stack(back).mean(0)
+
+
 def _batch_norms(net):
     return [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 def test_self_training_on_initial_labels_is_one_plain_bce_step():
-    """label_sources=("initial",) without meta weights: the weighted step is a plain mean-BCE SGD step."""
+    """Initial labels as the only source, uniform weights: the weighted step is a plain mean-BCE SGD step."""
     unlabeled = corrupt(disc_samples(2, 16, seed=1))
-    options = dict(reweight=False, use_ple=False, label_sources=("initial",), pc_weight=0.0, mt_weight=0.0)
-    trainer = make_trainer(iterations=1, unlabeled=unlabeled, clean_step=False, grad_clip=None, **options)
+    trainer = make_trainer(
+        iterations=1,
+        unlabeled=unlabeled,
+        method=None,
+        sources=[InitialLabels()],
+        weighting=UniformWeighting(),
+        schedule=WeightedStepOnly(),
+        grad_clip=None,
+    )
     net = copy.deepcopy(trainer.network)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     trainer.run()
@@ -52,21 +93,21 @@ def test_self_training_on_initial_labels_is_one_plain_bce_step():
     loss.backward()
     opt.step()
     assert trainer.state.output["loss_weighted"] == pytest.approx(float(loss.detach()), rel=1e-5)
-    assert math.isnan(trainer.state.output["weight_pseudo"])
+    assert "weight_pseudo" not in trainer.state.output, "no pseudo-label source, no weight entry"
     assert trainer.state.output["weight_initial"] == pytest.approx(1.0, abs=1e-5)
     for p, q in zip(trainer.network.parameters(), net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_no_label_sources_trains_on_the_regularisers_only():
-    """label_sources=(): a mean-teacher baseline; no weighted term, the unlabeled step still moves the student."""
-    trainer = make_trainer(iterations=2, reweight=False, label_sources=(), pc_weight=0.0, mt_weight=1.0)
+    """No label sources: a mean-teacher baseline; no weighted term, the unlabeled step still moves the student."""
+    trainer = make_trainer(iterations=2, method=None, terms=[MeanTeacherTerm(1.0)], mean_teacher=MeanTeacher())
     steps = count_steps(trainer)
     before = [p.detach().clone() for p in trainer.network.parameters()]
     trainer.run()
     out = trainer.state.output
     assert out["loss_weighted"] == 0.0
-    assert math.isnan(out["weight_initial"]) and math.isnan(out["weight_pseudo"])
+    assert "weight_initial" not in out and "weight_pseudo" not in out
     assert out["loss"] == pytest.approx(out["loss_mt"], rel=1e-6) and out["loss_mt"] > 0
     assert steps["n"] == 4
     assert trainer.state.weight_maps["weights"].shape[1] == 0
@@ -74,32 +115,45 @@ def test_no_label_sources_trains_on_the_regularisers_only():
 
 
 def test_label_sources_order_and_weights_with_meta_learning():
-    trainer = make_trainer(iterations=1, label_sources=("pseudo",))
+    trainer = make_trainer(iterations=1, sources=[PseudoLabels()])
     trainer.run()
     out = trainer.state.output
-    assert math.isnan(out["weight_initial"])
+    assert "weight_initial" not in out
     assert out["weight_pseudo"] == pytest.approx(1.0, abs=1e-5)
     assert trainer.state.weight_maps["weights"].shape == (5, 1, 16, 16)
     assert "weight_initial_when_wrong" not in out
 
 
 @pytest.mark.parametrize(
-    "options",
+    "options, error",
     [
-        {"label_sources": ("initial", "gt")},
-        {"label_sources": ("pseudo", "pseudo")},
-        {"label_sources": ()},
-        {"label_sources": (), "reweight": False, "pc_weight": 0.0, "use_teacher": False},
-        {"batch_norm": "eval"},
+        # an unknown source name ("gt") is unrepresentable: a source is a LabelSource object, anything else is refused
+        pytest.param(lambda: {"sources": [InitialLabels(), "gt"]}, TypeError, id="not-a-label-source"),
+        pytest.param(lambda: {"sources": [PseudoLabels(), PseudoLabels()]}, ValueError, id="repeated-source"),
+        pytest.param(lambda: {"sources": []}, ValueError, id="meta-weighting-without-sources"),
+        pytest.param(
+            lambda: {"sources": [], "weighting": UniformWeighting(), "terms": [], "mean_teacher": None},
+            ValueError,
+            id="nothing-acts-on-the-unlabeled-views",
+        ),
+        # batch_norm modes are gone (freeze_batch_norm is the only mode): the old keyword is refused
+        pytest.param(lambda: {"batch_norm": "eval"}, TypeError, id="batch-norm-keyword-gone"),
     ],
 )
-def test_invalid_label_sources_and_batch_norm_modes_are_refused(options):
-    with pytest.raises(ValueError):
-        make_trainer(**options)
+def test_invalid_label_sources_and_batch_norm_modes_are_refused(options, error):
+    with pytest.raises(error):
+        make_trainer(**options())
+
+
+def _frozen_net(seed=0):
+    torch.manual_seed(seed)
+    net = NestedUNet(2, features=(4, 8))
+    assert freeze_batch_norm(net) is net
+    return net
 
 
 def test_frozen_batch_norm_keeps_the_stage1_statistics():
-    frozen = make_trainer(iterations=2, batch_norm="frozen")
+    frozen = make_trainer(iterations=2, net=_frozen_net())
     stats = [(m.running_mean.clone(), m.running_var.clone()) for m in _batch_norms(frozen.network)]
     affine = [m.weight.detach().clone() for m in _batch_norms(frozen.network)]
     frozen.run()
@@ -118,10 +172,10 @@ def test_frozen_batch_norm_keeps_the_stage1_statistics():
 
 def test_frozen_batch_norm_makes_a_views_prediction_independent_of_its_batch():
     """With frozen statistics the student's logits of one view do not depend on the other views in the batch."""
-    trainer = make_trainer(iterations=1, batch_norm="frozen")
+    trainer = make_trainer(iterations=1, net=_frozen_net())
     trainer.run()
     net = trainer.network
-    trainer._train_mode()
+    net.train()  # what the trainer does at every iteration
     x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(net(x)[:1], net(x[:1]), rtol=1e-5, atol=1e-5)
@@ -141,69 +195,171 @@ def test_sign_weighting_weights_every_agreeing_pixel_alike():
 def test_sign_meta_weighting_in_the_trainer_uses_the_same_meta_gradient():
     """Both weightings are functions of one raw map: the sign weights are its positive support, normalised."""
     maps = {}
-    for weighting in ("gradient", "sign"):
-        trainer = make_trainer(iterations=1, meta_weighting=weighting)
+    for name, weighting in (("gradient", MetaWeighting()), ("sign", SignMetaWeighting())):
+        trainer = make_trainer(iterations=1, weighting=weighting)
         trainer.run()
-        maps[weighting] = trainer.state.weight_maps["weights"]
+        maps[name] = trainer.state.weight_maps["weights"]
     support = (maps["gradient"] > 0).float()
     torch.testing.assert_close(maps["sign"], support / support.sum())
     assert float(maps["sign"].sum()) == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(ValueError, match="meta_weighting"):
-        make_trainer(meta_weighting="cosine", reweight=False)
+
+    class CosineMetaWeighting(MetaWeighting):
+        rule = "cosine"
+
+    with pytest.raises(ValueError, match="weighting"):
+        make_trainer(weighting=CosineMetaWeighting())
 
 
-@pytest.mark.parametrize("method", ["mlbseg", "mean_teacher", "weak_to_strong", "self_training"])
-def test_named_stage2_methods_set_their_options_and_train(method):
-    from monai_mlbseg.engines import STAGE2_METHODS, stage2_method_options
-
-    options = stage2_method_options(method)
-    table = STAGE2_METHODS[method]
-    assert {k: v for k, v in options.items() if k != "student_augment"} == {
-        k: v for k, v in table.items() if k != "student_augment"
+def _composition(parts):
+    """The kinds of a method's parts, comparable with ``==``."""
+    return {
+        "sources": [type(s) for s in parts["sources"]],
+        "terms": [(type(t), t.weight, type(t.loss)) for t in parts["terms"]],
+        "weighting": type(parts["weighting"]),
+        "schedule": type(parts["schedule"]),
+        "mean_teacher": type(parts["mean_teacher"]),
+        "student_augment": type(parts["student_augment"]),
+        "clean_augment": type(parts["clean_augment"]),
+        "grad_clip": parts["grad_clip"],
     }
-    augment = options["student_augment"]
-    assert (augment is None) == (table["student_augment"] is None)
-    if augment is not None:
-        assert isinstance(augment, StrongIntensityAugment)
-        assert {k: getattr(augment, k) for k in table["student_augment"]} == table["student_augment"]
-    json.dumps(table)  # JSON-compatible, for configs and result files
-    options["label_sources"].append("x")
-    assert "x" not in STAGE2_METHODS[method]["label_sources"], "a copy: changing it leaves the table alone"
-    trainer = make_trainer(iterations=1, **stage2_method_options(method))
+
+
+_NONE = type(None)
+_PC, _MT = (ViewConsistencyTerm, 1.0, ViewConsistencyLoss), (MeanTeacherTerm, 1.0, MeanTeacherLoss)
+_SQUARED_TEACHER = dict(weighting=UniformWeighting, schedule=TwoSteps, mean_teacher=MeanTeacher, grad_clip=0.2)
+_NO_AUGMENT = dict(student_augment=_NONE, clean_augment=_NONE)
+EXPECTED_METHODS = {
+    "mlbseg": dict(
+        sources=[InitialLabels, PseudoLabels],
+        terms=[_PC, _MT],
+        weighting=MetaWeighting,
+        schedule=TwoSteps,
+        mean_teacher=MeanTeacher,
+        grad_clip=0.2,
+        **_NO_AUGMENT,
+    ),
+    "weak_to_strong": dict(
+        sources=[],
+        terms=[(MeanTeacherTerm, 1.0, ConfidentPseudoLabelLoss)],
+        weighting=UniformWeighting,
+        schedule=JointStep,
+        mean_teacher=MeanTeacher,
+        student_augment=StrongIntensityAugment,
+        clean_augment=_NONE,
+        grad_clip=None,
+    ),
+    "mean_teacher": dict(sources=[], terms=[_MT], **_SQUARED_TEACHER, **_NO_AUGMENT),
+    "self_training": dict(
+        sources=[InitialLabels],
+        terms=[],
+        weighting=UniformWeighting,
+        schedule=TwoSteps,
+        mean_teacher=_NONE,
+        grad_clip=0.2,
+        **_NO_AUGMENT,
+    ),
+    "labeled_only": dict(sources=[], terms=[_PC, _MT], **_SQUARED_TEACHER, **_NO_AUGMENT),
+}
+
+
+def test_every_named_method_has_an_expected_composition():
+    assert set(EXPECTED_METHODS) == set(STAGE2_METHODS)
+
+
+@pytest.mark.parametrize("method", list(STAGE2_METHODS))
+def test_named_stage2_methods_set_their_options_and_train(method):
+    first, second = stage2_method(method), stage2_method(method)
+    assert set(first) == {
+        "sources",
+        "terms",
+        "weighting",
+        "schedule",
+        "mean_teacher",
+        "student_augment",
+        "clean_augment",
+        "grad_clip",
+    }, "every method sets every part, so that switching methods switches all of them"
+    assert _composition(first) == EXPECTED_METHODS[method]
+    # the parameters of the parts
+    if first["mean_teacher"] is not None:
+        teacher = first["mean_teacher"]
+        assert (teacher.module, teacher.decay, teacher.noise) == (None, 0.99, 0.02)
+    if method == "mlbseg":
+        assert first["sources"][1].ensemble is True and first["weighting"].meta_params is None
+        assert first["schedule"].reuse_meta_grad is False
+    if method == "weak_to_strong":
+        assert first["terms"][0].loss.threshold == 0.95
+        assert isinstance(first["terms"][0].clean_loss, MeanTeacherLoss), "the clean part stays squared"
+        augment = first["student_augment"]
+        assert (augment.contrast, augment.shift, augment.noise_std, augment.blur_prob) == (0.25, 0.2, 0.08, 0.5)
+    # fresh parts: two calls share no object, so changing one leaves the other (and the registry) alone
+    for key in first:
+        a, b = first[key], second[key]
+        if isinstance(a, list):
+            assert a is not b and all(p is not q for p, q in zip(a, b)), key
+        elif a is not None and not isinstance(a, (bool, int, float)):
+            assert a is not b, key
+    net = torch.nn.Linear(1, 1)
+    with_teacher = stage2_method(method, teacher=net)["mean_teacher"]
+    assert with_teacher is None or with_teacher.module is net
+    assert stage2_method(method, grad_clip=0.5)["grad_clip"] == 0.5
+    entry = STAGE2_METHODS[method]
+    assert all(isinstance(getattr(entry, k), str) and getattr(entry, k) for k in ("title", "description", "measured"))
+    assert entry.labeled_only == (method == "labeled_only")
+
+    trainer = make_trainer(iterations=1, method=method, unlabeled=[] if entry.labeled_only else None)
+    json.dumps(trainer.run_settings)  # JSON-compatible, for configs and result files
     steps = count_steps(trainer)
     before = [p.detach().clone() for p in trainer.network.parameters()]
     trainer.run()
     out = trainer.state.output
-    assert (trainer.lookahead is not None) == (method == "mlbseg")
-    assert math.isnan(out["loss_meta"]) == (method != "mlbseg")
-    assert (out["loss_weighted"] == 0.0) == (method in ("mean_teacher", "weak_to_strong"))
-    assert steps["n"] == (1 if method == "weak_to_strong" else 2), "weak_to_strong makes one joint step"
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
-    with pytest.raises(ValueError, match="unknown stage-2 method 'ssl'"):
-        stage2_method_options("ssl")
+    assert (getattr(trainer.weighting, "lookahead", None) is not None) == (method == "mlbseg")
+    if entry.labeled_only:
+        assert trainer.supervised_only and steps["n"] == 1, "one clean step per iteration"
+        assert out["loss"] == out["loss_clean"]
+    else:
+        assert math.isnan(out["loss_meta"]) == (method != "mlbseg")
+        assert (out["loss_weighted"] == 0.0) == (method in ("mean_teacher", "weak_to_strong"))
+        assert steps["n"] == (1 if method == "weak_to_strong" else 2), "weak_to_strong makes one joint step"
+    with pytest.raises(ValueError, match="unknown stage-2 method 'ssl'") as error:
+        stage2_method("ssl")
+    assert all(name in str(error.value) for name in STAGE2_METHODS), "the message lists the known names"
+    with pytest.raises(ValueError, match="reweight"):
+        stage2_method(method, reweight=False)
 
 
 def test_copy_paste_term_is_one_plain_bce_step_on_the_mixed_views(monkeypatch):
-    """mix_weight: BCE on unlabeled views with a box of a clean view pasted in, against the mixed label."""
-    import monai_mlbseg.engines.meta_trainer as meta_trainer_module
+    """CopyPasteTerm: BCE on unlabeled views with a box of a clean view pasted in, against the mixed label."""
+    import monai_mlbseg.experimental as experimental
 
     def left_half(num, spatial_shape, fraction, generator=None, device="cpu"):
         box = torch.zeros(num, 1, *spatial_shape, device=device)
         box[..., : spatial_shape[-1] // 2] = 1.0
         return box
 
-    monkeypatch.setattr(meta_trainer_module, "random_box_masks", left_half)
+    monkeypatch.setattr(experimental, "random_box_masks", left_half)
     unlabeled = corrupt(disc_samples(2, 16, seed=1))
     clean = disc_samples(2, 16, seed=2)
-    options = dict(reweight=False, use_ple=False, label_sources=(), pc_weight=0.0, use_teacher=False, mix_weight=2.0)
-    trainer = make_trainer(iterations=1, unlabeled=unlabeled, clean=clean, clean_step=False, grad_clip=None, **options)
+    trainer = make_trainer(
+        iterations=1,
+        unlabeled=unlabeled,
+        clean=clean,
+        method=None,
+        terms=[CopyPasteTerm(2.0)],
+        schedule=WeightedStepOnly(),
+        grad_clip=None,
+    )
     net = copy.deepcopy(trainer.network)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     trainer.run()
 
     views = PLEViews(2).set_random_state(0)
     v = views(unlabeled[0]["image"][None])
-    pseudo = (torch.sigmoid(net(v)) > 0.5).float()  # the student's own prediction (no PLE, no teacher)
+    params = views.params
+    with torch.no_grad():
+        # without a teacher: the student's PLE pseudo labels (its view predictions mapped back, averaged, warped in)
+        pseudo = warp_to_views(ple_mean_one(torch.sigmoid(net(v)), params), params, threshold=0.5)
     clean_images = torch.stack([c["image"] for c in clean])
     vc = views(clean_images)
     vc_labels = warp_to_views(torch.stack([c["label"] for c in clean]), views.params, threshold=0.5)
@@ -217,7 +373,7 @@ def test_copy_paste_term_is_one_plain_bce_step_on_the_mixed_views(monkeypatch):
 
 
 def test_copy_paste_term_with_meta_weights_and_its_errors():
-    trainer = make_trainer(iterations=2, mix_weight=1.0)
+    trainer = make_trainer(iterations=2, terms=stage2_method("mlbseg")["terms"] + [CopyPasteTerm(1.0)])
     trainer.run()
     out = trainer.state.output
     assert out["loss_mix"] > 0 and math.isfinite(out["loss_meta"])
@@ -226,34 +382,35 @@ def test_copy_paste_term_with_meta_weights_and_its_errors():
     )
     plain = make_trainer(iterations=1)
     plain.run()
-    assert plain.state.output["loss_mix"] == 0.0, "off by default (the reference)"
-    with pytest.raises(ValueError, match="mix_fraction"):
-        make_trainer(mix_weight=1.0, mix_fraction=1.5)
-    with pytest.raises(ValueError, match="mix_weight"):
-        make_trainer(mix_weight=-1.0)
-    only_mix = make_trainer(
-        iterations=1, reweight=False, label_sources=(), pc_weight=0.0, mt_weight=0.0, mix_weight=1.0
-    )
+    assert "loss_mix" not in plain.state.output, "off by default (the reference)"
+    with pytest.raises(ValueError, match="fraction"):
+        CopyPasteTerm(1.0, 1.5)
+    only_mix = make_trainer(iterations=1, sources=[], weighting=UniformWeighting(), terms=[CopyPasteTerm(1.0)])
     only_mix.run()
     assert only_mix.state.output["loss"] == pytest.approx(only_mix.state.output["loss_mix"], rel=1e-6)
 
 
+def test_copy_paste_term_refuses_a_negative_weight():
+    with pytest.raises(ValueError, match="weight"):
+        CopyPasteTerm(-1.0)
+
+
 def test_weak_to_strong_is_one_confident_pseudo_label_step_on_the_augmented_views():
-    """student_augment + mt_confidence: the student sees augment(views), the teacher the views themselves."""
+    """student_augment + a confident L_mt: the student sees augment(views), the teacher the views themselves."""
     unlabeled = corrupt(disc_samples(2, 16, seed=1))
 
     def augment(x):
         return 0.6 * x + 0.3
 
-    options = dict(reweight=False, label_sources=(), pc_weight=0.0, mt_weight=1.5, teacher_noise=0.0)
     trainer = make_trainer(
         iterations=1,
         unlabeled=unlabeled,
-        clean_step=False,
+        method=None,
+        terms=[MeanTeacherTerm(1.5, loss=ConfidentPseudoLabelLoss(0.55))],
+        mean_teacher=MeanTeacher(noise=0.0),
+        schedule=WeightedStepOnly(),
         grad_clip=None,
         student_augment=augment,
-        mt_confidence=0.55,
-        **options,
     )
     net, teacher = copy.deepcopy(trainer.network), copy.deepcopy(trainer.teacher)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -275,13 +432,18 @@ def test_weak_to_strong_is_one_confident_pseudo_label_step_on_the_augmented_view
 
 
 def test_teacher_ensemble_targets_the_ple_mean_of_the_teachers_views():
-    """teacher_ensemble: L_mt's target is the teacher's view predictions mapped back, averaged and warped back."""
+    """EnsembleMeanTeacherTerm: L_mt's target is the teacher's view predictions mapped back, averaged, warped back."""
     unlabeled = corrupt(disc_samples(2, 16, seed=1))
-    options = dict(reweight=False, label_sources=(), pc_weight=0.0, teacher_noise=0.0, mt_confidence=0.55)
     trainer = make_trainer(
-        iterations=1, unlabeled=unlabeled, clean_step=False, grad_clip=None, teacher_ensemble=True, **options
+        iterations=1,
+        unlabeled=unlabeled,
+        method=None,
+        terms=[EnsembleMeanTeacherTerm(1.0, loss=ConfidentPseudoLabelLoss(0.55))],
+        mean_teacher=MeanTeacher(noise=0.0),
+        schedule=WeightedStepOnly(),
+        grad_clip=None,
     )
-    assert trainer.run_settings["teacher_ensemble"] is True
+    assert trainer.run_settings["terms"][0]["_target_"] == "monai_mlbseg.experimental.EnsembleMeanTeacherTerm"
     net, teacher = copy.deepcopy(trainer.network), copy.deepcopy(trainer.teacher)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     trainer.run()
@@ -292,14 +454,7 @@ def test_teacher_ensemble_targets_the_ple_mean_of_the_teachers_views():
     with torch.no_grad():
         t_views = torch.sigmoid(teacher(v))
     # independent PLE mean: undo each view's flip, then its zoom (a centred crop-and-resize), one view at a time
-    back = []
-    for k in range(params.num_views):
-        x = t_views[k : k + 1]
-        flips = [d + 2 for d in range(2) if bool(params.flips.reshape(-1, 2)[k, d])]
-        x = torch.flip(x, flips) if flips else x
-        back.append(warp_from_views_one(x, float(params.scales.reshape(-1)[k])))
-    mean = torch.stack(back).mean(0)
-    t = warp_to_views(mean, params)
+    t = warp_to_views(ple_mean_one(t_views, params), params)
     sure = (torch.maximum(t, 1 - t) >= 0.55).float()
     assert 0 < sure.mean() < 1, "the test needs confident and unsure pixels"
     assert not torch.allclose(t, t_views, atol=1e-3), "the ensemble differs from the views' own predictions"
@@ -308,7 +463,8 @@ def test_teacher_ensemble_targets_the_ple_mean_of_the_teachers_views():
     assert trainer.state.output["loss_mt"] == pytest.approx(float(loss.detach()), rel=1e-5)
     assert_one_sgd_step(trainer, net, opt, loss)
     off = make_trainer(iterations=1)
-    assert off.run_settings["teacher_ensemble"] is False, "off by default (the reference)"
+    assert "EnsembleMeanTeacherTerm" not in json.dumps(off.run_settings), "off by default (the reference)"
+    assert [type(t) for t in off.terms] == [ViewConsistencyTerm, MeanTeacherTerm]
 
 
 def _clip(grads, max_norm):
@@ -318,20 +474,22 @@ def _clip(grads, max_norm):
 
 @pytest.mark.parametrize("per_term", [True, False])
 def test_clip_per_term_clips_the_clean_and_the_unlabeled_gradient_apart(per_term):
-    """clip_per_term: a joint step adds the clean gradient and the unlabeled one, each clipped on its own."""
+    """PerTermClippedJointStep: a joint step adds the clean gradient and the unlabeled one, each clipped on its own."""
     unlabeled = corrupt(disc_samples(2, 16, seed=1))
     clean = disc_samples(2, 16, seed=2)
-    options = dict(reweight=False, use_ple=False, label_sources=("initial",), pc_weight=0.0, mt_weight=0.0)
     trainer = make_trainer(
         iterations=1,
         unlabeled=unlabeled,
         clean=clean,
-        joint_step=True,
+        method=None,
+        sources=[InitialLabels()],
+        schedule=PerTermClippedJointStep() if per_term else JointStep(),
         grad_clip=0.05,
-        clip_per_term=per_term,
-        **options,
     )
-    assert trainer.run_settings["clip_per_term"] is per_term
+    target = trainer.run_settings["schedule"]["_target_"]
+    assert target == (
+        "monai_mlbseg.experimental.PerTermClippedJointStep" if per_term else JointStep.__module__ + ".JointStep"
+    )
     net = copy.deepcopy(trainer.network)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     trainer.run()
@@ -356,18 +514,20 @@ def test_clip_per_term_clips_the_clean_and_the_unlabeled_gradient_apart(per_term
     opt.step()
     for p, q in zip(trainer.network.parameters(), net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="clip_per_term=True .* needs joint_step=True"):
-        make_trainer(clip_per_term=True)
+    # per-term clipping without a joint step is unrepresentable: the per-term clip is itself a joint-step schedule
+    schedule = PerTermClippedJointStep()
+    assert isinstance(schedule, JointStep) and schedule.steps_per_iteration == 1
 
 
 def test_weak_to_strong_keeps_the_squared_term_on_the_clean_views_and_refuses_a_bad_confidence():
-    trainer = make_trainer(iterations=1, mt_confidence=0.9, student_augment=lambda x: x + 0.1)
-    assert type(trainer.mt_loss).__name__ == "MeanTeacherLoss"
-    assert type(trainer.unlabeled_mt_loss).__name__ == "ConfidentPseudoLabelLoss"
+    terms = [ViewConsistencyTerm(1.0), MeanTeacherTerm(1.0, loss=ConfidentPseudoLabelLoss(0.9))]
+    trainer = make_trainer(iterations=1, terms=terms, student_augment=lambda x: x + 0.1)
+    assert type(trainer.terms[1].clean_loss).__name__ == "MeanTeacherLoss"
+    assert type(trainer.terms[1].loss).__name__ == "ConfidentPseudoLabelLoss"
     trainer.run()
     assert math.isfinite(trainer.state.output["loss_meta"]), "the look-ahead runs on the student's views"
     with pytest.raises(ValueError, match="threshold must lie in"):
-        make_trainer(iterations=1, mt_confidence=0.2)
+        MeanTeacherTerm(1.0, loss=ConfidentPseudoLabelLoss(0.2))
 
 
 def test_clean_augment_is_what_the_student_sees_of_the_clean_views():
@@ -377,7 +537,7 @@ def test_clean_augment_is_what_the_student_sees_of_the_clean_views():
     def augment(x):
         return 0.5 * x + 0.2
 
-    options = dict(pc_weight=0.0, use_teacher=False, grad_clip=None, clean_augment=augment)
+    options = dict(terms=[], mean_teacher=None, grad_clip=None, clean_augment=augment)
     trainer = make_trainer(iterations=1, unlabeled=[], clean=clean, **options)
     net = copy.deepcopy(trainer.network)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -390,7 +550,7 @@ def test_clean_augment_is_what_the_student_sees_of_the_clean_views():
     assert_one_sgd_step(trainer, net, opt, loss)
 
     inputs = []
-    trainer = make_trainer(iterations=1, clean=clean, reweight=False, label_sources=(), clean_augment=augment)
+    trainer = make_trainer(iterations=1, clean=clean, weighting=UniformWeighting(), sources=[], clean_augment=augment)
     trainer.network.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
     trainer.run()
     views = PLEViews(2).set_random_state(0)
@@ -404,8 +564,8 @@ def test_strong_augments_are_seeded_by_the_trainer():
     def run():
         trainer = make_trainer(
             iterations=1,
-            reweight=False,
-            label_sources=(),
+            weighting=UniformWeighting(),
+            sources=[],
             student_augment=StrongIntensityAugment(),
             clean_augment=StrongIntensityAugment(),
         )

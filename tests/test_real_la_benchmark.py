@@ -32,30 +32,41 @@ def test_split_uses_train_list_only(tmp_path):
 
 
 def test_parse_variant_inherits_and_overrides():
-    name, spec = real_la.parse_variant('f_bn=d_mlbseg:{"batch_norm": "frozen", "lr": 0.002, "unlabeled_batch": 2}')
-    assert name == "f_bn"
-    assert spec["trainer"] == {"batch_norm": "frozen"}
+    name, spec = real_la.parse_variant('f_clip=f_weak_to_strong:{"grad_clip": 0.2, "lr": 0.002, "unlabeled_batch": 2}')
+    assert name == "f_clip" and spec["method"] == "weak_to_strong"
+    assert spec["trainer"] == {"grad_clip": 0.2}
     assert spec["lr"] == 0.002 and spec["unlabeled_batch"] == 2
-    name, spec = real_la.parse_variant('a2=a_labeled_only:{"batch_norm": "frozen"}')
-    assert spec["supervised"] is True and spec["trainer"] == {"batch_norm": "frozen"}
+    name, spec = real_la.parse_variant('a2=a_labeled_only:{"clean_augment": {"contrast": 0.25}}')
+    assert spec["method"] == "labeled_only" and spec["trainer"] == {"clean_augment": {"contrast": 0.25}}
     with pytest.raises(ValueError, match="unknown base"):
         real_la.parse_variant("x=nope:{}")
+    with pytest.raises(ValueError, match="unknown options \\['batch_norm'\\]"):
+        real_la.parse_variant('x=d_mlbseg:{"batch_norm": "frozen"}')
+
+
+def test_variant_options_become_the_methods_parts(tmp_path):
+    bench = real_la.Benchmark.__new__(real_la.Benchmark)
+    bench.args = real_la.parse_args(["--quick", "--out", str(tmp_path)])
+    parts = bench.trainer_parts("mlbseg", {"reuse_meta_grad": True, "meta_params": "LAST"}, None)
+    assert parts["schedule"].reuse_meta_grad and parts["weighting"].meta_params == ["nodes.conv0_1", "final"]
+    parts = bench.trainer_parts("weak_to_strong", {"grad_clip": 0.2, "clean_augment": {"contrast": 0.3}}, None)
+    assert parts["grad_clip"] == 0.2 and parts["clean_augment"].contrast == 0.3
 
 
 def test_quick_run_writes_every_row_and_resumes(tmp_path):
     out = tmp_path / "bench"
     argv = ["--quick", "--out", str(out), "--seeds", "0", "--variants", "a_labeled_only,b_self_training,c_mean_teacher"]
-    argv += ["--variant", 'f_bn=d_mlbseg:{"batch_norm": "frozen"}']
+    argv += ["--variant", 'f_clip=d_mlbseg:{"grad_clip": 0.5}']
     real_la.main(argv)
     figures = json.loads((out / "table.json").read_text())["figures"]
-    assert list(figures) == ["stage1", "a_labeled_only", "b_self_training", "c_mean_teacher", "f_bn"]
+    assert list(figures) == ["stage1", "a_labeled_only", "b_self_training", "c_mean_teacher", "f_clip"]
     for name, fig in figures.items():
         assert 0.0 <= fig["dice"][0] <= 1.0 and fig["cases"] == 3, name
         assert math.isfinite(fig["train_s"])
     results = {n: json.loads((out / "seed0" / n / "result.json").read_text()) for n in figures if n != "stage1"}
-    assert results["a_labeled_only"]["optimizer_steps"] == results["f_bn"]["optimizer_steps"] == 6
-    assert results["a_labeled_only"]["iterations"] == 2 * results["f_bn"]["iterations"]
-    assert "| f_bn | 0 |" in (out / "table.md").read_text()
+    assert results["a_labeled_only"]["optimizer_steps"] == results["f_clip"]["optimizer_steps"] == 6
+    assert results["a_labeled_only"]["iterations"] == 2 * results["f_clip"]["iterations"]
+    assert "| f_clip | 0 |" in (out / "table.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     real_la.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps, "a rerun retrains nothing"

@@ -44,7 +44,6 @@ RECORDED = json.loads((Path(__file__).parent / "data" / "stage2_checksums.json")
 AUGMENT = {"contrast": 0.25, "shift": 0.2, "noise_std": 0.08, "blur_prob": 0.5}
 
 
-
 def _method(name, **changes):
     """A named method with some of its parts replaced, each change a function of the method's parts (fresh each run)."""
 
@@ -75,13 +74,19 @@ RUNS = {
     "labeled_only": (_method("labeled_only"), None),
     "labeled_only_clean_augment": (_method("weak_to_strong", clean_augment=_augment), None),
     "x_sign_weights": (_method("mlbseg", weighting=lambda p: SignMetaWeighting()), 1),
-    "x_agreement_weights_joint": (_method("mlbseg", weighting=lambda p: AgreementMetaWeighting(), schedule=lambda p: JointStep()), 1),
+    "x_agreement_weights_joint": (
+        _method("mlbseg", weighting=lambda p: AgreementMetaWeighting(), schedule=lambda p: JointStep()),
+        1,
+    ),
     "x_copy_paste": (_method("mlbseg", terms=lambda p: [*p["terms"], CopyPasteTerm(0.5)]), 1),
     "x_teacher_ensemble": (
         _method("weak_to_strong", terms=lambda p: [EnsembleMeanTeacherTerm(1.0, ConfidentPseudoLabelLoss(0.95))]),
         1,
     ),
-    "x_clip_per_term": (_method("weak_to_strong", schedule=lambda p: PerTermClippedJointStep(), grad_clip=lambda p: 0.2), 1),
+    "x_clip_per_term": (
+        _method("weak_to_strong", schedule=lambda p: PerTermClippedJointStep(), grad_clip=lambda p: 0.2),
+        1,
+    ),
     "x_frozen_batch_norm": (_method("mlbseg"), 1),
 }
 

@@ -105,4 +105,3 @@ class Stage2Context:
                 raise ValueError("this stage-2 part needs the mean teacher: give the trainer a MeanTeacher.")
             self._teacher = self.trainer.mean_teacher.probs(self.unlabeled.views)
         return self._teacher
-

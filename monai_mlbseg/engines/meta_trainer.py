@@ -225,6 +225,8 @@ class MetaTrainer(SupervisedTrainer):
         self.grad_clip = grad_clip
         self.threshold = threshold
         self.set_random_state(int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed)
+        #: the ``torch.compile`` arguments of the plain forwards (the student's through ``SupervisedTrainer``)
+        self.compile_kwargs = kwargs.get("compile_kwargs") or {}
         self.mean_teacher = mean_teacher
         if mean_teacher is not None:
             mean_teacher.attach(self)

@@ -88,7 +88,7 @@ class MeanTeacher:
         self._trainer = trainer
         self._forward = self.module
         if trainer.compile:
-            self._forward = torch.compile(self.module, **(trainer.compile_kwargs or {}))
+            self._forward = torch.compile(self.module, **trainer.compile_kwargs)
 
     def probs(self, views: torch.Tensor) -> torch.Tensor:
         """The teacher's probabilities (float32, no gradient) on ``views`` with input noise."""
@@ -164,12 +164,17 @@ class UnlabeledTerm:
     same weight.
 
     Args:
-        weight: the term's weight in the step's loss (and in the clean loss).
+        weight: the term's weight in the step's loss (and in the clean loss), at least 0.
+
+    Raises:
+        ValueError: when ``weight`` is negative.
     """
 
     name = "loss_term"
 
     def __init__(self, weight: float = 1.0) -> None:
+        if weight < 0:
+            raise ValueError(f"the weight of {type(self).__name__} must be >= 0, got {weight}.")
         self.weight = float(weight)
 
     def __call__(self, ctx: Stage2Context) -> torch.Tensor:
@@ -181,7 +186,10 @@ class UnlabeledTerm:
 
 
 class ViewConsistencyTerm(UnlabeledTerm):
-    """L_pc: the student's predictions of the views of one image agree (:py:class:`~monai_mlbseg.losses.ViewConsistencyLoss`); on the clean views too."""
+    """
+    L_pc: the student's predictions of the views of one image agree
+    (:py:class:`~monai_mlbseg.losses.ViewConsistencyLoss`); on the clean views too.
+    """
 
     name = "loss_pc"
 
@@ -316,6 +324,7 @@ class MetaWeighting(PixelWeighting):
 
     Raises:
         TypeError: (at attach) when the trainer's optimizer is not SGD or its loss function has no ``pixel_loss``.
+        ValueError: (at attach) when the trainer has no label source.
     """
 
     #: how the meta-gradient becomes weights (:py:func:`~monai_mlbseg.meta.normalise_weights`)
@@ -326,6 +335,8 @@ class MetaWeighting(PixelWeighting):
         self.lookahead: MetaLookAhead | None = None
 
     def attach(self, trainer: MetaTrainer) -> None:
+        if not trainer.sources:
+            raise ValueError("MetaWeighting weighs label sources: give the trainer at least one.")
         pixel_loss = getattr(trainer.loss_function, "pixel_loss", None)
         if not callable(pixel_loss):
             raise TypeError(
@@ -457,4 +468,3 @@ class WeightedStepOnly(StepSchedule):
     """The weighted step alone: the labeled data act only through a look-ahead's meta loss, if any."""
 
     steps_per_iteration = 1
-

@@ -1,0 +1,128 @@
+"""
+The one training recipe: a bundle's own training workflow (``configs/train.json`` with overrides), driven step by
+step. The demo and the benchmarks train through it, so that every figure they report measures what the bundle
+ships; only the overrides (sizes, lengths, learning rates, method) differ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigWorkflow
+from monai.transforms import Randomizable
+from monai.utils import set_determinism
+
+from monai_mlbseg.engines import STAGE2_METHODS
+from monai_mlbseg.utils import find_input_error
+
+__all__ = [
+    "TRAINING_STEPS",
+    "parsed",
+    "reseed_stage2",
+    "run_training_step",
+    "stage_length",
+    "stage_overrides",
+    "stage2_iterations",
+    "training_workflow",
+]
+
+#: the steps of a bundle's ``training`` list, in order
+TRAINING_STEPS = ("data check", "stage 1", "bootstrap", "stage 2")
+
+
+def parsed(workflow: ConfigWorkflow, id: str) -> Any:
+    """
+    ``workflow.parser.get_parsed_content(id)``, raising the error behind MONAI's wrapping ``RuntimeError`` (an
+    :py:class:`~monai_mlbseg.utils.InputError` anywhere in the chain, else the direct cause), so that bad data or
+    options are reported as such.
+    """
+    try:
+        return workflow.parser.get_parsed_content(id)
+    except RuntimeError as e:
+        cause = find_input_error(e) or e.__cause__
+        if cause is None:
+            raise
+        raise cause from e
+
+
+def training_workflow(
+    bundle: str | Path,
+    overrides: dict[str, Any],
+    configs: Sequence[str] = ("train.json",),
+    workflow_type: str = "train",
+) -> ConfigWorkflow:
+    """
+    A ``ConfigWorkflow`` of the bundle's ``configs`` with ``overrides``, initialised.
+
+    Raises:
+        RuntimeError: for a training workflow whose ``training`` list is not :py:data:`TRAINING_STEPS`.
+    """
+    bundle = Path(bundle)
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / c) for c in configs],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        **overrides,
+    )
+    workflow.initialize()
+    if workflow_type == "train" and len(workflow.parser["training"]) != len(TRAINING_STEPS):
+        steps = len(workflow.parser["training"])
+        raise RuntimeError(f"the bundle's training has {steps} steps, the recipe knows {TRAINING_STEPS}.")
+    return workflow
+
+
+def run_training_step(workflow: ConfigWorkflow, step: str) -> Any:
+    """Run one step of :py:data:`TRAINING_STEPS` of a training workflow; returns what the step returns."""
+    return parsed(workflow, f"training#{TRAINING_STEPS.index(step)}")
+
+
+def reseed_stage2(workflow: ConfigWorkflow, seed: int) -> None:
+    """
+    Seed what stage 2 draws from: the global generators (``seed + 1``), the trainer's views and perturbations, and
+    the slice augmentation, which stage 1 shares (``train#preprocessing``) and would otherwise leave wherever stage 1
+    stopped drawing; so a run whose stage 1 was reused continues exactly as an uninterrupted one.
+    """
+    set_determinism(seed=seed + 1)
+    parsed(workflow, "train#trainer").set_random_state(seed)
+    augment = parsed(workflow, "train#preprocessing")
+    if isinstance(augment, Randomizable):
+        augment.set_random_state(seed)
+
+
+def stage_length(iterations: int, chunk: int) -> tuple[int, int]:
+    """``(epoch_length, max_epochs)`` giving exactly ``iterations`` iterations in epochs of at most ``chunk``."""
+    epoch_length = max(1, min(chunk, iterations))
+    return epoch_length, math.ceil(iterations / epoch_length)
+
+
+def stage2_iterations(method: str, optimizer_steps: int) -> int:
+    """
+    The stage-2 iterations that make ``optimizer_steps`` optimizer steps with ``method`` (equal budgets compare
+    optimizer steps: a two-step iteration counts twice; the labeled-only control makes one step per iteration).
+    """
+    if STAGE2_METHODS[method].labeled_only:
+        return optimizer_steps
+    steps = STAGE2_METHODS[method].parts(None)["schedule"].steps_per_iteration
+    return max(1, optimizer_steps // steps)
+
+
+def stage_overrides(
+    stage1_iterations: int, stage2_iterations: int, stage1_chunk: int = 50, stage2_chunk: int = 50
+) -> dict[str, int]:
+    """
+    The overrides that make stage 1 and stage 2 of a bundle's training run exactly these many iterations, in
+    epochs of at most ``stage1_chunk`` / ``stage2_chunk`` iterations (stage 2's learning rate decays per epoch over
+    its epochs, the reference's 120-epoch curve compressed to them).
+    """
+    length1, epochs1 = stage_length(stage1_iterations, stage1_chunk)
+    length2, epochs2 = stage_length(stage2_iterations, stage2_chunk)
+    return {
+        "stage1#max_epochs": epochs1,
+        "stage1#trainer#epoch_length": length1,
+        "train#trainer#max_epochs": epochs2,
+        "train#trainer#epoch_length": length2,
+    }
