@@ -37,39 +37,22 @@ from typing import Any
 
 import torch
 from ignite.engine import Events
-from monai.data import DataLoader
-from monai.engines import SupervisedTrainer
-from monai.handlers import LrScheduleHandler
 from monai.transforms import KeepLargestConnectedComponent
-from monai.utils import set_determinism
 
-from monai_mlbseg.data import (
-    SliceDataset,
-    build_datalist,
-    load_volume_transforms,
-    make_synthetic_dataset,
-    read_case_list,
-    resolve_datalist,
-)
-from monai_mlbseg.engines import (
-    STAGE2_METHODS,
-    AtomicCheckpointSaver,
-    GroundTruthMonitor,
-    MetaTrainer,
-    MetaWeighting,
-    NonFiniteLossGuard,
-    ResumeFromCheckpoint,
-    TwoSteps,
-    bootstrap_labels,
-    initial_label_items,
-    run_stage,
-    stage2_method,
-)
+from monai_mlbseg.bundles import write_bundle
+from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list, resolve_datalist
+from monai_mlbseg.engines import STAGE2_METHODS, bootstrap_labels, load_weights
 from monai_mlbseg.evaluation import SegmentationReport
-from monai_mlbseg.inferers import SliceResizeInferer
-from monai_mlbseg.networks import NestedUNet
-from monai_mlbseg.pipeline import slice_augmentation, slice_preprocessing
-from monai_mlbseg.transforms import StrongIntensityAugment
+from monai_mlbseg.recipe import (
+    TRAINER_OPTIONS,
+    parsed,
+    reseed_stage2,
+    run_training_step,
+    stage2_iterations,
+    stage_overrides,
+    trainer_overrides,
+    training_workflow,
+)
 from monai_mlbseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("real_la")
@@ -85,11 +68,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "e_meta_params_last": {"method": "mlbseg", "trainer": {"meta_params": "LAST"}},
     "f_weak_to_strong": {"method": "weak_to_strong", "trainer": {}},
 }
-
-#: the trainer options a variant may set, in JSON form: the method's ``grad_clip``; ``student_augment`` /
-#: ``clean_augment`` as the arguments of :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment` (or ``null``);
-#: MLB-Seg's fast modes ``reuse_meta_grad`` (bool) and ``meta_params`` (names, or ``"LAST"``: the last decoder block)
-TRAINER_OPTIONS = ("grad_clip", "student_augment", "clean_augment", "reuse_meta_grad", "meta_params")
 
 #: benchmark-level options a variant may set (the rest go to :py:class:`MetaTrainer`)
 RUN_OPTIONS = ("lr", "unlabeled_batch", "clean_batch", "supervised", "iterations_factor", "initial_labels")
@@ -192,156 +170,146 @@ class MonitorLog:
 
 
 class Benchmark:
-    """One benchmark folder: data split, stage 1 per seed, and the stage-2 variants."""
+    """
+    One benchmark folder: the data split, stage 1 per seed, and the stage-2 variants, every one trained by the
+    left-atrium bundle's own training workflow (written to ``<out>/bundle``) through :py:mod:`monai_mlbseg.recipe`,
+    with overrides for the sizes, lengths, learning rates, method and options: the table measures what the bundle
+    ships.
+    """
 
     def __init__(self, args: argparse.Namespace, data_dir: Path, train_list: Path) -> None:
         self.args = args
         self.out = Path(args.out).resolve()
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ids = split_ids(train_list, args.num_labeled, args.num_validation)
-        datalist = build_datalist(data_dir, "uamt_h5", **ids)
-        self.datalist = resolve_datalist(datalist, data_dir)
-        size = (args.image_size, args.image_size)
-        self.load = load_volume_transforms("uamt_h5", keys=("image", "label", "gt"))
-        self.prep = slice_preprocessing(size)
-        self.augment = slice_augmentation()
-        self.inferer = SliceResizeInferer(roi_size=size, sw_batch_size=64)
-        self.clean = SliceDataset(self.datalist["labeled"], self.load, self.prep, self.augment, progress=False)
+        datalist_file = self.out / "datalist.json"
+        atomic_write_json(datalist_file, build_datalist(data_dir, "uamt_h5", **ids))
+        self.datalist = resolve_datalist(build_datalist(data_dir, "uamt_h5", **ids), data_dir)
+        self.bundle = write_bundle("mlbseg_la", self.out / "bundle")
+        #: the overrides every workflow of the benchmark shares
+        self.common = {
+            "dataset_dir": str(data_dir),
+            "data_format": "uamt_h5",
+            "datalist_file": str(datalist_file),
+            "image_size": [args.image_size, args.image_size],
+            "features": list(args.features),
+            "device": str(self.device),
+            "num_workers": 0,
+            "stage1#lr": args.lr1,
+            "lr": args.lr2,
+            "stage1#batch_size": args.stage1_batch,
+            "val_interval": 10**9,  # the benchmark evaluates on the validation volumes itself, after training
+            "train#dataset#progress": False,
+            "train#unlabeled#dataset#progress": False,
+        }
 
-    def network(self) -> torch.nn.Module:
-        return NestedUNet(2, 1, 1, features=self.args.features).to(self.device)
+    def stage1_folder(self, seed: int) -> Path:
+        return self.out / f"seed{seed}" / "stage1"
 
-    def stage1(self, seed: int) -> tuple[Path, list[dict], dict]:
-        """Stage 1 and the bootstrap of one seed; returns the weights, the unlabeled items and its result."""
-        args, folder = self.args, self.out / f"seed{seed}" / "stage1"
+    def stage1_overrides(self, seed: int) -> dict[str, Any]:
+        """The bundle overrides of one seed's stage 1 and bootstrap."""
+        folder = self.stage1_folder(seed)
+        return {
+            **self.common,
+            **stage_overrides(stage1_iterations=self.args.stage1_iterations, stage1_chunk=200),
+            "seed": seed,
+            "run_dir": str(folder),
+            "stage1#model": str(folder / "stage1.pt"),
+            "bootstrap#label_dir": str(folder / "initial_labels"),
+        }
+
+    def stage2_overrides(self, seed: int, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """The bundle overrides of one stage-2 variant of one seed (equal budgets in optimizer steps)."""
+        folder, stage1 = self.out / f"seed{seed}" / name, self.stage1_folder(seed)
+        method = spec.get("method", "mlbseg")
+        supervised = bool(spec.get("supervised", False)) or STAGE2_METHODS[method].labeled_only
+        steps = round(2 * self.args.stage2_iterations * float(spec.get("iterations_factor", 1.0)))
+        iterations = steps if supervised else stage2_iterations(method, steps)
+        options = dict(spec["trainer"])
+        if options.get("meta_params") == "LAST":
+            options["meta_params"] = [f"nodes.conv0_{len(self.args.features) - 1}", "final"]
+        labels = "initial_labels_largest_component" if spec.get("initial_labels") == "largest_component" else ""
+        return {
+            **self.common,
+            **stage_overrides(stage2_iterations=iterations, stage2_chunk=self.args.epoch_length),
+            **trainer_overrides(options),
+            "seed": seed,
+            "stage2_method": method,
+            "lr": float(spec.get("lr", self.args.lr2)),
+            "unlabeled_batch_size": int(spec.get("unlabeled_batch", 1)),
+            "clean_batch_size": int(spec.get("clean_batch", 2)),
+            "run_dir": str(folder),
+            "ckpt_dir": str(folder),
+            "train#checkpoint_dir": str(folder / "checkpoints"),
+            "stage1#model": str(stage1 / "stage1.pt"),
+            "bootstrap#label_dir": str(stage1 / (labels or "initial_labels")),
+            **({"train#unlabeled#source": []} if supervised else {}),
+        }
+
+    def stage1(self, seed: int) -> tuple[Path, dict]:
+        """Stage 1 and the bootstrap of one seed through the bundle's workflow; returns the weights and the result."""
+        folder = self.stage1_folder(seed)
         weights, result_file = folder / "stage1.pt", folder / "result.json"
-        unlabeled = initial_label_items(self.datalist["unlabeled"], folder / "initial_labels")
         if not result_file.is_file():
-            set_determinism(seed=seed)
-            network = self.network()
-            optimizer = torch.optim.SGD(network.parameters(), lr=args.lr1, momentum=0.9, weight_decay=5e-4)
-            save = {"network": network, "optimizer": optimizer}
-            epoch_length = min(200, args.stage1_iterations)
-            trainer = SupervisedTrainer(
-                device=self.device,
-                max_epochs=math.ceil(args.stage1_iterations / epoch_length),
-                epoch_length=epoch_length,
-                train_data_loader=DataLoader(self.clean, batch_size=args.stage1_batch, shuffle=True, drop_last=True),
-                network=network,
-                optimizer=optimizer,
-                loss_function=torch.nn.BCEWithLogitsLoss(),
-                train_handlers=[ResumeFromCheckpoint(folder / "checkpoints", save), NonFiniteLossGuard()],
-            )
-            AtomicCheckpointSaver(
-                str(folder / "checkpoints"), save, save_interval=100, epoch_level=False, n_saved=1, save_final=True
-            ).attach(trainer)
+            workflow = training_workflow(self.bundle, self.stage1_overrides(seed))
+            run_training_step(workflow, "data check")
             start = time.perf_counter()
-            run_stage(trainer, weights)
+            run_training_step(workflow, "stage 1")
             train_s = time.perf_counter() - start
             logger.info(f"seed {seed}: stage 1 done in {train_s:.0f} s")
-            metrics = evaluate(network, self.inferer, self.datalist["validation"], self.load, self.device)
+            network, inferer, load = (parsed(workflow, k) for k in ("network", "inferer", "load_volume"))
+            metrics = evaluate(network, inferer, self.datalist["validation"], load, self.device)
             start = time.perf_counter()
-            bootstrap_labels(network, self.inferer, unlabeled, self.load, device=self.device, progress=False)
+            run_training_step(workflow, "bootstrap")
             atomic_write_json(
                 result_file,
                 {
                     **metrics,
                     "train_s": train_s,
                     "bootstrap_s": time.perf_counter() - start,
-                    "iterations": trainer.state.iteration,
+                    "iterations": parsed(workflow, "stage1#trainer").state.iteration,
                 },
             )
         result = json.loads(result_file.read_text(encoding="utf-8"))
         logger.info(f"seed {seed}: stage 1 validation Dice {100 * result['summary']['dice']['mean']:.2f}")
-        return weights, unlabeled, result
+        return weights, result
 
-    def largest_component_labels(self, seed: int, weights: Path) -> list[dict]:
+    def largest_component_labels(self, seed: int, workflow: Any) -> None:
         """The initial labels of one seed with only their largest 3D connected component kept (bootstrapped once)."""
-        folder = self.out / f"seed{seed}" / "stage1" / "initial_labels_largest_component"
-        items = initial_label_items(self.datalist["unlabeled"], folder)
+        items = parsed(workflow, "bootstrap#items")
         if not all(Path(item["label"]).is_file() for item in items):
-            network = self.network()
-            network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+            network, inferer, load = (parsed(workflow, k) for k in ("network", "inferer", "load_volume"))
             postprocess = KeepLargestConnectedComponent()
-            bootstrap_labels(
-                network, self.inferer, items, self.load, self.device, progress=False, postprocess=postprocess
-            )
-        return items
+            bootstrap_labels(network, inferer, items, load, self.device, progress=False, postprocess=postprocess)
 
-    def trainer_parts(self, method: str, options: dict[str, Any], teacher: torch.nn.Module) -> dict[str, Any]:
-        """The ``MetaTrainer`` parts of ``method`` with a variant's JSON ``options`` (:py:data:`TRAINER_OPTIONS`)."""
-        options = dict(options)
-        reuse, meta_params = options.pop("reuse_meta_grad", False), options.pop("meta_params", None)
-        for key in ("student_augment", "clean_augment"):
-            if isinstance(options.get(key), dict):
-                options[key] = StrongIntensityAugment(**options[key])
-        if reuse:
-            options["schedule"] = TwoSteps(reuse_meta_grad=True)
-        if meta_params is not None:
-            last = [f"nodes.conv0_{len(self.args.features) - 1}", "final"]
-            options["weighting"] = MetaWeighting(last if meta_params == "LAST" else meta_params)
-        return stage2_method(method, teacher, **options)
-
-    def stage2(self, seed: int, name: str, spec: dict[str, Any], weights: Path, unlabeled: list[dict]) -> dict:
+    def stage2(self, seed: int, name: str, spec: dict[str, Any], weights: Path) -> dict:
         """One stage-2 variant of one seed (skipped when its ``result.json`` exists)."""
-        args, folder = self.args, self.out / f"seed{seed}" / name
-        result_file = folder / "result.json"
+        result_file = self.out / f"seed{seed}" / name / "result.json"
         if result_file.is_file():
             return json.loads(result_file.read_text(encoding="utf-8"))
-        if spec.get("initial_labels", "raw") == "largest_component":
-            unlabeled = self.largest_component_labels(seed, weights)
-        set_determinism(seed=seed + 1)
-        network, teacher = self.network(), self.network()
-        network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
-        lr = float(spec.get("lr", args.lr2))
-        optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        method = spec.get("method", "mlbseg")
-        supervised = bool(spec.get("supervised", False)) or STAGE2_METHODS[method].labeled_only
-        parts = self.trainer_parts(method, spec["trainer"], teacher)
-        steps_per_iteration = 1 if supervised else parts["schedule"].steps_per_iteration
-        # equal budgets in optimizer steps: a one-step variant runs twice the iterations of a two-step one
-        iterations = int(args.stage2_iterations * 2 / steps_per_iteration * float(spec.get("iterations_factor", 1.0)))
-        epoch_length = min(args.epoch_length, iterations)
-        epochs = math.ceil(iterations / epoch_length)
-        # the reference's per-epoch decay lr * 20 / (e + 20), over the reference's 120 epochs spread on this budget
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 20.0 / (e * 120.0 / max(epochs, 1) + 20.0))
-        save = {"network": network, "teacher": teacher, "optimizer": optimizer, "lr_scheduler": scheduler}
-        unlabeled_ds = SliceDataset(unlabeled, self.load, self.prep, self.augment, progress=False)
+        workflow = training_workflow(self.bundle, self.stage2_overrides(seed, name, spec))
+        network = parsed(workflow, "network")
+        load_weights(network, weights)
+        if spec.get("initial_labels") == "largest_component":
+            self.largest_component_labels(seed, workflow)
+        trainer = parsed(workflow, "train#trainer")
         monitor = MonitorLog()
-        trainer = MetaTrainer(
-            device=self.device,
-            max_epochs=epochs,
-            epoch_length=epoch_length,
-            train_data_loader=[]
-            if supervised
-            else DataLoader(unlabeled_ds, batch_size=int(spec.get("unlabeled_batch", 1)), shuffle=True, drop_last=True),
-            clean_data_loader=DataLoader(
-                self.clean, batch_size=int(spec.get("clean_batch", 2)), shuffle=True, drop_last=True
-            ),
-            network=network,
-            optimizer=optimizer,
-            train_handlers=[
-                ResumeFromCheckpoint(folder / "checkpoints", save),
-                LrScheduleHandler(scheduler, print_lr=False),
-                monitor,
-                GroundTruthMonitor(),
-            ],
-            **parts,
-        )
-        trainer.set_random_state(seed)
-        AtomicCheckpointSaver(
-            str(folder / "checkpoints"), save, save_interval=100, epoch_level=False, n_saved=1, save_final=True
-        ).attach(trainer)
+        monitor.attach(trainer)
+        reseed_stage2(workflow, seed)
         start = time.perf_counter()
-        run_stage(trainer, folder / "model.pt", skip_if_done=False)
+        run_training_step(workflow, "stage 2")
         train_s = time.perf_counter() - start
-        metrics = evaluate(network, self.inferer, self.datalist["validation"], self.load, self.device)
+        inferer, load = parsed(workflow, "inferer"), parsed(workflow, "load_volume")
+        metrics = evaluate(network, inferer, self.datalist["validation"], load, self.device)
+        iterations = trainer.state.epoch_length * trainer.state.max_epochs
+        steps_per_iteration = 1 if trainer.supervised_only else trainer.schedule.steps_per_iteration
         result = {
             **metrics,
             "train_s": train_s,
             "iterations": iterations,
             "optimizer_steps": iterations * steps_per_iteration,
             "spec": spec,
+            "run_settings": trainer.run_settings,
             "monitor": monitor.summary(),
             "resumed": len(monitor.rows) < iterations,
         }
@@ -504,10 +472,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     results: dict[int, dict[str, dict]] = {}
     for seed in args.seeds:
-        weights, unlabeled, stage1 = bench.stage1(seed)
+        weights, stage1 = bench.stage1(seed)
         results[seed] = {"stage1": stage1}
         for name, spec in variants.items():
-            results[seed][name] = bench.stage2(seed, name, spec, weights, unlabeled)
+            results[seed][name] = bench.stage2(seed, name, spec, weights)
         text = write_table(out, results, vars(args))
     print(text)
     return results

@@ -23,7 +23,16 @@ from typing import Any
 
 from monai_mlbseg.utils import atomic_write_text
 
-__all__ = ["BUNDLE_NAMES", "TEMPLATE_FILES", "render_bundle", "write_bundle", "stale_files", "bundles"]
+__all__ = [
+    "BUNDLE_NAMES",
+    "TEMPLATE_FILES",
+    "methods_table",
+    "render_bundle",
+    "render_readme",
+    "write_bundle",
+    "stale_files",
+    "bundles",
+]
 
 #: the bundles generated from the template (their values files are ``bundle_template/values/<name>.json``)
 BUNDLE_NAMES = ("mlbseg_la", "mlbseg_prostate")
@@ -107,6 +116,46 @@ def render_bundle(name: str, values: Mapping[str, Any] | None = None) -> dict[st
     return files
 
 
+#: the markers around the table of stage-2 methods in a bundle's ``docs/README.md``
+TABLE_BEGIN = "<!-- stage2-methods: generated from monai_mlbseg.engines.STAGE2_METHODS -->"
+TABLE_END = "<!-- /stage2-methods -->"
+
+
+def methods_table(default: str) -> str:
+    """
+    The markdown table of the stage-2 methods of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` (method, what it
+    does, measured effect, cost), ``default`` marked: the one list the bundle READMEs show.
+    """
+    from monai_mlbseg.engines import STAGE2_METHODS
+
+    rows = ["| `--stage2_method` | what it does | measured on real left-atrium scans | cost |", "|---|---|---|---|"]
+    for key, method in STAGE2_METHODS.items():
+        name = f"`{key}` (default)" if key == default else f"`{key}`"
+        rows.append(f"| {name} | {method.description} | {method.measured} | {method.cost} |")
+    return "\n".join(rows)
+
+
+def render_readme(text: str, default: str, where: str = "README") -> str:
+    """
+    ``text`` (a bundle's ``docs/README.md``) with the part between :py:data:`TABLE_BEGIN` and :py:data:`TABLE_END`
+    replaced by :py:func:`methods_table`.
+
+    Raises:
+        ValueError: when the markers are missing.
+    """
+    start, end = text.find(TABLE_BEGIN), text.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{where}: no stage-2 methods table between {TABLE_BEGIN!r} and {TABLE_END!r}.")
+    return text[: start + len(TABLE_BEGIN)] + "\n" + methods_table(default) + "\n" + text[end:]
+
+
+def _readme(name: str, root: Path) -> tuple[Path, str]:
+    """The path of bundle ``name``'s README under ``root`` and its text with the current methods table."""
+    path = root / name / "docs" / "README.md"
+    default = json.loads(_template(f"values/{name}.json"))["stage2_method"]
+    return path, render_readme(path.read_text(encoding="utf-8"), default, str(path))
+
+
 def write_bundle(name: str, dest: str | os.PathLike) -> Path:
     """
     Write the template files of bundle ``name`` into the folder ``dest`` (created; other files there are kept).
@@ -133,6 +182,9 @@ def stale_files(root: str | os.PathLike = DEFAULT_ROOT) -> list[Path]:
             target = root / name / path
             if not target.is_file() or target.read_text(encoding="utf-8") != text:
                 stale.append(target)
+        readme, text = _readme(name, root)
+        if readme.read_text(encoding="utf-8") != text:
+            stale.append(readme)
     return stale
 
 
@@ -153,6 +205,8 @@ def bundles(write: bool = False, root: str = str(DEFAULT_ROOT)) -> list[str]:
     if write:
         for name in BUNDLE_NAMES:
             print(f"wrote {write_bundle(name, Path(root) / name)}")
+            readme, text = _readme(name, Path(root))
+            atomic_write_text(readme, text)
         return []
     stale = [str(p) for p in stale_files(root)]
     if stale:

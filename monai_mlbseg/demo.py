@@ -46,6 +46,7 @@ from monai_mlbseg.recipe import (
     run_training_step,
     stage_length,
     stage_overrides,
+    trainer_overrides,
     training_workflow,
 )
 from monai_mlbseg.utils import InputError, Problem, atomic_write_json, atomic_write_text
@@ -55,6 +56,18 @@ __all__ = ["run_demo"]
 
 logger = logging.getLogger("monai_mlbseg.demo")
 
+#: the demo's sizes, sized for 2 CPU cores (every one is an argument of :py:func:`run_demo`)
+SIZES = {
+    "num_labeled": 4,
+    "num_unlabeled": 16,
+    "num_test": 16,
+    "volume_shape": (80, 72, 32),
+    "image_size": 64,
+    "features": (8, 16, 32, 64),
+    "stage1_iterations": 1000,
+    "stage2_iterations": 300,
+}
+#: the ``quick`` preset: a tiny configuration for smoke tests (an explicit argument still wins)
 QUICK = {
     "num_labeled": 2,
     "num_unlabeled": 3,
@@ -107,18 +120,6 @@ def _parse_overrides(overrides: dict[str, Any] | str | None) -> dict[str, Any]:
             [Problem("overrides", f"expected an object of bundle ids to values, got {overrides!r}")], "demo options"
         )
     return dict(overrides)
-
-
-def _fast_mode_overrides(reuse_meta_grad: bool, meta_params: str | Sequence[str] | None) -> dict[str, str]:
-    """The training overrides of MLB-Seg's fast modes: the clean step reusing the meta-gradient, fewer meta params."""
-    overrides = {}
-    if reuse_meta_grad:
-        overrides["train#trainer#schedule"] = "$monai_mlbseg.engines.TwoSteps(reuse_meta_grad=True)"
-    if meta_params is not None:
-        overrides["train#trainer#weighting"] = (
-            f"$monai_mlbseg.engines.MetaWeighting({list(map(str, _as_sequence(meta_params)))!r})"
-        )
-    return overrides
 
 
 class _WeightMapKeeper:
@@ -282,14 +283,14 @@ def run_demo(
     data_dir: str | None = None,
     format: str = "uamt_h5",
     anatomy: str = "la_demo",
-    num_labeled: int = 4,
-    num_unlabeled: int = 16,
-    num_test: int = 16,
-    volume_shape: Sequence[int] = (80, 72, 32),
-    image_size: int = 64,
-    features: Sequence[int] = (8, 16, 32, 64),
-    stage1_iterations: int = 1000,
-    stage2_iterations: int = 300,
+    num_labeled: int | None = None,
+    num_unlabeled: int | None = None,
+    num_test: int | None = None,
+    volume_shape: Sequence[int] | None = None,
+    image_size: int | None = None,
+    features: Sequence[int] | None = None,
+    stage1_iterations: int | None = None,
+    stage2_iterations: int | None = None,
     stage1_batch: int = 4,
     lr: float = 0.01,
     seed: int = 0,
@@ -310,19 +311,15 @@ def run_demo(
     process. Both stages are evaluated by the bundle's evaluation workflow (masks in ``<out>/eval_stage1`` and
     ``<out>/eval_stage2``, metrics in ``<out>/metrics_stage1.csv`` / ``.json`` and ``metrics_stage2``). Every size
     is an option (e.g. ``--features 16,32,64,128,256 --image_size 144 --stage2_iterations 3000`` on a GPU). The
-    method's settings are the bundle's (views, losses, look-ahead, EMA 0.99, clip 0.2, SGD momentum 0.9, weight
-    decay 5e-4) except the learning rate, larger here for the short schedule; ``overrides`` changes any other id of
-    the training workflow (e.g. ``{"train#trainer#joint_step": true}``).
+    method's settings are the bundle's (its ``stage2_method`` and the method's parts, SGD momentum 0.9, weight decay
+    5e-4) except the learning rate, larger here for the short schedule; ``overrides`` changes any other id of the
+    training workflow (e.g. ``{"train#trainer#grad_clip": 0.2}``). The report names the method and describes it from
+    :py:data:`~monai_mlbseg.engines.STAGE2_METHODS`; the README gives the measured results.
 
-    The defaults are sized for 2 CPU cores (a run took about 4.5 minutes at 1 thread, with another job on the second
-    core; 16 test volumes). On the synthetic data (``"la_demo"``: the atrium is about 6% of the voxels, in nearly one
-    pose and with a nearly uniform blood pool like the real ones, with 1-3 distractors of 0.6-1.0 times its
-    intensity, half of them touching it, a tube through every slice in 80% of the volumes, contrast-to-noise 1.5-3.5)
-    labeled-only training is clearly imperfect: measured mean test Dice for seeds 0, 1, 2 of 70.7, 69.9, 50.9 after
-    stage 1, 78.2, 78.2, 61.3 for the control and 79.0, 80.9, 69.9 after the default stage 2 (the weak-to-strong mean
-    teacher, which beats labeled-only training on real left-atrium scans; here it beats the control on every seed,
-    by 4.0 on average; one run is one seed, and two runs of one seed that differed only in their random draws were 3
-    points apart).
+    The default sizes (:py:data:`SIZES`) are for 2 CPU cores. The synthetic data (``"la_demo"``: the atrium is about
+    6% of the voxels, in nearly one pose and with a nearly uniform blood pool like the real ones, with 1-3
+    distractors of 0.6-1.0 times its intensity, half of them touching it, a tube through every slice in 80% of the
+    volumes, contrast-to-noise 1.5-3.5) leave labeled-only training clearly imperfect.
     ``anatomy="la"`` is the harder problem of the tests and benchmarks (the atrium 2.5% of the voxels, 2-4
     distractors as bright as it), on which these sizes leave stage 1 at about 30 Dice.
 
@@ -336,15 +333,15 @@ def run_demo(
             ``msd_prostate``).
         anatomy: the kind of generated volumes, a key of :py:data:`~monai_mlbseg.data.ANATOMIES` (ignored with
             ``data_dir``).
-        num_labeled: labeled (clean) volumes.
-        num_unlabeled: unlabeled volumes.
-        num_test: held-out test volumes.
-        volume_shape: shape of the generated volumes (slices along the last axis).
-        image_size: slices are resized to ``image_size`` x ``image_size`` (144 in the reference).
-        features: NestedUNet widths per level (64..1024 in the reference).
-        stage1_iterations: supervised iterations on the labeled slices.
-        stage2_iterations: stage-2 iterations (1 unlabeled slice + 2 clean slices each; one optimizer step each with
-            the default ``weak_to_strong``, two with ``mlbseg``).
+        num_labeled: labeled (clean) volumes (default 4).
+        num_unlabeled: unlabeled volumes (default 16).
+        num_test: held-out test volumes (default 16).
+        volume_shape: shape of the generated volumes, slices along the last axis (default 80 x 72 x 32).
+        image_size: slices are resized to ``image_size`` x ``image_size`` (default 64; 144 in the reference).
+        features: NestedUNet widths per level (default 8..64; 64..1024 in the reference).
+        stage1_iterations: supervised iterations on the labeled slices (default 1000).
+        stage2_iterations: stage-2 iterations, default 300 (1 unlabeled slice + 2 clean slices each; one optimizer
+            step each with the default ``weak_to_strong``, two with ``mlbseg``).
         stage1_batch: stage-1 batch size.
         lr: SGD learning rate of both stages.
         seed: seed of the data and the training.
@@ -352,24 +349,35 @@ def run_demo(
         reuse_meta_grad: fast mode of :py:class:`~monai_mlbseg.engines.MetaTrainer` (off: the reference's clean step).
         meta_params: fast mode: restrict the meta-gradient to these parameter names or prefixes, e.g.
             ``nodes.conv0_3,final`` (all parameters by default, as in the reference).
-        overrides: extra overrides of the training workflow, e.g. ``'{"train#trainer#joint_step": true}'``
+        overrides: extra overrides of the training workflow, e.g. ``'{"train#trainer#grad_clip": 0.2}'``
             (a dict of ids to values, or the same as a JSON object as typed on the command line), merged after the
             demo's own (so they win) and named in the report's settings. The evaluation workflows do not get them.
         control: also train the labeled-only control, the bundle's stage-2 workflow without unlabeled volumes
-            and with the reference's stage-2 settings (those of ``stage2_method`` ``"mlbseg"``; the trainer options
+            and with the reference's stage-2 settings (``stage2_method`` ``"labeled_only"``; the trainer options
             of ``overrides`` still apply), from the same stage-1 weights and for the same number of optimizer steps
             (twice the iterations of a two-step stage 2), and report it next to both stages; what the unlabeled
             volumes added is stage 2 against this control, not against stage 1.
-        quick: a tiny configuration for smoke tests (overrides the sizes).
+        quick: start from the tiny sizes of :py:data:`QUICK` (for smoke tests) instead of :py:data:`SIZES`; sizes
+            given explicitly still apply.
         progress: show progress bars.
 
     Returns:
         the path of ``report.md``.
     """
-    if quick:
-        num_labeled, num_unlabeled, num_test = QUICK["num_labeled"], QUICK["num_unlabeled"], QUICK["num_test"]
-        volume_shape, image_size, features = QUICK["volume_shape"], QUICK["image_size"], QUICK["features"]
-        stage1_iterations, stage2_iterations = QUICK["stage1_iterations"], QUICK["stage2_iterations"]
+    given = {
+        "num_labeled": num_labeled,
+        "num_unlabeled": num_unlabeled,
+        "num_test": num_test,
+        "volume_shape": volume_shape,
+        "image_size": image_size,
+        "features": features,
+        "stage1_iterations": stage1_iterations,
+        "stage2_iterations": stage2_iterations,
+    }
+    sizes = {**(QUICK if quick else SIZES), **{k: v for k, v in given.items() if v is not None}}
+    num_labeled, num_unlabeled, num_test = sizes["num_labeled"], sizes["num_unlabeled"], sizes["num_test"]
+    volume_shape, image_size, features = sizes["volume_shape"], sizes["image_size"], sizes["features"]
+    stage1_iterations, stage2_iterations = sizes["stage1_iterations"], sizes["stage2_iterations"]
     features = tuple(int(f) for f in features)
     extra = _parse_overrides(overrides)
     volume_shape = tuple(int(s) for s in volume_shape)
@@ -426,7 +434,12 @@ def run_demo(
         "train#checkpoint_dir": str(out_dir / "checkpoints" / "stage2"),
         "stage1#batch_size": stage1_batch,
         **stage_overrides(stage1_iterations, stage2_iterations),
-        **_fast_mode_overrides(reuse_meta_grad, meta_params),
+        **trainer_overrides(
+            {
+                "reuse_meta_grad": reuse_meta_grad,
+                "meta_params": None if meta_params is None else _as_sequence(meta_params),
+            }
+        ),
         "train#dataset#progress": progress,
         "train#unlabeled#dataset#progress": progress,
         **extra,

@@ -19,7 +19,9 @@ from monai_mlbseg.engines import STAGE2_METHODS
 from monai_mlbseg.utils import find_input_error
 
 __all__ = [
+    "TRAINER_OPTIONS",
     "TRAINING_STEPS",
+    "trainer_overrides",
     "parsed",
     "reseed_stage2",
     "run_training_step",
@@ -111,18 +113,65 @@ def stage2_iterations(method: str, optimizer_steps: int) -> int:
 
 
 def stage_overrides(
-    stage1_iterations: int, stage2_iterations: int, stage1_chunk: int = 50, stage2_chunk: int = 50
+    stage1_iterations: int | None = None,
+    stage2_iterations: int | None = None,
+    stage1_chunk: int = 50,
+    stage2_chunk: int = 50,
 ) -> dict[str, int]:
     """
-    The overrides that make stage 1 and stage 2 of a bundle's training run exactly these many iterations, in
-    epochs of at most ``stage1_chunk`` / ``stage2_chunk`` iterations (stage 2's learning rate decays per epoch over
-    its epochs, the reference's 120-epoch curve compressed to them).
+    The overrides that make stage 1 and/or stage 2 of a bundle's training run exactly these many iterations
+    (``None``: that stage keeps the bundle's length), in epochs of at most ``stage1_chunk`` / ``stage2_chunk``
+    iterations. Stage 2's learning rate decays per epoch, the reference's 120-epoch curve spread over its epochs.
     """
-    length1, epochs1 = stage_length(stage1_iterations, stage1_chunk)
-    length2, epochs2 = stage_length(stage2_iterations, stage2_chunk)
-    return {
-        "stage1#max_epochs": epochs1,
-        "stage1#trainer#epoch_length": length1,
-        "train#trainer#max_epochs": epochs2,
-        "train#trainer#epoch_length": length2,
-    }
+    out = {}
+    if stage1_iterations is not None:
+        length, epochs = stage_length(stage1_iterations, stage1_chunk)
+        out.update({"stage1#max_epochs": epochs, "stage1#trainer#epoch_length": length})
+    if stage2_iterations is not None:
+        length, epochs = stage_length(stage2_iterations, stage2_chunk)
+        out.update({"train#trainer#max_epochs": epochs, "train#trainer#epoch_length": length})
+    return out
+
+
+#: the stage-2 options a run may set on top of its method, in JSON form (:py:func:`trainer_overrides`)
+TRAINER_OPTIONS = ("grad_clip", "student_augment", "clean_augment", "reuse_meta_grad", "meta_params")
+
+
+def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """
+    The bundle overrides of stage-2 options in JSON form, on top of the bundle's ``stage2_method``:
+    ``grad_clip`` (a number or ``None``); ``student_augment`` / ``clean_augment`` (the arguments of
+    :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment`, or ``None``); MLB-Seg's fast modes
+    ``reuse_meta_grad`` (the clean step reuses the meta-gradient: :py:class:`~monai_mlbseg.engines.TwoSteps`) and
+    ``meta_params`` (parameter names or prefixes of the meta-gradient: :py:class:`~monai_mlbseg.engines.MetaWeighting`).
+
+    Args:
+        options: ``{option: value}`` of :py:data:`TRAINER_OPTIONS`.
+
+    Returns:
+        ``{"train#trainer#<argument>": value}``.
+
+    Raises:
+        ValueError: for an option not in :py:data:`TRAINER_OPTIONS`.
+
+    Example::
+
+        trainer_overrides({"grad_clip": 0.2, "clean_augment": {"contrast": 0.25}})
+    """
+    unknown = sorted(set(options) - set(TRAINER_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown stage-2 options {unknown}; known: {', '.join(TRAINER_OPTIONS)}.")
+    out: dict[str, Any] = {}
+    if "grad_clip" in options:
+        out["train#trainer#grad_clip"] = options["grad_clip"]
+    for key in ("student_augment", "clean_augment"):
+        if key in options:
+            value = options[key]
+            target = {"_target_": "monai_mlbseg.transforms.StrongIntensityAugment"}
+            out[f"train#trainer#{key}"] = None if value is None else {**target, **value}
+    if options.get("reuse_meta_grad"):
+        out["train#trainer#schedule"] = "$monai_mlbseg.engines.TwoSteps(reuse_meta_grad=True)"
+    if options.get("meta_params") is not None:
+        names = [str(m) for m in options["meta_params"]]
+        out["train#trainer#weighting"] = f"$monai_mlbseg.engines.MetaWeighting({names!r})"
+    return out

@@ -44,13 +44,70 @@ def test_parse_variant_inherits_and_overrides():
         real_la.parse_variant('x=d_mlbseg:{"batch_norm": "frozen"}')
 
 
+def _quick_benchmark(tmp_path):
+    from monai_mlbseg.data import make_synthetic_dataset
+
+    data = tmp_path / "data"
+    ids = make_synthetic_dataset(data, "uamt_h5", num_cases=10, shape=(40, 36, 8))
+    (data / "train.list").write_text("\n".join(ids) + "\n")
+    args = real_la.parse_args(["--quick", "--out", str(tmp_path / "bench")])
+    return real_la.Benchmark(args, data, data / "train.list")
+
+
+def _settings(workflow, stage):
+    """What a stage trains with: optimizer, length, schedule, batch sizes, loss and (stage 2) the method's parts."""
+    from monai_mlbseg.recipe import parsed
+
+    trainer = parsed(workflow, f"{stage}#trainer")
+    group = trainer.optimizer.param_groups[0]
+    settings = {
+        "optimizer": (type(trainer.optimizer).__name__, group["lr"], group["momentum"], group["weight_decay"]),
+        "length": (trainer.state.max_epochs, trainer.state.epoch_length),
+        "batch": trainer.data_loader.batch_size,
+        "loss": type(trainer.loss_function).__name__,
+        "image_size": parsed(workflow, "image_size"),
+        "features": parsed(workflow, "features"),
+    }
+    if stage == "train":
+        decay = parsed(workflow, "train#lr_scheduler").lr_lambdas[0]
+        clean = trainer.clean_data_loader
+        settings.update(run=trainer.run_settings, decay=[decay(e) for e in range(3)], clean_batch=clean.batch_size)
+    return settings
+
+
+def test_the_benchmark_trains_with_the_bundles_settings_for_the_same_overrides(tmp_path):
+    """One recipe: the benchmark's stage-1 and stage-2 trainers are the committed bundle's, given its overrides."""
+    from monai_mlbseg.recipe import training_workflow
+
+    bench = _quick_benchmark(tmp_path)
+    committed = ROOT / "bundles" / "mlbseg_la"
+    spec = real_la.parse_variant('f_clip=f_weak_to_strong:{"grad_clip": 0.5, "lr": 0.002}')[1]
+    for stage, overrides in (("stage1", bench.stage1_overrides(0)), ("train", bench.stage2_overrides(0, "f", spec))):
+        ours = _settings(training_workflow(bench.bundle, overrides), stage)
+        shipped = _settings(training_workflow(committed, {**overrides, "bundle_root": str(committed)}), stage)
+        assert ours == shipped, stage
+    stage1 = _settings(training_workflow(bench.bundle, bench.stage1_overrides(0)), "stage1")
+    assert stage1["optimizer"] == ("SGD", bench.args.lr1, 0.9, 5e-4) and stage1["batch"] == bench.args.stage1_batch
+    assert stage1["length"][0] * stage1["length"][1] == bench.args.stage1_iterations
+    stage2 = _settings(training_workflow(bench.bundle, bench.stage2_overrides(0, "f", spec)), "train")
+    assert stage2["optimizer"][1] == 0.002 and stage2["run"]["grad_clip"] == 0.5
+    assert stage2["length"][0] * stage2["length"][1] == 2 * bench.args.stage2_iterations, "one step per iteration"
+    assert stage2["run"]["schedule"]["_target_"].endswith("JointStep")
+
+
 def test_variant_options_become_the_methods_parts(tmp_path):
-    bench = real_la.Benchmark.__new__(real_la.Benchmark)
-    bench.args = real_la.parse_args(["--quick", "--out", str(tmp_path)])
-    parts = bench.trainer_parts("mlbseg", {"reuse_meta_grad": True, "meta_params": "LAST"}, None)
-    assert parts["schedule"].reuse_meta_grad and parts["weighting"].meta_params == ["nodes.conv0_1", "final"]
-    parts = bench.trainer_parts("weak_to_strong", {"grad_clip": 0.2, "clean_augment": {"contrast": 0.3}}, None)
-    assert parts["grad_clip"] == 0.2 and parts["clean_augment"].contrast == 0.3
+    from monai_mlbseg.recipe import parsed, training_workflow
+
+    bench = _quick_benchmark(tmp_path)
+    for name in ("e_reuse_meta_grad", "e_meta_params_last"):
+        trainer = parsed(
+            training_workflow(bench.bundle, bench.stage2_overrides(0, name, real_la.VARIANTS[name])), "train#trainer"
+        )
+        assert trainer.schedule.reuse_meta_grad == (name == "e_reuse_meta_grad")
+        assert trainer.weighting.meta_params == (None if name == "e_reuse_meta_grad" else ["nodes.conv0_1", "final"])
+    spec = real_la.parse_variant('a2=a_labeled_only:{"clean_augment": {"contrast": 0.3}}')[1]
+    trainer = parsed(training_workflow(bench.bundle, bench.stage2_overrides(0, "a2", spec)), "train#trainer")
+    assert trainer.supervised_only and trainer.clean_augment.contrast == 0.3 and trainer.grad_clip == 0.2
 
 
 def test_quick_run_writes_every_row_and_resumes(tmp_path):

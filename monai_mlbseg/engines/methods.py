@@ -81,7 +81,9 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "slices, plus view consistency and a mean teacher, in a weighted step followed by a clean step, every "
             "step clipped at 0.2."
         ),
-        measured="2.2 to 3.8 Dice below labeled-only training (3 seeds, 64 and 96 px; findings 13, 18, 25)",
+        measured=(
+            "2.2 to 3.8 Dice below labeled-only training (3 seeds, 64 and 96 px; docs/results.md findings 13, 18, 25)"
+        ),
         cost="an iteration about 2.4 supervised steps on the same views (docs/benchmarks.md); two optimizer steps",
         parts=lambda teacher: _parts(
             sources=[InitialLabels(), PseudoLabels()],
@@ -100,7 +102,9 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "loss, without a gradient clip. No meta step: the trust in a pseudo label is the fixed confidence "
             "threshold."
         ),
-        measured="+2.97 Dice over labeled-only training at 64 px, +2.77 at 96 px (3 seeds; findings 28, 30)",
+        measured=(
+            "+2.97 Dice over labeled-only training at 64 px, +2.77 at 96 px (3 seeds; docs/results.md findings 28, 30)"
+        ),
         cost="one optimizer step: student forward and backward on both batches, one teacher forward",
         parts=lambda teacher: _parts(
             terms=[MeanTeacherTerm(1.0, ConfidentPseudoLabelLoss(0.95))],
@@ -116,7 +120,7 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "The student's predictions of the unlabeled slices' views are pulled towards an EMA teacher's (squared "
             "difference); no weighted term; a consistency step then a clean step, clipped at 0.2."
         ),
-        measured="0.1 to 0.5 Dice below labeled-only training (3 seeds; findings 13, 18)",
+        measured="0.1 to 0.5 Dice below labeled-only training (3 seeds; docs/results.md findings 13, 18)",
         cost="two optimizer steps; one teacher forward per batch",
         parts=lambda teacher: _parts(terms=[MeanTeacherTerm(1.0)], mean_teacher=MeanTeacher(teacher), grad_clip=0.2),
     ),
@@ -126,7 +130,7 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "Plain bootstrapping: the student trains on the initial labels of the unlabeled slices (the stage-1 "
             "model's predictions) with uniform weights, then a clean step; no teacher, no pseudo-label ensemble."
         ),
-        measured="2.5 to 2.7 Dice below labeled-only training (3 seeds; findings 13, 18)",
+        measured="2.5 to 2.7 Dice below labeled-only training (3 seeds; docs/results.md findings 13, 18)",
         cost="two optimizer steps, no teacher",
         parts=lambda teacher: _parts(sources=[InitialLabels()], grad_clip=0.2),
     ),
