@@ -9,8 +9,18 @@ texts). Every placeholder must have a value and every value must be used. Each g
 self-contained MONAI bundle folder; its files not in the template (``docs/README.md``, the left-atrium bundle's
 ``train.list`` / ``test.list`` and 3D configs) are written by hand.
 
-``python -m monai_mlbseg bundles --write`` regenerates the committed bundles, ``python -m monai_mlbseg bundles``
-checks that they are up to date (``tests/test_bundles.py`` runs the check).
+``python -m monai_mlbseg bundles --write`` regenerates the committed bundles (and the table of stage-2 methods in
+each bundle's ``docs/README.md``, from :py:data:`~monai_mlbseg.engines.STAGE2_METHODS`), ``python -m monai_mlbseg
+bundles`` checks that they are up to date (``tests/test_bundles.py`` runs the check).
+
+Why placeholders and not MONAI's config merge (a shared base config plus a small per-bundle file of ``#``-path
+overrides, which ``ConfigParser.load_config_files`` supports): a bundle value reaches several files (the data folder
+and format are read by ``train.json``, ``inference.json`` and ``evaluate.json``, the method and its texts by
+``metadata.json``), so a per-bundle override file would restate each value once per file; a misspelled ``#`` path
+merges silently as a new key, where a placeholder without a value, or a value no file uses, is an error here; and
+the generated bundles must be single self-contained files anyway, since MONAI Label and ``monai.bundle download``
+read ``configs/train.json`` alone. The template files stay valid JSON, and every generated bundle is checked as MONAI
+config by the tests (parsed, instantiated, ``verify_net_in_out``, trained).
 """
 
 from __future__ import annotations

@@ -280,3 +280,10 @@ def test_a_reused_stage_1_gives_the_same_stage_2_as_an_uninterrupted_run(tmp_pat
     stage1 = torch.load(first / "models" / "stage1.pt", weights_only=True)
     assert any(not torch.equal(a[k], stage1[k]) for k in a), "stage 2 trained"
     assert all(torch.equal(a[k], b[k]) for k in a), "stage 1 in this process or reused: the same stage 2"
+
+
+def test_quick_is_a_preset_that_explicit_sizes_override(tmp_path):
+    run_demo(out=str(tmp_path), quick=True, progress=False, control=False, stage2_iterations=4)
+    settings = json.loads((tmp_path / "summary.json").read_text())["settings"]
+    assert settings["iterations (stage 1 / stage 2)"] == "6 / 4", "the preset's stage 1, the explicit stage 2"
+    assert settings["slice size"] == "32x32"

@@ -286,11 +286,13 @@ class MetaTrainer(SupervisedTrainer):
     def clean_loss(self, batch: ViewBatch) -> torch.Tensor:
         """
         The clean loss on the clean views: the student's mean BCE against the expert labels (on ``clean_augment`` of
-        the views, when given) plus every term's weighted clean part.
+        the views, when given) plus every term's weighted clean part; profiled as ``mlbseg.clean_loss`` inside the
+        phase that asks for it (``clean_step``, or ``unlabeled_terms`` for a joint step).
         """
-        student_views = batch.views if self.clean_augment is None else self.clean_augment(batch.views)
-        logits = self.forward(student_views)
-        return self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits)))
+        with record_function("mlbseg.clean_loss"):
+            student_views = batch.views if self.clean_augment is None else self.clean_augment(batch.views)
+            logits = self.forward(student_views)
+            return self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits)))
 
     def _clean_loss(self, views: LabeledViews) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(views.logits, views.batch.labels)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from monai.engines.utils import IterationEvents
 from torch import nn
+from torch.profiler import record_function
 
 from monai_mlbseg.losses import MeanTeacherLoss, ViewConsistencyLoss
 from monai_mlbseg.meta import MetaLookAhead
@@ -91,9 +92,9 @@ class MeanTeacher:
             self._forward = torch.compile(self.module, **trainer.compile_kwargs)
 
     def probs(self, views: torch.Tensor) -> torch.Tensor:
-        """The teacher's probabilities (float32, no gradient) on ``views`` with input noise."""
+        """The teacher's probabilities (float32, no gradient) on ``views`` with input noise (``mlbseg.teacher``)."""
         trainer = self._trainer
-        with torch.no_grad(), trainer.autocast():
+        with record_function("mlbseg.teacher"), torch.no_grad(), trainer.autocast():
             noisy = views + self.noise * torch.randn_like(views)
             return torch.sigmoid(trainer.inferer(noisy, self._forward).float())
 
