@@ -7,16 +7,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from benchmarks.performance import allocator
+from benchmarks.performance.common import IterationClock, Workload
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(script, *args):
+def run(module, *args):
+    """Run ``python -m benchmarks.<module> --quick *args`` from the repository root; returns its stdout."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--quick", *args],
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", *args],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -24,7 +30,7 @@ def run(script, *args):
 
 def test_iteration_cost_pairs_every_mode_with_a_supervised_step(tmp_path):
     out = tmp_path / "a.json"
-    stdout = run("iteration_cost.py", "--json", str(out), "--channels-last", "--amp")
+    stdout = run("performance.iteration_cost", "--json", str(out), "--channels-last", "--amp")
     figures = json.loads(out.read_text())
     modes = figures["a_time_ratio"]["modes"]
     assert set(modes) == {"faithful", "reuse_meta_grad", "meta_params=nodes.conv0_2+final"}
@@ -37,7 +43,7 @@ def test_iteration_cost_pairs_every_mode_with_a_supervised_step(tmp_path):
 
 def test_iteration_cost_breaks_the_iteration_down_by_profiler_scope(tmp_path):
     out = tmp_path / "b.json"
-    run("iteration_cost.py", "--json", str(out))
+    run("performance.iteration_cost", "--json", str(out))
     b = json.loads(out.read_text())["b_scopes"]
     assert b["iterations"] == 2 and b["iteration_s_median"] > 0
     scopes = b["scopes"]
@@ -48,17 +54,17 @@ def test_iteration_cost_breaks_the_iteration_down_by_profiler_scope(tmp_path):
 
 def test_memory_benchmark_measures_each_step_in_a_fresh_process(tmp_path):
     out = tmp_path / "c.json"
-    run("memory.py", "--json", str(out))
+    run("performance.memory", "--json", str(out))
     c = json.loads(out.read_text())["c_memory"]
     assert c["faithful"]["peak_bytes"] > 0 and c["supervised"]["peak_bytes"] > 0
     assert c["ratio_peak"] == pytest.approx(c["faithful"]["peak_bytes"] / c["supervised"]["peak_bytes"])
 
 
 def test_inference_and_data_benchmarks_report_their_figures(tmp_path):
-    run("inference.py", "--json", str(tmp_path / "d.json"))
+    run("performance.inference", "--json", str(tmp_path / "d.json"))
     d = json.loads((tmp_path / "d.json").read_text())["d_inference"]
     assert d["slices_per_s"] == pytest.approx(8 / d["latency_s"]["median"])
-    run("data_loading.py", "--json", str(tmp_path / "e.json"))
+    run("performance.data_loading", "--json", str(tmp_path / "e.json"))
     e = json.loads((tmp_path / "e.json").read_text())["e_data"]
     assert {"num_workers=0", "num_workers=2"} == set(e["configs"])
     for config in e["configs"].values():
@@ -67,7 +73,7 @@ def test_inference_and_data_benchmarks_report_their_figures(tmp_path):
 
 def test_fast_mode_benchmark_compares_each_mode_with_the_faithful_one(tmp_path):
     out = tmp_path / "fast.json"
-    run("fast_modes.py", "--seeds", "0", "--out", str(tmp_path / "runs"), "--json", str(out))
+    run("experiments.fast_modes", "--seeds", "0", "--out", str(tmp_path / "runs"), "--json", str(out))
     results = json.loads(out.read_text())
     assert results["modes"] == ["faithful", "reuse_meta_grad", "meta_params=nodes.conv0_1+final"]
     runs = results["seeds"]["0"]
@@ -83,7 +89,7 @@ def test_fast_mode_benchmark_compares_each_mode_with_the_faithful_one(tmp_path):
 def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     out = tmp_path / "check"
     proc = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--quick", "--out", str(out)],
+        ["bash", str(REPO / "benchmarks" / "performance" / "gpu_check.sh"), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -109,11 +115,7 @@ def test_gpu_check_runs_on_cpu_in_quick_mode(tmp_path):
     assert (out / "gpu_check.log").is_file()
 
 
-def test_iteration_clock_steps_one_iteration_at_a_time(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import torch
-    from common import IterationClock, Workload
-
+def test_iteration_clock_steps_one_iteration_at_a_time():
     engine = Workload(2, (4, 8), (16, 16), torch.device("cpu")).supervised()
     clock = IterationClock(engine, torch.device("cpu"))
     for done in (1, 2, 3):
@@ -121,17 +123,7 @@ def test_iteration_clock_steps_one_iteration_at_a_time(monkeypatch):
         assert len(clock.times) == engine.state.iteration == done
 
 
-def _allocator_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import allocator
-    finally:
-        sys.path.pop(0)
-    return allocator
-
-
 def test_allocator_benchmark_finds_preloadable_libraries_only_where_installed(tmp_path):
-    allocator = _allocator_module()
     (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
     found, missing = allocator.allocators([str(tmp_path / "absent"), str(tmp_path)])
     assert found["tcmalloc"] == {"LD_PRELOAD": str(tmp_path / "libtcmalloc_minimal.so.4")}
@@ -141,7 +133,7 @@ def test_allocator_benchmark_finds_preloadable_libraries_only_where_installed(tm
 
 def test_allocator_benchmark_times_each_allocator_against_glibc(tmp_path):
     out = tmp_path / "f.json"
-    stdout = run("allocator.py", "--allocators", "glibc_tuned", "--json", str(out))
+    stdout = run("performance.allocator", "--allocators", "glibc_tuned", "--json", str(out))
     f = json.loads(out.read_text())["f_allocator"]["allocators"]
     assert set(f) == {"glibc", "glibc_tuned"}
     assert f["glibc"]["speedup_vs_glibc"] == 1.0
@@ -156,9 +148,10 @@ def test_allocator_benchmark_times_each_allocator_against_glibc(tmp_path):
 
 def test_allocator_benchmark_rejects_an_unknown_allocator():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "allocator.py"), "--quick", "--allocators", "mimalloc"],
+        [sys.executable, "-m", "benchmarks.performance.allocator", "--quick", "--allocators", "mimalloc"],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode != 0 and "unknown mimalloc" in proc.stderr

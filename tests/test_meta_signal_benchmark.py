@@ -1,22 +1,7 @@
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("meta_signal", ROOT / "benchmarks" / "meta_signal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-meta_signal = _load()
+from benchmarks.experiments import meta_signal, real_la
 
 
 def _pairwise_auc(scores, positive):
@@ -58,8 +43,6 @@ def test_signal_stats_of_a_perfectly_informative_map():
 
 
 def test_end_to_end_on_a_quick_benchmark_folder(tmp_path):
-    from .test_real_la_benchmark import real_la
-
     out = tmp_path / "bench"
     real_la.main(["--quick", "--out", str(out), "--seeds", "0", "--variants", ""])
     argv = ["--data_dir", str(out / "data"), "--out", str(out), "--num_labeled", "2", "--num_validation", "3"]

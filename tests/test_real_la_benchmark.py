@@ -1,23 +1,12 @@
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks.experiments import real_la
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("real_la", ROOT / "benchmarks" / "real_la.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["real_la"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-real_la = _load()
 
 
 def test_split_uses_train_list_only(tmp_path):

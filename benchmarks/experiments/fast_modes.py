@@ -10,9 +10,9 @@ and the stage-2 wall time; then the means over seeds.
 
 Usage::
 
-    python benchmarks/fast_modes.py                          # seeds 0,1 with the demo's default sizes
-    python benchmarks/fast_modes.py --seeds 0,1,2 --json fast_modes.json
-    python benchmarks/fast_modes.py --quick                  # tiny smoke configuration
+    python -m benchmarks.experiments.fast_modes                          # seeds 0,1 with the demo's default sizes
+    python -m benchmarks.experiments.fast_modes --seeds 0,1,2 --json fast_modes.json
+    python -m benchmarks.experiments.fast_modes --quick                  # tiny smoke configuration
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ How much MLB-Seg's meta-gradient tells about which initial-label pixels are righ
 
 MLB-Seg trusts a pixel's label when its loss gradient agrees with the clean data's (``x = -dL_meta/d eps > 0``).
 This script measures that signal directly, without training: from the stage-1 weights of a
-``benchmarks/real_la.py`` folder, it runs the look-ahead on ``--slices`` unlabeled slices (their five PLE views,
-student in train mode as in stage 2, the reference's SGD settings) against clean batches of several sizes, and
-compares ``x`` with the ground truth of the unlabeled slices (never used for training; ``train.list`` cases only):
+``benchmarks/experiments/real_la.py`` folder, it runs the look-ahead on ``--slices`` unlabeled slices (their five
+PLE views, student in train mode as in stage 2, the reference's SGD settings) against clean batches of several sizes,
+and compares ``x`` with the ground truth of the unlabeled slices (never used for training; ``train.list`` cases only):
 
 - ``auc``: the probability that a right initial-label pixel has a larger ``x`` than a wrong one (0.5: no signal);
 - ``p_pos_right`` / ``p_pos_wrong``: the share of right / wrong pixels with ``x > 0`` (the pixels MLB-Seg trusts);
@@ -17,14 +17,13 @@ compares ``x`` with the ground truth of the unlabeled slices (never used for tra
 Each is given over all pixels and over the band within 3 pixels of the initial label's boundary, where the wrong
 labels are. Usage (after ``real_la.py`` has trained stage 1 of the seed)::
 
-    python benchmarks/meta_signal.py --data_dir /data/LA --out runs/la64s4k --seed 0 --image_size 64 \\
+    python -m benchmarks.experiments.meta_signal --data_dir /data/LA --out runs/la64s4k --seed 0 --image_size 64 \\
         --features 8,16,32,64,128 --clean_batches 2,8,32
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_roc_auc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from monai_mlbseg.data import SliceDataset
+from monai_mlbseg.engines import load_weights
+from monai_mlbseg.meta import MetaLookAhead
+from monai_mlbseg.recipe import parsed, training_workflow
+from monai_mlbseg.transforms import PLEViews, warp_to_views
+from monai_mlbseg.utils import atomic_write_json
 
-from real_la import Benchmark  # noqa: E402
-
-from monai_mlbseg.data import SliceDataset  # noqa: E402
-from monai_mlbseg.meta import MetaLookAhead  # noqa: E402
-from monai_mlbseg.transforms import PLEViews, warp_to_views  # noqa: E402
-from monai_mlbseg.utils import atomic_write_json  # noqa: E402
+from .real_la import VARIANTS, Benchmark
 
 
 def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -84,7 +83,9 @@ def signal_stats(x: torch.Tensor, label: torch.Tensor, gt: torch.Tensor) -> dict
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data_dir", required=True, help="UA-MT layout folder with train.list")
-    p.add_argument("--out", required=True, help="a benchmarks/real_la.py folder whose stage 1 of --seed is done")
+    p.add_argument(
+        "--out", required=True, help="a benchmarks/experiments/real_la.py folder whose stage 1 of --seed is done"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_labeled", type=int, default=4)
     p.add_argument("--num_validation", type=int, default=16)
@@ -98,8 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.features = tuple(int(f) for f in args.features.split(",") if f.strip())
     args.clean_batches = [int(b) for b in args.clean_batches.split(",") if b.strip()]
-    # the stage-1 settings real_la.py needs to find the folder's stage 1
-    args.lr1, args.stage1_batch, args.stage1_iterations = 0.01, 4, 1
+    # the settings of real_la.py's folder that the bundle workflow reads (stage 1 itself is done and not rerun)
+    args.lr1, args.lr2, args.stage1_batch, args.stage1_iterations, args.epoch_length = 0.01, args.lr, 4, 1, 50
+    args.stage2_iterations = 1
     return args
 
 
@@ -108,15 +110,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     data_dir, out = Path(args.data_dir), Path(args.out)
     if not (out / f"seed{args.seed}" / "stage1" / "result.json").is_file():
-        raise SystemExit(f"{out}: stage 1 of seed {args.seed} is not done; run benchmarks/real_la.py first")
+        raise SystemExit(
+            f"{out}: stage 1 of seed {args.seed} is not done; run python -m benchmarks.experiments.real_la first"
+        )
     bench = Benchmark(args, data_dir, data_dir / "train.list")
-    weights, unlabeled, _ = bench.stage1(args.seed)
-    network = bench.network()
-    network.load_state_dict(torch.load(weights, map_location=bench.device, weights_only=True))
+    weights, _ = bench.stage1(args.seed)
+    # the bundle's stage-2 data (the folder's initial labels, the labeled slices with the bundle's augmentation)
+    workflow = training_workflow(bench.bundle, bench.stage2_overrides(args.seed, "d_mlbseg", VARIANTS["d_mlbseg"]))
+    network = parsed(workflow, "network")
+    load_weights(network, weights)
     network.train()  # stage 2's mode: BatchNorm normalises with the batch of views
     optimizer = torch.optim.SGD(network.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     lookahead = MetaLookAhead(network, optimizer)
-    unlabeled_ds = SliceDataset(unlabeled, bench.load, bench.prep, None, progress=False)
+    load, prep, clean = (parsed(workflow, k) for k in ("load_volume", "slice_preprocessing", "train#dataset"))
+    unlabeled_ds = SliceDataset(parsed(workflow, "bootstrap#items"), load, prep, None, progress=False)
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(unlabeled_ds), generator=generator).tolist()
     picked = [s for s in (unlabeled_ds[i] for i in order[: 20 * args.slices]) if s["gt"].sum() >= 20][: args.slices]
@@ -128,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         label = warp_to_views(sample["label"][None].float().to(bench.device), views.params, threshold=0.5)
         gt = warp_to_views(sample["gt"][None].float().to(bench.device), views.params, threshold=0.5)
         for size in args.clean_batches:
-            idx = torch.randint(len(bench.clean), (size,), generator=generator).tolist()
-            clean = [bench.clean[i] for i in idx]
+            idx = torch.randint(len(clean), (size,), generator=generator).tolist()
+            clean = [clean[i] for i in idx]
             cv = views(torch.stack([c["image"] for c in clean]).float().to(bench.device))
             cl = warp_to_views(
                 torch.stack([c["label"] for c in clean]).float().to(bench.device), views.params, threshold=0.5

@@ -16,10 +16,10 @@ the result files at the end of every run.
 
 Usage::
 
-    python benchmarks/real_la.py --data_dir /data/LA --out runs/real_la                # the default table
-    python benchmarks/real_la.py --data_dir /data/LA --out runs/la64 --image_size 64 \\
+    python -m benchmarks.experiments.real_la --data_dir /data/LA --out runs/real_la                # the default table
+    python -m benchmarks.experiments.real_la --data_dir /data/LA --out runs/la64 --image_size 64 \\
         --variants a,d,f --variant 'f_lr=d_mlbseg:{"lr": 0.002}'                       # exploration
-    python benchmarks/real_la.py --quick --out /tmp/smoke                              # synthetic smoke run
+    python -m benchmarks.experiments.real_la --quick --out /tmp/smoke                              # synthetic smoke run
 """
 
 from __future__ import annotations

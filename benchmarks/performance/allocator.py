@@ -13,8 +13,8 @@ change of machine load affects all of them alike.
 
 Usage::
 
-    python benchmarks/allocator.py --features 8,16,32,64,128 --size 64 --clean 32   # the real_la.py sizes
-    python benchmarks/allocator.py --quick                                          # tiny smoke configuration
+    python -m benchmarks.performance.allocator --features 8,16,32,64,128 --size 64 --clean 32  # the real_la.py sizes
+    python -m benchmarks.performance.allocator --quick  # tiny smoke configuration
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import (
+
+from .common import (
     IterationClock,
     Workload,
     benchmark_parser,
@@ -87,7 +88,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 def run_worker(args: argparse.Namespace, env: dict[str, str]) -> dict:
     extra = ["--worker", "--clean", str(args.clean), "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-    return run_worker_process(__file__, args, extra, MARKER, env)
+    return run_worker_process(__spec__.name, args, extra, MARKER, env)
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -381,6 +381,8 @@ class CpuLoad:
 
 
 # --------------------------------------------------------------------------------------------- command line
+#: the repository root, the working directory of the workers ``run_worker_process`` starts (``python -m ...``)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: the sizes of every script: ``--quick`` (a smoke run of seconds) and the default (reduced width, 144 px)
 QUICK = {"features": "4,8,16", "size": 32, "volume": "40,30,8", "threads": 1}
 FULL = {"features": "16,32,64,128,256", "size": 144, "volume": "200,140,88", "threads": 2}
@@ -391,13 +393,15 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def run_worker_process(
-    script: str, args: argparse.Namespace, extra: Sequence[str], marker: str, env: dict[str, str] | None = None
+    module: str, args: argparse.Namespace, extra: Sequence[str], marker: str, env: dict[str, str] | None = None
 ) -> dict:
-    """Run ``script`` in a fresh interpreter with the shared options of ``args`` (device, widths, size, threads) and
-    ``extra``; returns the JSON of its last stdout line that starts with ``marker``, or ``{"error": ...}``."""
+    """Run ``python -m module`` (e.g. ``benchmarks.performance.memory``) in a fresh interpreter, from the repository
+    root, with the shared options of ``args`` (device, widths, size, threads) and ``extra``; returns the JSON of its
+    last stdout line that starts with ``marker``, or ``{"error": ...}``."""
     cmd = [
         sys.executable,
-        os.path.abspath(script),
+        "-m",
+        module,
         "--device",
         args.device,
         "--features",
@@ -408,7 +412,7 @@ def run_worker_process(
         str(args.threads),
         *extra,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker)]
     if proc.returncode != 0 or not lines:
         return {"error": f"rc {proc.returncode}: {proc.stderr.strip()[-2000:]}"}

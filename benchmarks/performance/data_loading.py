@@ -8,9 +8,9 @@ loader, which the trainer cycles inside the iteration, is passed wrapped in :py:
 
 Usage::
 
-    python benchmarks/data_loading.py                 # NestedUNet 16..256, 144 px, volumes 200x140x88
-    python benchmarks/data_loading.py --workers 0,2,4
-    python benchmarks/data_loading.py --quick         # tiny smoke configuration
+    python -m benchmarks.performance.data_loading                 # NestedUNet 16..256, 144 px, volumes 200x140x88
+    python -m benchmarks.performance.data_loading --workers 0,2,4
+    python -m benchmarks.performance.data_loading --quick         # tiny smoke configuration
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import (
+from ignite.engine import Events
+from monai.data import DataLoader
+
+from monai_mlbseg.data import SliceDataset, synthetic_case
+from monai_mlbseg.engines import MetaTrainer, stage2_method
+from monai_mlbseg.pipeline import slice_augmentation, slice_preprocessing
+
+from .common import (
     FULL,
     benchmark_parser,
     build_network,
@@ -37,12 +44,6 @@ from common import (
     start,
     sync,
 )
-from ignite.engine import Events
-from monai.data import DataLoader
-
-from monai_mlbseg.data import SliceDataset, synthetic_case
-from monai_mlbseg.engines import MetaTrainer, stage2_method
-from monai_mlbseg.pipeline import slice_augmentation, slice_preprocessing
 
 KEEP_ALIVE: list = []  # loaders with persistent workers, kept until exit (see measure)
 

@@ -1,5 +1,5 @@
 """
-One prepared GPU check of MLB-Seg's training and inference cost (``benchmarks/gpu_check.sh`` runs it).
+One prepared GPU check of MLB-Seg's training and inference cost (``benchmarks/performance/gpu_check.sh`` runs it).
 
 Measures, on synthetic data of the real sizes, and writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``:
 
@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Workload, build_network, time_engine, time_inference
 
 from monai_mlbseg.inferers import MinMaxSlidingWindowInferer, SliceResizeInferer
 from monai_mlbseg.networks import NestedUNet
+
+from .common import Workload, build_network, time_engine, time_inference
 
 #: the full protocols the projection is made for
 PROTOCOL_2D = {"epochs": 120, "unlabeled_volumes": 76, "slices_per_volume": 88}

@@ -5,9 +5,9 @@ Inference throughput and whole-volume latency of :py:class:`monai_mlbseg.inferer
 
 Usage::
 
-    python benchmarks/inference.py                   # NestedUNet 16..256, 144 px, volume 200x140x88
-    python benchmarks/inference.py --device cuda --features 64,128,256,512,1024
-    python benchmarks/inference.py --quick           # tiny smoke configuration
+    python -m benchmarks.performance.inference                   # NestedUNet 16..256, 144 px, volume 200x140x88
+    python -m benchmarks.performance.inference --device cuda --features 64,128,256,512,1024
+    python -m benchmarks.performance.inference --quick           # tiny smoke configuration
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import sys
 from collections.abc import Sequence
 
 import torch
-from common import (
+
+from monai_mlbseg.inferers import SliceResizeInferer
+
+from .common import (
     FULL,
     benchmark_parser,
     build_network,
@@ -28,8 +31,6 @@ from common import (
     start,
     time_inference,
 )
-
-from monai_mlbseg.inferers import SliceResizeInferer
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -13,9 +13,9 @@ step, and where the iteration's time goes (figures (a) and (b) of ``docs/benchma
 
 Usage::
 
-    python benchmarks/iteration_cost.py                     # reduced width 16..256, 144 px, CPU if no GPU
-    python benchmarks/iteration_cost.py --device cuda --features 64,128,256,512,1024 --json out.json
-    python benchmarks/iteration_cost.py --quick             # tiny smoke configuration
+    python -m benchmarks.performance.iteration_cost                     # reduced width 16..256, 144 px, CPU if no GPU
+    python -m benchmarks.performance.iteration_cost --device cuda --features 64,128,256,512,1024 --json out.json
+    python -m benchmarks.performance.iteration_cost --quick             # tiny smoke configuration
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
-from common import (
+from torch.profiler import ProfilerActivity, profile
+
+from monai_mlbseg.utils import SCOPE_PREFIX
+
+from .common import (
     CpuLoad,
     IterationClock,
     Workload,
@@ -40,9 +44,6 @@ from common import (
     start,
     sync,
 )
-from torch.profiler import ProfilerActivity, profile
-
-from monai_mlbseg.utils import SCOPE_PREFIX
 
 
 def options(args: argparse.Namespace) -> dict:

@@ -4,15 +4,15 @@ Peak memory of one MLB-Seg stage-2 iteration against one plain supervised step o
 ``docs/benchmarks.md``).
 
 Each kind of step runs in a fresh subprocess started before this process grows: the engine of
-``benchmarks/common.py``, ``--steps`` iterations. On CUDA: ``torch.cuda.max_memory_allocated`` after
+``benchmarks/performance/common.py``, ``--steps`` iterations. On CUDA: ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``. On CPU: peak = ``ru_maxrss`` after all steps, increment = peak - RSS just before the first
 step, and the last step alone from ``VmHWM`` reset through ``/proc/self/clear_refs`` (Linux).
 
 Usage::
 
-    python benchmarks/memory.py                    # reduced width 16..256, 144 px, CPU if no GPU
-    python benchmarks/memory.py --all-modes        # also the fast modes
-    python benchmarks/memory.py --quick            # tiny smoke configuration
+    python -m benchmarks.performance.memory                    # reduced width 16..256, 144 px, CPU if no GPU
+    python -m benchmarks.performance.memory --all-modes        # also the fast modes
+    python -m benchmarks.performance.memory --quick            # tiny smoke configuration
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import time
 from collections.abc import Sequence
 
 import torch
-from common import (
+
+from .common import (
     IterationClock,
     Workload,
     benchmark_parser,
@@ -122,7 +123,7 @@ def measure(args: argparse.Namespace) -> dict:
         extra = ["--worker", kind, "--steps", str(args.steps)]
         extra += (["--channels-last"] if args.channels_last else []) + (["--amp"] if args.amp else [])
         start = time.perf_counter()
-        results[kind] = run_worker_process(__file__, args, extra, MARKER)
+        results[kind] = run_worker_process(__spec__.name, args, extra, MARKER)
         results[kind]["subprocess_s"] = time.perf_counter() - start
     res: dict = {"method": "cuda max_memory_allocated" if args.device == "cuda" else "ru_maxrss + VmHWM", **results}
     f, s = results.get("faithful", {}), results.get("supervised", {})

@@ -44,7 +44,8 @@ class GroundTruthMonitor:
         if ctx is None or not isinstance(batch, dict) or batch.get(self.gt_key) is None:
             return
         output = engine.state.output
-        gt = engine._tensor(batch[self.gt_key])
+        gt = batch[self.gt_key]
+        gt = (gt.as_tensor() if hasattr(gt, "as_tensor") else torch.as_tensor(gt)).to(ctx.probs.device).float()
         gt_views = warp_to_views(gt, ctx.unlabeled.params, threshold=engine.threshold)
         initial = ctx.unlabeled.labels
         output["dice_initial_gt"] = dice_score(initial, gt_views)

@@ -1,0 +1,1 @@
+"""MLB-Seg's benchmarks: cost figures (``benchmarks.performance``) and experiments (``benchmarks.experiments``)."""
