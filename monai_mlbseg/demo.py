@@ -278,6 +278,54 @@ def _user_datalist(data_dir: Path, format: str, num_labeled: int, num_unlabeled:
     )
 
 
+def _demo_datalist(
+    data_dir: Path,
+    format: str,
+    user_data: bool,
+    anatomy: str,
+    counts: tuple[int, int, int],
+    volume_shape: tuple[int, ...],
+    seed: int,
+) -> dict:
+    """The demo's datalist: the user's scans in ``data_dir``, or ``sum(counts)`` generated volumes written there."""
+    num_labeled, num_unlabeled, num_test = counts
+    if user_data:
+        logger.info(f"using the {format} scans in {data_dir}")
+        return _user_datalist(data_dir, format, num_labeled, num_unlabeled, num_test)
+    total = sum(counts)
+    logger.info(f"generating {total} synthetic {anatomy} volumes {volume_shape} in {data_dir}")
+    ids = make_synthetic_dataset(data_dir, "uamt_h5", num_cases=total, shape=volume_shape, seed=seed, kind=anatomy)
+    return build_datalist(
+        data_dir,
+        "uamt_h5",
+        labeled=ids[:num_labeled],
+        unlabeled=ids[num_labeled : num_labeled + num_unlabeled],
+        test=ids[num_labeled + num_unlabeled :],
+    )
+
+
+def _figures(
+    fig_dir: Path,
+    test_items: list[dict],
+    load: Any,
+    predictions: dict[str, dict[str, np.ndarray]],
+    weight_maps: dict[str, torch.Tensor] | None,
+    history: dict,
+) -> list[str]:
+    """The report's figures (test overlays, the weight maps of a method with a weighted term, training curves)."""
+    images, labels, preds, titles = _overlay_slices(test_items, load, predictions)
+    save_overlays(fig_dir / "test_overlays.png", images, labels, preds, titles=titles)
+    figures = ["test_overlays.png"]
+    if weight_maps is not None and weight_maps["weights"].shape[1] > 0:  # a method without a weighted term has none
+        m = {key: value.cpu().numpy() for key, value in weight_maps.items()}
+        save_weight_maps(fig_dir / "weight_maps.png", m["views"], m["weights"], m["initial"], m["pseudo"])
+        figures.append("weight_maps.png")
+    if history:
+        save_training_curves(fig_dir / "training_curves.png", history, title="MLB-Seg demo", smooth=25)
+        figures.append("training_curves.png")
+    return figures
+
+
 def run_demo(
     out: str = "mlbseg_demo",
     data_dir: str | None = None,
@@ -391,24 +439,14 @@ def run_demo(
     timings: dict[str, float] = {}
     start = time.time()
 
-    # 1. data: synthetic volumes in the UA-MT layout, split into labeled / unlabeled / test
+    # 1. data: the user's scans, or synthetic volumes in the UA-MT layout, split into labeled / unlabeled / test
     t0 = time.time()
     datalist_path = out_dir / "datalist.json"
-    if not datalist_path.is_file() and user_data:
-        logger.info(f"using the {format} scans in {data_dir}")
-        atomic_write_json(datalist_path, _user_datalist(data_dir, format, num_labeled, num_unlabeled, num_test))
-    elif not datalist_path.is_file():
-        total = num_labeled + num_unlabeled + num_test
-        logger.info(f"generating {total} synthetic {anatomy} volumes {volume_shape} in {data_dir}")
-        ids = make_synthetic_dataset(data_dir, "uamt_h5", num_cases=total, shape=volume_shape, seed=seed, kind=anatomy)
-        datalist = build_datalist(
-            data_dir,
-            "uamt_h5",
-            labeled=ids[:num_labeled],
-            unlabeled=ids[num_labeled : num_labeled + num_unlabeled],
-            test=ids[num_labeled + num_unlabeled :],
+    if not datalist_path.is_file():
+        counts = (num_labeled, num_unlabeled, num_test)
+        atomic_write_json(
+            datalist_path, _demo_datalist(data_dir, format, user_data, anatomy, counts, volume_shape, seed)
         )
-        atomic_write_json(datalist_path, datalist)
     datalist = load_datalist(datalist_path, data_dir)
     timings["data"] = time.time() - t0
 
@@ -484,16 +522,7 @@ def run_demo(
 
     # 4. figures and report
     load = load_volume_transforms(format, keys=("image", "label"))
-    images, labels, preds, titles = _overlay_slices(datalist["test"], load, predictions)
-    save_overlays(fig_dir / "test_overlays.png", images, labels, preds, titles=titles)
-    figures = ["test_overlays.png"]
-    if keeper.maps is not None and keeper.maps["weights"].shape[1] > 0:  # a method without a weighted term has none
-        m = {key: value.cpu().numpy() for key, value in keeper.maps.items()}
-        save_weight_maps(fig_dir / "weight_maps.png", m["views"], m["weights"], m["initial"], m["pseudo"])
-        figures.append("weight_maps.png")
-    if history:
-        save_training_curves(fig_dir / "training_curves.png", history, title="MLB-Seg demo", smooth=25)
-        figures.append("training_curves.png")
+    figures = _figures(fig_dir, datalist["test"], load, predictions, keeper.maps, history)
     timings["total"] = time.time() - start
     settings = {
         "data": f"{format} scans in {data_dir}"
