@@ -103,7 +103,8 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "threshold."
         ),
         measured=(
-            "+2.97 Dice over labeled-only training at 64 px, +2.77 at 96 px (3 seeds; docs/results.md findings 28, 30)"
+            "+5.30 Dice over labeled-only training at 64 px through the bundle's workflow (35 of 48 cases, 3 seeds); "
+            "+2.97 at 64 px and +2.77 at 96 px in the earlier benchmark (docs/results.md findings 28, 30, 33)"
         ),
         cost="one optimizer step: student forward and backward on both batches, one teacher forward",
         parts=lambda teacher: _parts(
