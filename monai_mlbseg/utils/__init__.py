@@ -8,6 +8,7 @@ from .io import (
     atomic_write_json,
     atomic_write_text,
     describe_settings,
+    read_user_text,
     run_fingerprint,
 )
 from .network import unwrap_network
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "describe_settings",
+    "read_user_text",
     "exit_on_input_error",
     "find_input_error",
     "profiled",

@@ -7,6 +7,7 @@ removed when the writer fails.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import inspect
@@ -26,11 +27,71 @@ __all__ = [
     "atomic_torch_save",
     "run_fingerprint",
     "describe_settings",
+    "read_user_text",
     "TEMP_MARKER",
 ]
 
 #: part of every temporary file name, so leftovers of a killed process can be recognised (and ignored).
 TEMP_MARKER = ".partial-"
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """``"utf-16-le"`` / ``"utf-16-be"`` when every other byte of ``data`` is NUL (ASCII text saved as UTF-16)."""
+    if len(data) < 2 or len(data) % 2:
+        return None
+    if not any(data[1::2]) and all(data[0::2]):
+        return "utf-16-le"
+    if not any(data[0::2]) and all(data[1::2]):
+        return "utf-16-be"
+    return None
+
+
+def read_user_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """
+    The text of a file a user wrote (a case list, a datalist), whatever editor saved it: UTF-8 with or without a
+    byte-order mark (Windows Notepad writes one), UTF-16 with a byte-order mark (PowerShell's ``>``) or, for ASCII
+    content, without one.
+
+    Args:
+        path: the file.
+        what: what the file is, for the error message.
+
+    Returns:
+        the decoded text, without the byte-order mark.
+
+    Raises:
+        InputError: when the file cannot be read, or is not UTF-8 or UTF-16 text (the message names the file, the
+            offset of the first byte that does not decode, and how to fix it).
+
+    Example::
+
+        ids = read_user_text("train.list", "case list").splitlines()
+    """
+    from .errors import InputError, Problem
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError([Problem(str(path), f"cannot read the {what} ({e.strerror or e})")], what) from e
+    for bom, encoding in (
+        (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"),
+        (codecs.BOM_UTF16_BE, "utf-16-be"),
+    ):
+        if data.startswith(bom):
+            data, forced = data[len(bom) :], encoding
+            break
+    else:
+        forced = _utf16_without_bom(data)
+    try:
+        return data.decode(forced or "utf-8")
+    except UnicodeDecodeError as e:
+        found = f"byte 0x{data[e.start]:02x} at offset {e.start}" if e.start < len(data) else "a truncated character"
+        message = (
+            f"the {what} is not {forced or 'UTF-8'} text ({found} does not decode); save it as UTF-8 (or UTF-16 with "
+            "a byte-order mark)"
+        )
+        raise InputError([Problem(str(path), message)], what) from e
 
 
 @contextlib.contextmanager

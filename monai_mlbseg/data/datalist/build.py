@@ -6,11 +6,13 @@ into this package's form.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ...utils.errors import InputError, Problem
+from ...utils.io import read_user_text
 from ..formats import FORMATS, VolumeFormat, get_format
 
 __all__ = [
@@ -39,21 +41,20 @@ DECATHLON_KEYS = {"training": "labeled", "unlabeled": "unlabeled", "validation":
 def read_case_list(path: str | os.PathLike) -> list[str]:
     """
     Case ids of a UA-MT style list file (``train.list``, ``test.list``): one id per line; blank lines and lines
-    starting with ``#`` are skipped, surrounding white space is removed.
+    starting with ``#`` are skipped, surrounding white space is removed. The file may be UTF-8 (with or without a
+    byte-order mark) or UTF-16 (:py:func:`~monai_mlbseg.utils.read_user_text`); ids are returned in Unicode NFC, so
+    that an id typed on one system matches a folder name written by another.
 
     Raises:
-        InputError: when the file cannot be read, or lists an id more than once (each repeat names the id and both
-            line numbers).
+        InputError: when the file cannot be read or decoded, or lists an id more than once (each repeat names the id
+            and both line numbers).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError([Problem(str(path), f"cannot read the case list ({e.strerror or e})")], "case list") from e
+    text = read_user_text(path, "case list")
     ids: list[str] = []
     first_line: dict[str, int] = {}
     problems = []
     for number, line in enumerate(text.splitlines(), start=1):
-        case = line.strip()
+        case = unicodedata.normalize("NFC", line.strip())
         if not case or case.startswith("#"):
             continue
         if case in first_line:
@@ -83,7 +84,7 @@ def _ids(value: Any, name: str) -> list[str] | None:
         raise InputError([Problem(name, f"expected case ids, got {value!r}")], "case selection")
     out: list[str] = []
     for v in value:
-        out.extend(s.strip() for s in str(v).split(",") if s.strip())
+        out.extend(unicodedata.normalize("NFC", s.strip()) for s in str(v).split(",") if s.strip())
     problems = [
         Problem(name, f"case id {c!r} given twice: positions {out.index(c) + 1} and {i + 1}")
         for i, c in enumerate(out)
@@ -153,7 +154,8 @@ def build_datalist(
     root = Path(data_dir)
     if not root.is_dir():
         raise InputError([Problem(str(root), "data folder not found")], "datalist")
-    found = spec.discover(root)
+    # case ids compared in Unicode NFC: a folder copied from macOS has decomposed (NFD) names
+    found = {unicodedata.normalize("NFC", case): paths for case, paths in spec.discover(root).items()}
     if not found:
         raise InputError([Problem(str(root), _no_cases_message(root, spec))], "datalist")
     sel = {

@@ -4,6 +4,7 @@ The thorough input check: the structure of a datalist and every file it names, b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -183,6 +184,47 @@ def _duplicates(entries: list[tuple[str, int, dict]], paths: dict[tuple[str, int
     return problems
 
 
+def _sha256(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_file_in_two_splits(
+    entries: list[tuple[str, int, dict]], paths: dict[tuple[str, int, str], str]
+) -> list[Problem]:
+    """
+    Images that are one file under two names in two splits: the same file once links are resolved, or files with
+    the same bytes (a copy under another case id). Only files of equal size are hashed. Images named by the same
+    path are reported by :py:func:`_duplicates`.
+    """
+    images = [(split, i, it, paths[(split, i, "image")]) for split, i, it in entries if (split, i, "image") in paths]
+    groups: dict[str, list[tuple[str, int, dict, str]]] = {}
+    for entry in images:
+        groups.setdefault(os.path.realpath(entry[3]), []).append(entry)
+    by_size: dict[int, list[str]] = {}
+    for real in groups:
+        by_size.setdefault(os.path.getsize(real), []).append(real)
+    by_content: dict[str, list[tuple[str, int, dict, str]]] = {}
+    for reals in by_size.values():
+        for real in reals:
+            key = _sha256(real) if len(reals) > 1 else real
+            by_content.setdefault(key, []).extend(groups[real])
+    problems = []
+    for members in by_content.values():
+        if len({split for split, *_ in members}) < 2 or len({path for *_, path in members}) < 2:
+            continue
+        same_path = len({os.path.realpath(path) for *_, path in members}) == 1
+        how = "the same file (a link)" if same_path else "files with identical content"
+        places = ", ".join(f"{item_location(split, i, it)} ({path})" for split, i, it, path in members)
+        problems.append(
+            Problem(members[0][3], f"{how} in more than one split: {places}; a case may not be trained on and held out")
+        )
+    return problems
+
+
 def _short_error(e: BaseException) -> str:
     """One line of an exception: ITK's ``ITK ERROR: Class(0x..): text`` line, else the first meaningful line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -317,8 +359,9 @@ def check_datalist(
     Checked: the structure (an object with the lists ``labeled``, ``unlabeled``, ``test``; items with ``image``;
     ``label`` in labeled/test/validation items, ``gt`` not ``label`` in unlabeled ones); at least one labeled case
     and (with ``require_unlabeled``) one unlabeled case; case ids (and images) listed twice, within a split or
-    across splits; paths outside ``data_dir``; missing files; unreadable or corrupt files (truncated NIfTI, HDF5
-    without ``image``/``label``, missing ``.raw``, a MetaImage header with a missing or inconsistent ``NDims``,
+    across splits; the same image file in two splits under other names (a link, or a copy with identical bytes);
+    paths outside ``data_dir``; missing files; unreadable or corrupt files (truncated NIfTI, HDF5 without
+    ``image``/``label``, missing ``.raw``, a MetaImage header with a missing or inconsistent ``NDims``,
     ``DimSize`` or ``ElementType``); 2D files, or extra channels where a 3D single-channel volume is expected (MSD
     prostate images have 2); images smaller than :py:data:`MIN_SPATIAL_SIZE`; constant images (zero intensity range,
     e.g. a labeled case whose image is blank while its label has foreground); NaN/inf intensities; label values
@@ -400,6 +443,7 @@ def _check_files(
             else:
                 paths[(split, i, key)] = path
     problems.extend(_duplicates(entries, paths))
+    problems.extend(_same_file_in_two_splits(entries, paths))
     check = _VolumeChecker(spec)
     volumes: dict[tuple[str, str], _Volume | None] = {}
     n_files = len({(p, k == "image") for (_, _, k), p in paths.items()})

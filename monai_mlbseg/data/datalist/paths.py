@@ -8,10 +8,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from ...utils.errors import InputError, Problem
+from ...utils.io import read_user_text
 from ..formats import VolumeFormat
 from .build import PATH_KEYS, SPLITS, build_datalist, from_decathlon, is_decathlon, item_location
 
@@ -27,8 +29,18 @@ def is_inside(path: str, root: str) -> bool:
 
 
 def resolve_path(value: str, root: str) -> str:
-    """``value`` (relative to ``root``, or absolute; ``~`` expanded) as a normalised absolute path, lexically."""
-    return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+    """
+    ``value`` (relative to ``root``, or absolute; ``~`` expanded) as a normalised absolute path, lexically. When that
+    path does not exist but its Unicode NFC or NFD form does (a folder copied from macOS keeps its names decomposed,
+    a list typed elsewhere has them composed), the existing form is returned.
+    """
+    path = os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+    if not os.path.exists(path):
+        for form in ("NFC", "NFD"):
+            variant = unicodedata.normalize(form, path)
+            if variant != path and os.path.exists(variant):
+                return variant
+    return path
 
 
 def load_datalist(
@@ -59,11 +71,11 @@ def load_datalist(
         dl["labeled"][0]["image"]  # "/data/LA/case000/mri_norm2.h5"
     """
     path = Path(path)
+    if not path.is_file():
+        raise InputError([Problem(str(path), "datalist file not found")], "load_datalist")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise InputError([Problem(str(path), "datalist file not found")], "load_datalist") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = json.loads(read_user_text(path, "datalist"))
+    except json.JSONDecodeError as e:
         raise InputError([Problem(str(path), f"not a readable JSON file ({e})")], "load_datalist") from e
     if not isinstance(raw, dict):
         raise InputError([Problem(str(path), f"must hold a JSON object, got {type(raw).__name__}")], "load_datalist")

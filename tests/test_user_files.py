@@ -1,0 +1,141 @@
+"""
+Inputs that real folders contain: list files saved by other editors (a byte-order mark, UTF-16), names in another
+Unicode form (a folder copied from macOS), and a test case that is a training case under another name (a link, or
+a copy with the same bytes). Each is read, or refused naming both entries, by ``prepare``, ``check`` and the library.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import shutil
+import unicodedata
+
+import pytest
+
+from monai_mlbseg.__main__ import main
+from monai_mlbseg.data import build_datalist, check_datalist, load_datalist, make_synthetic_dataset, read_case_list
+from monai_mlbseg.utils import InputError, read_user_text
+
+# ITK (SWIG) warns on import under Python 3.11+
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig:DeprecationWarning")
+
+IDS = ["case000", "case001", "cäse002"]
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda t: t.encode("utf-8"),
+        lambda t: codecs.BOM_UTF8 + t.encode("utf-8"),  # Windows Notepad
+        lambda t: codecs.BOM_UTF16_LE + t.encode("utf-16-le"),  # PowerShell's >
+        lambda t: codecs.BOM_UTF16_BE + t.encode("utf-16-be"),
+    ],
+    ids=["utf8", "utf8-bom", "utf16le-bom", "utf16be-bom"],
+)
+def test_a_case_list_is_read_whatever_editor_saved_it(tmp_path, encode):
+    path = tmp_path / "train.list"
+    path.write_bytes(encode("case000\r\ncase001\r\n  cäse002 \r\n# comment\r\n"))
+    assert read_case_list(path) == ["case000", "case001", "cäse002"]
+
+
+def test_an_ascii_list_saved_as_utf16_without_a_mark_is_read(tmp_path):
+    path = tmp_path / "train.list"
+    path.write_bytes("case000\ncase001\n".encode("utf-16-le"))
+    assert read_case_list(path) == ["case000", "case001"]
+
+
+def test_text_that_is_neither_utf8_nor_utf16_is_refused_naming_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "train.list"
+    path.write_bytes("case000\ncäse001\n".encode("latin-1"))
+    with pytest.raises(InputError) as raised:
+        read_case_list(path)
+    message = str(raised.value)
+    assert str(path) in message and "not UTF-8 text" in message and "0xe4 at offset 9" in message
+    assert "save it as UTF-8" in message
+    assert read_user_text(_write(tmp_path / "ok.txt", codecs.BOM_UTF8 + b"x")) == "x"
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def test_a_datalist_json_with_a_byte_order_mark_is_read(tmp_path):
+    make_synthetic_dataset(tmp_path / "LA", "uamt_h5", num_cases=4, shape=(24, 24, 8), seed=0)
+    datalist = build_datalist(tmp_path / "LA", "uamt_h5", labeled="case000", test="case003")
+    path = tmp_path / "LA" / "datalist.json"
+    path.write_bytes(codecs.BOM_UTF8 + json.dumps(datalist).encode("utf-8"))
+    assert [it["case_id"] for it in load_datalist(path)["labeled"]] == ["case000"]
+    path.write_bytes(codecs.BOM_UTF16_LE + json.dumps(datalist).encode("utf-16-le"))
+    assert [it["case_id"] for it in load_datalist(path)["test"]] == ["case003"]
+
+
+@pytest.fixture
+def macos_copy(tmp_path):
+    """A UA-MT folder whose case folders have decomposed (NFD) names, and lists typed in composed (NFC) form."""
+    data = tmp_path / "LA"
+    make_synthetic_dataset(data, "uamt_h5", num_cases=4, shape=(24, 24, 8), seed=0)
+    names = ["Fälle0", "Fälle1", "Fälle2", "Fälle3"]
+    for old, new in zip(["case000", "case001", "case002", "case003"], names):
+        os.rename(data / old, data / unicodedata.normalize("NFD", new))
+    (data / "train.list").write_text("\n".join(unicodedata.normalize("NFC", n) for n in names[:3]) + "\n")
+    (data / "test.list").write_text(unicodedata.normalize("NFC", names[3]) + "\n")
+    return data
+
+
+def test_case_ids_match_folder_names_in_another_unicode_form(macos_copy, tmp_path):
+    datalist = build_datalist(macos_copy, "uamt_h5", train_list="train.list", test_list="test.list", num_labeled=1)
+    assert datalist["labeled"][0]["case_id"] == unicodedata.normalize("NFC", "Fälle0")
+    assert check_datalist(datalist, "uamt_h5", macos_copy, progress=False) == [], "every file found"
+    out = tmp_path / "datalist.json"
+    main(["prepare", "--data_dir", str(macos_copy), "--train_list", "train.list", "--test_list", "test.list",
+          "--num_labeled", "1", "--output", str(out), "--progress", "False"])  # fmt: skip
+    assert json.loads(out.read_text())["labeled"][0]["case_id"] == unicodedata.normalize("NFC", "Fälle0")
+    first, second = "Fälle0/mri_norm2.h5", "Fälle1/mri_norm2.h5"
+    typed = {"format": "uamt_h5", "labeled": [{"case_id": "a", "image": first, "label": first}],
+             "unlabeled": [{"image": second}], "test": []}  # fmt: skip
+    (macos_copy / "typed.json").write_text(json.dumps(typed, ensure_ascii=False))  # NFC paths, NFD folders
+    main(["check", str(macos_copy / "typed.json"), "--progress", "False"])
+
+
+@pytest.fixture
+def uamt(tmp_path):
+    data = tmp_path / "LA"
+    make_synthetic_dataset(data, "uamt_h5", num_cases=5, shape=(24, 24, 8), seed=0)
+    return data
+
+
+@pytest.mark.parametrize("how", ["link", "copy"])
+def test_a_test_case_that_is_a_training_case_under_another_name_is_refused(uamt, capsys, how):
+    """The same file by resolved path (a symbolic link) or by content (a byte-identical copy) in two splits."""
+    if how == "link":
+        (uamt / "case004").rename(uamt / "gone")
+        os.symlink(uamt / "case001", uamt / "case004", target_is_directory=True)
+    else:
+        shutil.copy(uamt / "case001" / "mri_norm2.h5", uamt / "case004" / "mri_norm2.h5")
+    before = sorted(p.relative_to(uamt) for p in uamt.rglob("*"))
+    datalist = build_datalist(uamt, "uamt_h5", labeled="case000,case001", unlabeled="case002,case003", test="case004")
+    problems = check_datalist(datalist, "uamt_h5", uamt, progress=False)
+    what = "the same file (a link)" if how == "link" else "files with identical content"
+    assert [p.what.split(":")[0] for p in problems] == [f"{what} in more than one split"]
+    assert "labeled[1] (case case001)" in problems[0].what and "test[0] (case case004)" in problems[0].what
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--data_dir", str(uamt), "--labeled", "case000,case001", "--unlabeled", "case002,case003",
+              "--test", "case004", "--progress", "False"])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert what in err and "case004" in err and "case001" in err and "Traceback" not in err
+    assert sorted(p.relative_to(uamt) for p in uamt.rglob("*")) == before, "nothing was written"
+    (uamt / "datalist.json").write_text(json.dumps(datalist))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", str(uamt / "datalist.json"), "--progress", "False"])
+    assert exit_info.value.code == 2 and what in capsys.readouterr().err
+
+
+def test_distinct_cases_of_equal_size_are_not_taken_for_copies(uamt):
+    datalist = build_datalist(uamt, "uamt_h5", labeled="case000,case001", unlabeled="case002,case003", test="case004")
+    sizes = [os.path.getsize(uamt / f"case00{i}" / "mri_norm2.h5") for i in range(5)]
+    assert len(set(sizes)) < len(sizes), "some files share a size, so their contents are compared"
+    assert check_datalist(datalist, "uamt_h5", uamt, progress=False) == []
