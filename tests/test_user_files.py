@@ -139,3 +139,16 @@ def test_distinct_cases_of_equal_size_are_not_taken_for_copies(uamt):
     sizes = [os.path.getsize(uamt / f"case00{i}" / "mri_norm2.h5") for i in range(5)]
     assert len(set(sizes)) < len(sizes), "some files share a size, so their contents are compared"
     assert check_datalist(datalist, "uamt_h5", uamt, progress=False) == []
+
+
+def test_an_empty_list_file_is_named_in_a_warning_and_inference_on_it_is_refused(tmp_path, caplog):
+    from monai_mlbseg.data import validate_inputs
+
+    make_synthetic_dataset(tmp_path / "LA", "uamt_h5", num_cases=3, shape=(24, 24, 8), seed=0)
+    (tmp_path / "LA" / "test.list").write_bytes(b"")  # a failed redirect
+    with caplog.at_level("WARNING", logger="monai_mlbseg.data.datalist"):
+        datalist = build_datalist(tmp_path / "LA", "uamt_h5", labeled="case000", test_list="test.list")
+    assert datalist["test"] == []
+    assert any(str(tmp_path / "LA" / "test.list") in r.message and "names no case" in r.message for r in caplog.records)
+    with pytest.raises(InputError, match="no input to process"):
+        validate_inputs(datalist["test"], "uamt_h5")

@@ -5,6 +5,7 @@ into this package's form.
 
 from __future__ import annotations
 
+import logging
 import os
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -14,6 +15,8 @@ from typing import Any
 from ...utils.errors import InputError, Problem
 from ...utils.io import read_user_text
 from ..formats import FORMATS, VolumeFormat, get_format
+
+logger = logging.getLogger("monai_mlbseg.data.datalist")
 
 __all__ = [
     "SPLITS",
@@ -45,6 +48,9 @@ def read_case_list(path: str | os.PathLike) -> list[str]:
     byte-order mark) or UTF-16 (:py:func:`~monai_mlbseg.utils.read_user_text`); ids are returned in Unicode NFC, so
     that an id typed on one system matches a folder name written by another.
 
+    An empty list is returned with a warning naming the file; a run that needs its cases (inference and evaluation
+    on an empty test list) is refused by its own check.
+
     Raises:
         InputError: when the file cannot be read or decoded, or lists an id more than once (each repeat names the id
             and both line numbers).
@@ -64,6 +70,8 @@ def read_case_list(path: str | os.PathLike) -> list[str]:
         ids.append(case)
     if problems:
         raise InputError(problems, "case list")
+    if not ids:
+        logger.warning(f"{path}: the case list names no case (an empty file, e.g. a failed redirect?)")
     return ids
 
 
