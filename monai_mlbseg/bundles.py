@@ -159,9 +159,14 @@ def render_readme(text: str, default: str, where: str = "README") -> str:
     return text[: start + len(TABLE_BEGIN)] + "\n" + methods_table(default) + "\n" + text[end:]
 
 
-def _readme(name: str, root: Path) -> tuple[Path, str]:
-    """The path of bundle ``name``'s README under ``root`` and its text with the current methods table."""
+def _readme(name: str, root: Path) -> tuple[Path, str] | None:
+    """
+    The path of bundle ``name``'s README under ``root`` and its text with the current methods table (``None`` when
+    the folder has no README: it is written by hand, not by the template).
+    """
     path = root / name / "docs" / "README.md"
+    if not path.is_file():
+        return None
     default = json.loads(_template(f"values/{name}.json"))["stage2_method"]
     return path, render_readme(path.read_text(encoding="utf-8"), default, str(path))
 
@@ -192,9 +197,9 @@ def stale_files(root: str | os.PathLike = DEFAULT_ROOT) -> list[Path]:
             target = root / name / path
             if not target.is_file() or target.read_text(encoding="utf-8") != text:
                 stale.append(target)
-        readme, text = _readme(name, root)
-        if readme.read_text(encoding="utf-8") != text:
-            stale.append(readme)
+        readme = _readme(name, root)
+        if readme is not None and readme[0].read_text(encoding="utf-8") != readme[1]:
+            stale.append(readme[0])
     return stale
 
 
@@ -215,8 +220,9 @@ def bundles(write: bool = False, root: str = str(DEFAULT_ROOT)) -> list[str]:
     if write:
         for name in BUNDLE_NAMES:
             print(f"wrote {write_bundle(name, Path(root) / name)}")
-            readme, text = _readme(name, Path(root))
-            atomic_write_text(readme, text)
+            readme = _readme(name, Path(root))
+            if readme is not None:
+                atomic_write_text(*readme)
         return []
     stale = [str(p) for p in stale_files(root)]
     if stale:

@@ -16,6 +16,7 @@ from monai_mlbseg.engines import (
     MetaTrainer,
     NonFiniteLossGuard,
     latest_checkpoint,
+    stage2_method,
 )
 from monai_mlbseg.inferers import SliceResizeInferer, minmax_slices
 from monai_mlbseg.networks import NestedUNet
@@ -43,7 +44,9 @@ def both_stages(seed, iterations=4):
     stage1.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses1.append(e.state.output[0]["loss"]))
     stage1.run()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    stage2 = MetaTrainer("cpu", 1, unlabeled_loader, clean_loader, net, opt, epoch_length=iterations)
+    stage2 = MetaTrainer(
+        "cpu", 1, unlabeled_loader, clean_loader, net, opt, epoch_length=iterations, **stage2_method("mlbseg")
+    )
     terms, weights = [], []
     stage2.add_event_handler(
         Events.ITERATION_COMPLETED, lambda e: terms.append([e.state.output[k] for k in STAGE2_TERMS])
@@ -69,7 +72,7 @@ def stage2_outputs(unlabeled, clean, iterations=2, **kwargs):
     opt = torch.optim.SGD(net.parameters(), lr=kwargs.pop("lr", 0.05), momentum=0.9, weight_decay=5e-4)
     trainer = MetaTrainer(
         "cpu", 1, DataLoader(unlabeled, batch_size=1), DataLoader(clean, batch_size=2), net, opt,
-        epoch_length=iterations, **kwargs,
+        epoch_length=iterations, **{**stage2_method("mlbseg"), **kwargs},
     )  # fmt: skip
     outputs = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
@@ -131,7 +134,7 @@ def test_non_finite_loss_stops_stage2_before_the_step_and_keeps_good_checkpoints
     net = NestedUNet(2, features=(4, 8))
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     trainer = MetaTrainer("cpu", 1, DataLoader(samples, batch_size=1), DataLoader(disc_samples(4, 16), batch_size=2),
-                          net, opt)  # fmt: skip
+                          net, opt, **stage2_method("mlbseg"))  # fmt: skip
     AtomicCheckpointSaver(str(tmp_path), {"network": net}, save_interval=1, epoch_level=False, save_final=True).attach(
         trainer
     )
