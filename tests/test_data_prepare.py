@@ -186,7 +186,49 @@ def test_affine_mismatch(data):
     affine = affine.copy()
     affine[:3, 3] = [5.0, 0.0, 0.0]
     _nifti(path, label, affine)
-    _fails(root, HEART, str(path), "test[0] (case la_003) label: label affine (origin/orientation) differs")
+    _fails(root, HEART, str(path), "test[0] (case la_003) label: label origin differs from the image's by up to 5 mm")
+
+
+def test_a_small_origin_offset_is_refused_with_the_measured_difference_and_the_tolerance(data):
+    root = data("msd_heart")
+    path = root / "labelsTr" / "la_000.nii.gz"
+    label, affine = _read_nifti(path)
+    affine = affine.copy()
+    affine[:3, 3] += [0.01, 0.0, 0.0]
+    _nifti(path, label, affine)
+    _fails(root, HEART, str(path), "label origin differs from the image's by up to 0.01 mm (tolerance 0.001 + 0.0001")
+
+
+def _with_affine(path, change):
+    """Rewrite ``path`` with its sform changed by ``change`` (written into the header fields: nibabel refuses to
+    build an image from an affine it cannot decompose), no qform."""
+    array, affine = _read_nifti(path)
+    affine = affine.copy()
+    change(affine)
+    header = nib.Nifti1Image(array, np.eye(4)).header.copy()
+    header.set_sform(np.eye(4), code=1)
+    header.set_qform(None, code=0)
+    for row, name in enumerate(("srow_x", "srow_y", "srow_z")):
+        header[name] = affine[row]
+    nib.save(nib.Nifti1Image(array, None, header=header), str(path))
+
+
+@pytest.mark.parametrize(
+    "folder, case, change, expected",
+    [
+        ("imagesTr", "la_000", lambda a: a.__setitem__((0, 3), np.nan), "holds NaN or inf values"),
+        ("labelsTr", "la_001", lambda a: a.__setitem__((0, 3), np.nan), "holds NaN or inf values"),
+        ("imagesTr", "la_002", lambda a: a.__setitem__((slice(0, 3), 2), 0.0), "gives axis 2 no voxel spacing"),
+        ("imagesTr", "la_002", lambda a: a.__setitem__((slice(0, 3), 1), a[:3, 0]), "orientation matrix is singular"),
+    ],
+    ids=["nan-origin-image", "nan-origin-label", "no-spacing-unlabeled", "parallel-axes-unlabeled"],
+)
+def test_a_header_geometry_that_cannot_place_the_volume_is_refused(data, folder, case, change, expected):
+    """In any file, also an unlabeled image (la_002), which has no label to compare with."""
+    root = data("msd_heart")
+    path = root / folder / f"{case}.nii.gz"
+    _with_affine(path, change)
+    _fails(root, HEART, str(path), expected)
 
 
 def test_unexpected_label_values(data):

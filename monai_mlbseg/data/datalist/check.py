@@ -22,7 +22,15 @@ from ..readers import captured_stderr, metaimage_header_problem
 from .build import PATH_KEYS, REQUIRED_SPLITS, SPLITS, from_decathlon, is_decathlon, item_location
 from .paths import is_inside, resolve_path
 
-__all__ = ["MIN_SPATIAL_SIZE", "MAX_ANISOTROPY", "check_datalist", "validate_datalist", "validate_inputs"]
+__all__ = [
+    "GEOMETRY_ATOL",
+    "GEOMETRY_RTOL",
+    "MIN_SPATIAL_SIZE",
+    "MAX_ANISOTROPY",
+    "check_datalist",
+    "validate_datalist",
+    "validate_inputs",
+]
 
 logger = logging.getLogger("monai_mlbseg.data.datalist")
 
@@ -296,6 +304,11 @@ class _VolumeChecker:
                 )
             )
             return None
+        affine = np.asarray(img.affine, dtype=float)
+        unusable = _unusable_geometry(affine)
+        if unusable is not None:
+            problems.append(Problem(path, f"{what}: {unusable}"))
+            return None
         data = img.as_tensor()
         has_foreground = True
         if role == "image":
@@ -327,20 +340,48 @@ class _VolumeChecker:
                     )
                 )
             has_foreground = bool((values > 0).any())
-        return _Volume(spatial, np.asarray(img.affine, dtype=float), has_foreground)
+        return _Volume(spatial, affine, has_foreground)
+
+
+#: image and label geometry must agree to ``atol + rtol * |value|`` in every affine entry (mm for the origin)
+GEOMETRY_ATOL, GEOMETRY_RTOL = 1e-3, 1e-4
+
+
+def _unusable_geometry(affine: np.ndarray) -> str | None:
+    """Why a header's voxel-to-world matrix cannot place the volume (``None``: it can)."""
+    if not np.isfinite(affine).all():
+        return "the header's geometry (origin, orientation or spacing) holds NaN or inf values: fix the header"
+    linear = affine[:-1, :-1]
+    spacing = np.linalg.norm(linear, axis=0)
+    if (spacing == 0).any():
+        axes = ", ".join(str(i) for i in np.flatnonzero(spacing == 0))
+        return f"the header gives axis {axes} no voxel spacing (a zero column of its orientation matrix)"
+    if abs(np.linalg.det(linear)) <= 1e-6 * float(np.prod(spacing)):
+        return "the header's orientation matrix is singular (two axes point the same way)"
+    return None
 
 
 def _geometry(img: _Volume, lab: _Volume, img_path: str, lab_path: str, what: str) -> Problem | None:
     if img.shape != lab.shape:
         return Problem(lab_path, f"{what}: label shape {lab.shape} differs from image shape {img.shape} ({img_path})")
     a, b = img.affine, lab.affine
-    if a.shape != b.shape or np.allclose(a, b, rtol=1e-4, atol=1e-3):
+    if a.shape != b.shape or np.allclose(a, b, rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL):
         return None
+    tolerance = f"tolerance {GEOMETRY_ATOL:g} + {GEOMETRY_RTOL:g} x the value"
     sa, sb = np.linalg.norm(a[:-1, :-1], axis=0), np.linalg.norm(b[:-1, :-1], axis=0)
-    if not np.allclose(sa, sb, rtol=1e-4, atol=1e-4):
-        msg = f"label spacing {np.round(sb, 4).tolist()} differs from image spacing {np.round(sa, 4).tolist()}"
+    if not np.allclose(sa, sb, rtol=GEOMETRY_RTOL, atol=GEOMETRY_RTOL):
+        msg = (
+            f"label spacing {np.round(sb, 4).tolist()} differs from image spacing {np.round(sa, 4).tolist()} "
+            f"(by up to {np.abs(sa - sb).max():.4g} mm)"
+        )
+    elif not np.allclose(a[:-1, -1], b[:-1, -1], rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL):
+        shift = np.abs(a[:-1, -1] - b[:-1, -1]).max()
+        msg = f"label origin differs from the image's by up to {shift:.4g} mm ({tolerance})"
     else:
-        msg = "label affine (origin/orientation) differs from the image's"
+        msg = (
+            f"label orientation differs from the image's by up to {np.abs(a[:-1, :-1] - b[:-1, :-1]).max():.4g} per "
+            f"matrix entry ({tolerance})"
+        )
     return Problem(lab_path, f"{what}: {msg} ({img_path})")
 
 
@@ -365,7 +406,10 @@ def check_datalist(
     ``DimSize`` or ``ElementType``); 2D files, or extra channels where a 3D single-channel volume is expected (MSD
     prostate images have 2); images smaller than :py:data:`MIN_SPATIAL_SIZE`; constant images (zero intensity range,
     e.g. a labeled case whose image is blank while its label has foreground); NaN/inf intensities; label values
-    other than the format's; empty labels in the labeled set; image/label shape, spacing or affine mismatches.
+    other than the format's; empty labels in the labeled set; a header geometry that cannot place the volume (NaN or
+    inf, an axis without spacing, a singular orientation) in any file; image/label shape, spacing, origin or
+    orientation mismatches beyond :py:data:`GEOMETRY_ATOL` + :py:data:`GEOMETRY_RTOL` x the value (the message gives
+    the measured difference).
     A voxel spacing more anisotropic than :py:data:`MAX_ANISOTROPY` is logged as a warning. A datalist in MONAI's
     decathlon form is checked as :py:func:`from_decathlon` reads it.
 
