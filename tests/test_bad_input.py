@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 
 import h5py
 import nibabel as nib
@@ -271,6 +272,35 @@ mhd_missing_raw = _mhd_case(lambda h: os.remove(h.with_suffix(".raw")), "named i
 mhd_short_raw = _mhd_case(
     lambda h: h.with_suffix(".raw").write_bytes(h.with_suffix(".raw").read_bytes()[:100]), "holds 100 bytes"
 )
+mhd_long_raw = _mhd_case(
+    lambda h: h.with_suffix(".raw").write_bytes(h.with_suffix(".raw").read_bytes() + b"\0" * 64),
+    "64 bytes too many",
+)
+
+
+def _compress_raw(header, damage):
+    raw = header.with_suffix(".raw")
+    data = bytearray(zlib.compress(raw.read_bytes()))
+    damage(data)
+    raw.write_bytes(bytes(data))
+    edit_header(header, "ElementDataFile", "CompressedData = True\nElementDataFile")
+
+
+def _flip_last_byte(data):
+    data[-1] ^= 0xFF  # the end of zlib's Adler-32 checksum
+
+
+mhd_bad_checksum = _mhd_case(lambda h: _compress_raw(h, _flip_last_byte), "compressed data file")
+
+
+def nifti_bad_crc(tmp_path):
+    """A .nii.gz whose gzip CRC does not match its data (damaged in transfer): refused, not read."""
+    data, ids = heart(tmp_path)
+    image = first_nifti(data, "imagesTr")
+    raw = bytearray(image.read_bytes())
+    raw[-8] ^= 0xFF  # the gzip trailer: CRC-32, then the length
+    image.write_bytes(bytes(raw))
+    return ["--format", "msd_heart", "--labeled", ids[0], "--test", ids[3]], [image.name, "gzip data are damaged", "CRC check failed"]
 
 
 PREPARE_CASES = [
@@ -307,6 +337,9 @@ PREPARE_CASES = [
     mhd_no_data_file,
     mhd_missing_raw,
     mhd_short_raw,
+    mhd_long_raw,
+    mhd_bad_checksum,
+    nifti_bad_crc,
 ]
 
 

@@ -152,3 +152,24 @@ def test_an_empty_list_file_is_named_in_a_warning_and_inference_on_it_is_refused
     assert any(str(tmp_path / "LA" / "test.list") in r.message and "names no case" in r.message for r in caplog.records)
     with pytest.raises(InputError, match="no input to process"):
         validate_inputs(datalist["test"], "uamt_h5")
+
+
+def test_an_intact_compressed_metaimage_is_accepted_and_its_checksum_read(tmp_path):
+    import zlib
+
+    from monai_mlbseg.data import readers
+
+    data = tmp_path / "P"
+    ids = make_synthetic_dataset(data, "promise12", num_cases=4, shape=(24, 24, 8), seed=0)
+    header = data / f"{ids[1]}.mhd"
+    raw = header.with_suffix(".raw")
+    size = raw.stat().st_size
+    raw.write_bytes(zlib.compress(raw.read_bytes()))
+    header.write_text(header.read_text().replace("ElementDataFile", "CompressedData = True\nElementDataFile"))
+    assert readers.metaimage_header_problem(header) is None
+    datalist = build_datalist(data, "promise12", labeled=f"{ids[0]},{ids[1]}", test=ids[3])
+    assert check_datalist(datalist, "promise12", data, progress=False) == []
+    raw.write_bytes(zlib.compress(b"\0" * (size // 2)))
+    assert "holds" in readers.metaimage_header_problem(
+        header
+    ) and f"needs exactly {size}" in readers.metaimage_header_problem(header)

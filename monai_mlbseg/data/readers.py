@@ -10,6 +10,7 @@ import io
 import os
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -219,7 +220,8 @@ def metaimage_header_problem(path: str | os.PathLike) -> str | None:
     """
     What is wrong with a MetaImage header (``.mhd``/``.mha``), in words, when it can be told from the header alone:
     a missing or inconsistent ``NDims``, ``DimSize``, ``ElementSpacing`` or ``ElementType``, no ``ElementDataFile``,
-    a missing data file, or one too short for ``DimSize`` and ``ElementType``.
+    a missing data file, or one whose size is not exactly what ``DimSize`` and ``ElementType`` imply (a compressed
+    one is decompressed in chunks and its zlib checksum verified).
 
     Args:
         path: the header file.
@@ -274,13 +276,39 @@ def metaimage_header_problem(path: str | os.PathLike) -> str | None:
     data = os.path.join(os.path.dirname(path), data_file)
     if not os.path.isfile(data):
         return f"the data file {data} named in the header is missing"
-    if header.get("CompressedData", "False").lower() == "true" or header.get("HeaderSize", "0") not in ("0", ""):
+    if header.get("HeaderSize", "0") not in ("0", ""):
         return None
     channels = _positive_ints(header.get("ElementNumberOfChannels", "1")) or [1]
     need = int(np.prod(dims)) * channels[0] * _MET_TYPE_SIZES[base]
+    if header.get("CompressedData", "False").lower() == "true":
+        return _compressed_metaimage_problem(data, need, f"DimSize {dims} of {element}")
     have = os.path.getsize(data)
-    if have < need:
-        return f"the data file {data} named in the header holds {have} bytes; DimSize {dims} of {element} needs {need}"
+    if have != need:
+        return (
+            f"the data file {data} named in the header holds {have} bytes; DimSize {dims} of {element} needs exactly "
+            f"{need}"
+            + (f" ({have - need} bytes too many: a wrong header or another file's data)" if have > need else "")
+        )
+    return None
+
+
+def _compressed_metaimage_problem(data: str, need: int, what: str, chunk: int = 1 << 20) -> str | None:
+    """Decompress a MetaImage's zlib data file in chunks: its checksum must verify and it must hold ``need`` bytes."""
+    stream, size = zlib.decompressobj(), 0
+    try:
+        with open(data, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                size += len(stream.decompress(block, chunk))
+                while stream.unconsumed_tail:
+                    size += len(stream.decompress(stream.unconsumed_tail, chunk))
+                if stream.eof:
+                    break
+    except zlib.error as e:
+        return f"the compressed data file {data} is corrupt ({e})"
+    if not stream.eof:
+        return f"the compressed data file {data} is truncated (its zlib stream ends before its checksum)"
+    if size != need:
+        return f"the compressed data file {data} holds {size} bytes once decompressed; {what} needs exactly {need}"
     return None
 
 

@@ -4,10 +4,12 @@ The thorough input check: the structure of a datalist and every file it names, b
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
 import re
+import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -192,6 +194,20 @@ def _duplicates(entries: list[tuple[str, int, dict]], paths: dict[tuple[str, int
     return problems
 
 
+def _gzip_problem(path: str, chunk: int = 1 << 20) -> str | None:
+    """
+    Decompress a gzip file to its end in chunks, so that its CRC and length trailer is verified (a reader that stops
+    after the voxels never checks it); ``None`` when it is intact.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(chunk):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        return f"unreadable or corrupt file (its gzip data are damaged, in transfer or on disk: {e})"
+    return None
+
+
 def _sha256(path: str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -271,6 +287,11 @@ class _VolumeChecker:
         """Load and check one file; ``None`` (problems appended) when it is unusable."""
         if path.lower().endswith((".mhd", ".mha")):
             reason = metaimage_header_problem(path)
+            if reason is not None:
+                problems.append(Problem(path, f"{what}: {reason}"))
+                return None
+        if path.lower().endswith(".gz"):
+            reason = _gzip_problem(path)
             if reason is not None:
                 problems.append(Problem(path, f"{what}: {reason}"))
                 return None
@@ -401,11 +422,13 @@ def check_datalist(
     ``label`` in labeled/test/validation items, ``gt`` not ``label`` in unlabeled ones); at least one labeled case
     and (with ``require_unlabeled``) one unlabeled case; case ids (and images) listed twice, within a split or
     across splits; the same image file in two splits under other names (a link, or a copy with identical bytes);
-    paths outside ``data_dir``; missing files; unreadable or corrupt files (truncated NIfTI, HDF5 without
-    ``image``/``label``, missing ``.raw``, a MetaImage header with a missing or inconsistent ``NDims``,
-    ``DimSize`` or ``ElementType``); 2D files, or extra channels where a 3D single-channel volume is expected (MSD
-    prostate images have 2); images smaller than :py:data:`MIN_SPATIAL_SIZE`; constant images (zero intensity range,
-    e.g. a labeled case whose image is blank while its label has foreground); NaN/inf intensities; label values
+    paths outside ``data_dir``; missing files; unreadable or corrupt files (truncated NIfTI, a ``.gz``
+    file whose CRC or length does not match, HDF5 without ``image``/``label``, missing ``.raw``, a MetaImage header
+    with a missing or inconsistent ``NDims``, ``DimSize`` or ``ElementType``, a data file not exactly the size the
+    header implies, a compressed one whose zlib checksum fails); 2D files, or extra channels where a 3D
+    single-channel volume is expected (MSD prostate images have 2); images smaller than
+    :py:data:`MIN_SPATIAL_SIZE`; constant images (zero intensity range, e.g. a labeled case whose image is blank
+    while its label has foreground); NaN/inf intensities; label values
     other than the format's; empty labels in the labeled set; a header geometry that cannot place the volume (NaN or
     inf, an axis without spacing, a singular orientation) in any file; image/label shape, spacing, origin or
     orientation mismatches beyond :py:data:`GEOMETRY_ATOL` + :py:data:`GEOMETRY_RTOL` x the value (the message gives
