@@ -113,6 +113,25 @@ def empty_clean_label(tmp_path):
     return ["--labeled", f"{ids[0]},{ids[1]}", "--test", ids[4]], [ids[1], "empty label"]
 
 
+def no_data_sentinels(tmp_path):
+    """Finite but extreme no-data values (a float32's largest value) whose min-max range overflows."""
+    data, ids = uamt(tmp_path)
+    with h5py.File(data / ids[2] / "mri_norm2.h5", "r") as f:
+        image = f["image"][()].astype(np.float32)
+    image[:2, :2, :] = -np.finfo(np.float32).max
+    image[-1, -1, -1] = np.finfo(np.float32).max
+    rewrite_h5(data / ids[2] / "mri_norm2.h5", image=image)
+    return ["--labeled", ids[0], "--test", ids[4]], [ids[2], f"{2 * 2 * SHAPE[2] + 1} voxels of magnitude 3.4e+38"]
+
+
+def label_without_background(tmp_path):
+    data, ids = uamt(tmp_path)
+    with h5py.File(data / ids[0] / "mri_norm2.h5", "r") as f:
+        label = f["label"][()]
+    rewrite_h5(data / ids[0] / "mri_norm2.h5", label=np.ones_like(label))
+    return ["--labeled", ids[0], "--test", ids[4]], [ids[0], "no background voxel"]
+
+
 def nan_intensities(tmp_path):
     data, ids = uamt(tmp_path)
     with h5py.File(data / ids[2] / "mri_norm2.h5", "r") as f:
@@ -300,7 +319,8 @@ def nifti_bad_crc(tmp_path):
     raw = bytearray(image.read_bytes())
     raw[-8] ^= 0xFF  # the gzip trailer: CRC-32, then the length
     image.write_bytes(bytes(raw))
-    return ["--format", "msd_heart", "--labeled", ids[0], "--test", ids[3]], [image.name, "gzip data are damaged", "CRC check failed"]
+    expected = [image.name, "gzip data are damaged", "CRC check failed"]
+    return ["--format", "msd_heart", "--labeled", ids[0], "--test", ids[3]], expected
 
 
 PREPARE_CASES = [
@@ -340,6 +360,8 @@ PREPARE_CASES = [
     mhd_long_raw,
     mhd_bad_checksum,
     nifti_bad_crc,
+    no_data_sentinels,
+    label_without_background,
 ]
 
 

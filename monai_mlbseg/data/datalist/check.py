@@ -40,6 +40,8 @@ logger = logging.getLogger("monai_mlbseg.data.datalist")
 _LABELED_SPLITS = ("labeled", "test", "validation")
 #: smallest accepted volume, in voxels per axis (in-plane, in-plane, slices): anything smaller is not a scan.
 MIN_SPATIAL_SIZE = (16, 16, 4)
+#: intensities of at least this magnitude are no-data values (a float32's largest value is 3.4e38), not signal
+NO_DATA_MAGNITUDE = 1e30
 #: a ratio of largest to smallest voxel spacing above this gets a warning (typical MRI: 1 to 10).
 MAX_ANISOTROPY = 20.0
 
@@ -335,8 +337,19 @@ class _VolumeChecker:
         if role == "image":
             finite = torch.isfinite(data) if data.dtype.is_floating_point else torch.ones_like(data, dtype=torch.bool)
             bad = int((~finite).sum())
+            sentinels = int((data.abs() >= NO_DATA_MAGNITUDE).sum()) if data.dtype.is_floating_point else 0
             if bad:
                 problems.append(Problem(path, f"{what}: {bad} NaN/inf intensities"))
+            elif sentinels:
+                extreme = float(data.abs().max())
+                problems.append(
+                    Problem(
+                        path,
+                        f"{what}: {sentinels} voxels of magnitude {extreme:.3g} or so, at least {NO_DATA_MAGNITUDE:g}: "
+                        "no-data values (e.g. a float's largest value), not intensities; set them to the background "
+                        "value or mask them before training",
+                    )
+                )
             elif bool(finite.any()) and float(data.max()) == float(data.min()):
                 problems.append(
                     Problem(path, f"{what}: constant image (every voxel is {float(data.min()):g}): nothing to segment")
@@ -361,6 +374,12 @@ class _VolumeChecker:
                     )
                 )
             has_foreground = bool((values > 0).any())
+            if not bool((values == 0).any()):
+                problems.append(
+                    Problem(
+                        path, f"{what}: no background voxel (the label is foreground everywhere): not a segmentation"
+                    )
+                )
         return _Volume(spatial, affine, has_foreground)
 
 
@@ -428,7 +447,8 @@ def check_datalist(
     header implies, a compressed one whose zlib checksum fails); 2D files, or extra channels where a 3D
     single-channel volume is expected (MSD prostate images have 2); images smaller than
     :py:data:`MIN_SPATIAL_SIZE`; constant images (zero intensity range, e.g. a labeled case whose image is blank
-    while its label has foreground); NaN/inf intensities; label values
+    while its label has foreground); NaN/inf intensities; no-data values (magnitude at least
+    :py:data:`NO_DATA_MAGNITUDE`, whose min-max range overflows); labels with no background voxel; label values
     other than the format's; empty labels in the labeled set; a header geometry that cannot place the volume (NaN or
     inf, an axis without spacing, a singular orientation) in any file; image/label shape, spacing, origin or
     orientation mismatches beyond :py:data:`GEOMETRY_ATOL` + :py:data:`GEOMETRY_RTOL` x the value (the message gives
