@@ -173,3 +173,61 @@ def test_an_intact_compressed_metaimage_is_accepted_and_its_checksum_read(tmp_pa
     assert "holds" in readers.metaimage_header_problem(
         header
     ) and f"needs exactly {size}" in readers.metaimage_header_problem(header)
+
+
+def _limited(gib):
+    """A ``preexec_fn`` capping the child's address space at ``gib`` GiB: a regression that reads a huge declared
+    volume then fails the test with a MemoryError instead of exhausting the machine."""
+    import resource
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+
+    return apply
+
+
+def _huge_h5(path):
+    import h5py
+
+    with h5py.File(path, "w") as f:  # declared 16 GiB, nothing written: a file of a few KiB
+        f.create_dataset("image", shape=(2048, 2048, 1024), dtype="f4", chunks=(64, 64, 64))
+        f.create_dataset("label", shape=(2048, 2048, 1024), dtype="u1", chunks=(64, 64, 64))
+
+
+def _huge_nifti(path):
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((4096, 4096, 256))  # 16 GiB of float32 declared, 1 KiB of data stored
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    with gzip.open(path, "wb") as f:
+        f.write(header.binaryblock + b"\0" * 4 + b"\0" * 1024)
+
+
+@pytest.mark.parametrize("fmt, make", [("uamt_h5", _huge_h5), ("msd_heart", _huge_nifti)], ids=["h5", "nifti"])
+def test_a_header_declaring_a_huge_volume_is_refused_from_the_header_under_a_memory_cap(tmp_path, fmt, make):
+    import subprocess
+    import sys
+
+    from monai_mlbseg.data.datalist.check import CHECK_BYTES_PER_VOXEL, max_check_voxels
+
+    data = tmp_path / "data"
+    ids = make_synthetic_dataset(data, fmt, num_cases=4, shape=(24, 24, 8), seed=0)
+    target = data / ids[1] / "mri_norm2.h5" if fmt == "uamt_h5" else data / "imagesTr" / f"{ids[1]}.nii.gz"
+    make(target)
+    assert target.stat().st_size < 1 << 20 and max_check_voxels() * CHECK_BYTES_PER_VOXEL < 2**40
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    result = subprocess.run(
+        [sys.executable, "-m", "monai_mlbseg", "prepare", "--data_dir", str(data), "--format", fmt,
+         "--labeled", f"{ids[0]},{ids[1]}", "--test", ids[3], "--progress", "False"],
+        capture_output=True, text=True, timeout=300, preexec_fn=_limited(4),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr
+    assert str(target) in result.stderr and "the header declares a volume of shape" in result.stderr
+    assert "more than this machine checks" in result.stderr
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before, "nothing was written"

@@ -20,7 +20,7 @@ from monai.data import ImageReader
 from monai.data.utils import is_supported_format
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-__all__ = ["H5ImageReader", "H5_SUFFIXES", "captured_stderr", "metaimage_header_problem"]
+__all__ = ["H5ImageReader", "H5_SUFFIXES", "captured_stderr", "declared_voxels", "metaimage_header_problem"]
 
 #: file name endings :py:class:`H5ImageReader` claims in :py:meth:`~H5ImageReader.verify_suffix`.
 H5_SUFFIXES = ("h5", "hdf5")
@@ -214,6 +214,83 @@ def _positive_ints(text: str) -> list[int] | None:
     except ValueError:
         return None
     return values if values and all(v > 0 for v in values) else None
+
+
+#: bytes per element of NRRD's ``type`` field
+_NRRD_TYPE_SIZES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+    **dict.fromkeys(("short", "short int", "signed short", "int16", "int16_t", "ushort", "unsigned short"), 2),
+    **dict.fromkeys(("uint16", "uint16_t", "unsigned short int"), 2),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t"), 4),
+    "float": 4,
+    **dict.fromkeys(("double", "longlong", "int64", "int64_t", "ulonglong", "uint64", "uint64_t"), 8),
+}
+
+
+def _text_header(path: str, stop: str | None = None, limit: int = 1 << 16) -> dict[str, str]:
+    """The ``key = value`` or ``key: value`` lines of a text header (its first ``limit`` bytes, to ``stop``)."""
+    header: dict[str, str] = {}
+    with open(path, "rb") as f:
+        text = f.read(limit).decode("latin-1")
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, sep, value = line.partition("=") if "=" in line else line.partition(":")
+        if sep:
+            header[key.strip()] = value.strip()
+        if stop is not None and key.strip() == stop:
+            break
+    return header
+
+
+def declared_voxels(path: str | os.PathLike) -> tuple[tuple[int, ...], int] | None:
+    """
+    The array shape a volume file declares and the bytes per voxel, read from its header alone (no voxel is read):
+    the largest dataset of an HDF5 file, a NIfTI header, a MetaImage header (``DimSize`` x ``ElementType`` x
+    channels) or an NRRD header (``sizes`` x ``type``).
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(shape, bytes per voxel)``, or ``None`` for another format or a header that cannot be parsed (the reader
+        then reports the file).
+
+    Example::
+
+        shape, itemsize = declared_voxels("case000/mri_norm2.h5")
+    """
+    path = os.fspath(path)
+    name = path.lower()
+    try:
+        if name.endswith(H5_SUFFIXES):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                sets = [f[k] for k in f if isinstance(f[k], h5py.Dataset)]
+                if not sets:
+                    return None
+                largest = max(sets, key=lambda d: int(np.prod(d.shape, dtype=np.float64)) * d.dtype.itemsize)
+                return tuple(int(s) for s in largest.shape), int(largest.dtype.itemsize)
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            header = nib.load(path).header
+            return tuple(int(s) for s in header.get_data_shape()), int(header.get_data_dtype().itemsize)
+        if name.endswith((".mhd", ".mha")):
+            header = _text_header(path, stop="ElementDataFile")
+            dims = _positive_ints(header.get("DimSize", ""))
+            size = _MET_TYPE_SIZES.get(header.get("ElementType", "").removesuffix("_ARRAY"))
+            channels = (_positive_ints(header.get("ElementNumberOfChannels", "1")) or [1])[0]
+            return (tuple(dims) + ((channels,) if channels > 1 else ()), size) if dims and size else None
+        if name.endswith((".nrrd", ".nhdr")):
+            header = _text_header(path)
+            dims = _positive_ints(header.get("sizes", ""))
+            size = _NRRD_TYPE_SIZES.get(header.get("type", "").lower())
+            return (tuple(dims), size) if dims and size else None
+    except Exception:  # an unparsable header: the reader reports the file
+        return None
+    return None
 
 
 def metaimage_header_problem(path: str | os.PathLike) -> str | None:

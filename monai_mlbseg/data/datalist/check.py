@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ...utils.errors import InputError, Problem
 from ..formats import VolumeFormat, get_format
-from ..readers import captured_stderr, metaimage_header_problem
+from ..readers import captured_stderr, declared_voxels, metaimage_header_problem
 from .build import PATH_KEYS, REQUIRED_SPLITS, SPLITS, from_decathlon, is_decathlon, item_location
 from .paths import is_inside, resolve_path
 
@@ -40,6 +40,36 @@ logger = logging.getLogger("monai_mlbseg.data.datalist")
 _LABELED_SPLITS = ("labeled", "test", "validation")
 #: smallest accepted volume, in voxels per axis (in-plane, in-plane, slices): anything smaller is not a scan.
 MIN_SPATIAL_SIZE = (16, 16, 4)
+#: the memory checking a volume takes, in bytes per voxel: measured 15-17 for an image, 25-26 for a label
+#: (docs/reliability.md, "Memory")
+CHECK_BYTES_PER_VOXEL = 32
+
+
+def _total_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _too_large(shape: tuple[int, ...], itemsize: int) -> str:
+    voxels = int(np.prod(shape, dtype=np.float64))
+    return (
+        f"the header declares a volume of shape {shape} ({voxels * itemsize / 2**30:.1f} GiB as stored, "
+        f"{voxels * 4 / 2**30:.1f} GiB as float32), more than this machine checks: at most {max_check_voxels():,} "
+        f"voxels (half its {_total_memory() / 2**30:.0f} GiB of memory at {CHECK_BYTES_PER_VOXEL} bytes per voxel); "
+        "a corrupt header, or a volume to crop or resample first"
+    )
+
+
+def max_check_voxels() -> int:
+    """
+    The largest volume (in voxels) the check reads: half of this machine's physical memory at
+    :py:data:`CHECK_BYTES_PER_VOXEL` bytes per voxel. A file whose header declares more is refused from its header
+    alone, before any voxel is read (``MLBSEG_MAX_CHECK_VOXELS`` overrides the limit).
+    """
+    override = os.environ.get("MLBSEG_MAX_CHECK_VOXELS")
+    return int(override) if override else _total_memory() // 2 // CHECK_BYTES_PER_VOXEL
+
+
 #: intensities of at least this magnitude are no-data values (a float32's largest value is 3.4e38), not signal
 NO_DATA_MAGNITUDE = 1e30
 #: a ratio of largest to smallest voxel spacing above this gets a warning (typical MRI: 1 to 10).
@@ -292,6 +322,10 @@ class _VolumeChecker:
             if reason is not None:
                 problems.append(Problem(path, f"{what}: {reason}"))
                 return None
+        declared = declared_voxels(path)
+        if declared is not None and int(np.prod(declared[0], dtype=np.float64)) > max_check_voxels():
+            problems.append(Problem(path, f"{what}: {_too_large(*declared)}"))
+            return None
         if path.lower().endswith(".gz"):
             reason = _gzip_problem(path)
             if reason is not None:
