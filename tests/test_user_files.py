@@ -231,3 +231,25 @@ def test_a_header_declaring_a_huge_volume_is_refused_from_the_header_under_a_mem
     assert str(target) in result.stderr and "the header declares a volume of shape" in result.stderr
     assert "more than this machine checks" in result.stderr
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before, "nothing was written"
+
+
+@pytest.mark.parametrize("which", ["all", "images"])
+def test_uncompressed_nifti_is_a_case_for_prepare_as_for_check(tmp_path, which):
+    """MSD layout with ``.nii`` files (all of them, or the images only): prepare finds the cases, check accepts them."""
+    import gzip
+
+    data = tmp_path / "heart"
+    ids = make_synthetic_dataset(data, "msd_heart", num_cases=4, shape=(24, 24, 8), seed=0)
+    folders = ("imagesTr", "labelsTr") if which == "all" else ("imagesTr",)
+    for folder in folders:
+        for path in (data / folder).glob("*.nii.gz"):
+            path.with_suffix("").write_bytes(gzip.decompress(path.read_bytes()))
+            path.unlink()
+    out = tmp_path / "datalist.json"
+    main(["prepare", "--data_dir", str(data), "--format", "msd_heart", "--labeled", f"{ids[0]},{ids[1]}",
+          "--test", ids[3], "--output", str(out), "--progress", "False"])  # fmt: skip
+    written = json.loads(out.read_text())
+    assert written["labeled"][0]["image"].endswith(".nii")
+    assert written["labeled"][0]["label"].endswith(".nii" if which == "all" else ".nii.gz")
+    assert [it["case_id"] for it in written["unlabeled"]] == [ids[2]]
+    main(["check", str(out), "--data_dir", str(data), "--progress", "False"])

@@ -93,11 +93,20 @@ def _discover_msd(root: Path) -> dict[str, tuple[str, str | None]]:
         if not (root / folder).is_dir():
             continue
         for p in sorted((root / folder).iterdir()):
-            case = p.name[: -len(".nii.gz")]
-            if not (p.is_file() and _visible(p.name) and p.name.endswith(".nii.gz")) or case in out:
+            suffix = next((x for x in (".nii.gz", ".nii") if p.name.endswith(x)), None)
+            if suffix is None or not (p.is_file() and _visible(p.name)) or p.name[: -len(suffix)] in out:
                 continue
-            label = f"labelsTr/{p.name}"
-            out[case] = (f"{folder}/{p.name}", label if labeled and (root / label).is_file() else None)
+            case = p.name[: -len(suffix)]
+            # the label may be compressed or not, whatever the image is (MSD ships .nii.gz; a user's copy may not)
+            label = next(
+                (
+                    f"labelsTr/{case}{x}"
+                    for x in (suffix, ".nii.gz", ".nii")
+                    if (root / f"labelsTr/{case}{x}").is_file()
+                ),
+                None,
+            )
+            out[case] = (f"{folder}/{p.name}", label if labeled else None)
     return out
 
 
