@@ -253,3 +253,54 @@ def test_uncompressed_nifti_is_a_case_for_prepare_as_for_check(tmp_path, which):
     assert written["labeled"][0]["label"].endswith(".nii" if which == "all" else ".nii.gz")
     assert [it["case_id"] for it in written["unlabeled"]] == [ids[2]]
     main(["check", str(out), "--data_dir", str(data), "--progress", "False"])
+
+
+def _copy_of_a_training_case(data):
+    shutil.copy(data / "la_b" / "mri_norm2.h5", data / "la_e" / "mri_norm2.h5")
+    return "la_e", "files with identical content in more than one split"
+
+
+def _label_without_background(data):
+    import h5py
+
+    with h5py.File(data / "la_a" / "mri_norm2.h5", "a") as f:
+        f["label"][...] = 1
+    return "la_a", "no background voxel"
+
+
+def _no_data_values(data):
+    import h5py
+    import numpy as np
+
+    with h5py.File(data / "la_c" / "mri_norm2.h5", "a") as f:
+        image = f["image"][()].astype("f4")
+        image[0, 0, :] = np.finfo(np.float32).max
+        del f["image"]
+        f.create_dataset("image", data=image)
+    return "la_c", "no-data values"
+
+
+def _huge_declaration(data):
+    _huge_h5(data / "la_d" / "mri_norm2.h5")
+    return "la_d", "the header declares a volume of shape (2048, 2048, 1024)"
+
+
+@pytest.mark.parametrize(
+    "damage", [_copy_of_a_training_case, _label_without_background, _no_data_values, _huge_declaration],
+    ids=lambda f: f.__name__.strip("_"),
+)  # fmt: skip
+def test_the_bundles_training_refuses_what_prepare_refuses_before_training(tmp_path, damage):
+    from .bundle_utils import copy_bundle, make_data, overrides, workflow
+
+    bundle = copy_bundle("mlbseg_la", tmp_path)
+    data, split = make_data(tmp_path, "uamt_h5")
+    case, fragment = damage(data)
+    with pytest.raises(Exception) as info:
+        workflow(bundle, ["train.json"], "train", run_id="training", **overrides(bundle, data, "uamt_h5", split)).run()
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__
+    message = "\n".join(chain)
+    assert case in message and fragment in message, message[-2000:]
+    assert not list(bundle.rglob("*.pt")) and not list(bundle.rglob("*.nii.gz")), "nothing trained or written"
