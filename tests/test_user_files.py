@@ -169,6 +169,8 @@ def test_an_intact_compressed_metaimage_is_accepted_and_its_checksum_read(tmp_pa
     assert readers.metaimage_header_problem(header) is None
     datalist = build_datalist(data, "promise12", labeled=f"{ids[0]},{ids[1]}", test=ids[3])
     assert check_datalist(datalist, "promise12", data, progress=False) == []
+    raw.write_bytes(zlib.compress(b"\0" * (size + (4 << 20))))  # more than declared: stops reading early
+    assert "holds more than the" in readers.metaimage_header_problem(header)
     raw.write_bytes(zlib.compress(b"\0" * (size // 2)))
     assert "holds" in readers.metaimage_header_problem(
         header

@@ -376,12 +376,14 @@ def _compressed_metaimage_problem(data: str, need: int, what: str, chunk: int = 
         with open(data, "rb") as f:
             for block in iter(lambda: f.read(chunk), b""):
                 size += len(stream.decompress(block, chunk))
-                while stream.unconsumed_tail:
+                while stream.unconsumed_tail and size <= need:
                     size += len(stream.decompress(stream.unconsumed_tail, chunk))
-                if stream.eof:
+                if stream.eof or size > need:
                     break
     except zlib.error as e:
         return f"the compressed data file {data} is corrupt ({e})"
+    if size > need:
+        return f"the compressed data file {data} holds more than the {need} bytes {what} needs once decompressed"
     if not stream.eof:
         return f"the compressed data file {data} is truncated (its zlib stream ends before its checksum)"
     if size != need:

@@ -317,15 +317,15 @@ class _VolumeChecker:
 
     def __call__(self, path: str, role: str, what: str, problems: list[Problem]) -> _Volume | None:
         """Load and check one file; ``None`` (problems appended) when it is unusable."""
+        declared = declared_voxels(path)
+        if declared is not None and int(np.prod(declared[0], dtype=np.float64)) > max_check_voxels():
+            problems.append(Problem(path, f"{what}: {_too_large(*declared)}"))
+            return None
         if path.lower().endswith((".mhd", ".mha")):
             reason = metaimage_header_problem(path)
             if reason is not None:
                 problems.append(Problem(path, f"{what}: {reason}"))
                 return None
-        declared = declared_voxels(path)
-        if declared is not None and int(np.prod(declared[0], dtype=np.float64)) > max_check_voxels():
-            problems.append(Problem(path, f"{what}: {_too_large(*declared)}"))
-            return None
         if path.lower().endswith(".gz"):
             reason = _gzip_problem(path)
             if reason is not None:
