@@ -287,18 +287,54 @@ def _huge_declaration(data):
     return "la_d", "the header declares a volume of shape (2048, 2048, 1024)"
 
 
-@pytest.mark.parametrize(
-    "damage", [_copy_of_a_training_case, _label_without_background, _no_data_values, _huge_declaration],
-    ids=lambda f: f.__name__.strip("_"),
-)  # fmt: skip
-def test_the_bundles_training_refuses_what_prepare_refuses_before_training(tmp_path, damage):
+def _damaged_gzip(data):
+    path = data / "imagesTr" / "la_003.nii.gz"
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return "la_003", "gzip data are damaged"
+
+
+def _nan_origin_of_a_test_image(data):
+    import nibabel as nib
+    import numpy as np
+
+    path = data / "imagesTr" / "la_007.nii.gz"
+    img = nib.load(str(path))
+    header = img.header.copy()
+    header["srow_x"][3] = np.nan
+    header.set_qform(None, code=0)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), None, header=header), str(path))
+    return "la_007", "holds NaN or inf values"
+
+
+def _long_metaimage_data(data):
+    raw = data / "Case01.raw"
+    raw.write_bytes(raw.read_bytes() + b"\0" * 64)
+    return "Case01", "64 bytes too many"
+
+
+#: (format of the data, damage) pairs; each damage returns the case it damaged and what the refusal must say
+DAMAGES = [
+    ("uamt_h5", _copy_of_a_training_case),
+    ("uamt_h5", _label_without_background),
+    ("uamt_h5", _no_data_values),
+    ("uamt_h5", _huge_declaration),
+    ("msd_heart", _damaged_gzip),
+    ("msd_heart", _nan_origin_of_a_test_image),
+    ("promise12", _long_metaimage_data),
+]
+
+
+@pytest.mark.parametrize("fmt, damage", DAMAGES, ids=[f.__name__.strip("_") for _, f in DAMAGES])
+def test_the_bundles_training_refuses_what_prepare_refuses_before_training(tmp_path, fmt, damage):
     from .bundle_utils import copy_bundle, make_data, overrides, workflow
 
     bundle = copy_bundle("mlbseg_la", tmp_path)
-    data, split = make_data(tmp_path, "uamt_h5")
+    data, split = make_data(tmp_path, fmt)
     case, fragment = damage(data)
     with pytest.raises(Exception) as info:
-        workflow(bundle, ["train.json"], "train", run_id="training", **overrides(bundle, data, "uamt_h5", split)).run()
+        workflow(bundle, ["train.json"], "train", run_id="training", **overrides(bundle, data, fmt, split)).run()
     chain, error = [], info.value
     while error is not None:
         chain.append(str(error))
