@@ -103,8 +103,9 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "threshold."
         ),
         measured=(
-            "+5.30 Dice over labeled-only training at 64 px through the bundle's workflow (35 of 48 cases, 3 seeds); "
-            "+2.97 at 64 px and +2.77 at 96 px in the earlier benchmark (docs/results.md findings 28, 30, 33)"
+            "+5.30 Dice over labeled-only training at 64 px through the bundle's workflow (35 of 48 cases, 3 seeds), "
+            "+1.64 over labeled-only training with the same strong perturbation (39 of 48); +2.97 at 64 px and +2.77 "
+            "at 96 px in the earlier benchmark (docs/results.md findings 28, 30, 33, 35)"
         ),
         cost="one optimizer step: student forward and backward on both batches, one teacher forward",
         parts=lambda teacher: _parts(
