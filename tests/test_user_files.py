@@ -342,3 +342,21 @@ def test_the_bundles_training_refuses_what_prepare_refuses_before_training(tmp_p
     message = "\n".join(chain)
     assert case in message and fragment in message, message[-2000:]
     assert not list(bundle.rglob("*.pt")) and not list(bundle.rglob("*.nii.gz")), "nothing trained or written"
+
+
+def test_the_bundle_reads_lists_saved_by_other_editors_next_to_folders_in_another_unicode_form(macos_copy, tmp_path):
+    """The left-atrium bundle's UA-MT split: train.list with a UTF-8 BOM, test.list in UTF-16, NFD case folders."""
+    from monai_mlbseg.recipe import parsed, run_training_step
+
+    from .bundle_utils import copy_bundle, overrides, workflow
+
+    names = [unicodedata.normalize("NFC", f"Fälle{i}") for i in range(4)]
+    (macos_copy / "train.list").write_bytes(codecs.BOM_UTF8 + "\r\n".join(names[:3]).encode("utf-8"))
+    (macos_copy / "test.list").write_bytes(codecs.BOM_UTF16_LE + names[3].encode("utf-16-le"))
+    bundle = copy_bundle("mlbseg_la", tmp_path)
+    split = {"train_list": str(macos_copy / "train.list"), "test_list": str(macos_copy / "test.list"), "num_labeled": 1}
+    wf = workflow(bundle, ["train.json"], "train", run_id="training", **overrides(bundle, macos_copy, "uamt_h5", split))
+    run_training_step(wf, "data check")  # raises on any refused input
+    assert [it["case_id"] for it in parsed(wf, "train#dataset#data")] == names[:1]
+    assert [it["case_id"] for it in parsed(wf, "train#unlabeled#source")] == names[1:3]
+    assert [it["case_id"] for it in parsed(wf, "test_data")] == names[3:]
