@@ -183,8 +183,9 @@ class Benchmark:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ids = split_ids(train_list, args.num_labeled, args.num_validation)
         datalist_file = self.out / "datalist.json"
-        atomic_write_json(datalist_file, build_datalist(data_dir, "uamt_h5", **ids))
-        self.datalist = resolve_datalist(build_datalist(data_dir, "uamt_h5", **ids), data_dir)
+        datalist = build_datalist(data_dir, "uamt_h5", **ids)
+        atomic_write_json(datalist_file, datalist)
+        self.datalist = resolve_datalist(datalist, data_dir)
         self.bundle = write_bundle("mlbseg_la", self.out / "bundle")
         #: the overrides every workflow of the benchmark shares
         self.common = {

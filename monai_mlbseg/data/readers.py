@@ -228,13 +228,22 @@ _NRRD_TYPE_SIZES = {
 
 
 def _text_header(path: str, stop: str | None = None, limit: int = 1 << 16) -> dict[str, str]:
-    """The ``key = value`` or ``key: value`` lines of a text header (its first ``limit`` bytes, to ``stop``)."""
+    """
+    The ``key = value`` (or ``key: value``) lines of a text header in the first ``limit`` bytes of ``path``: up to
+    the line of key ``stop`` (MetaImage's ``ElementDataFile``, after which binary data may follow), or without one
+    up to the first blank line (NRRD).
+
+    Raises:
+        OSError: when the file cannot be read.
+    """
     header: dict[str, str] = {}
     with open(path, "rb") as f:
         text = f.read(limit).decode("latin-1")
     for line in text.splitlines():
         if not line.strip():
-            break
+            if stop is None:
+                break
+            continue
         key, sep, value = line.partition("=") if "=" in line else line.partition(":")
         if sep:
             header[key.strip()] = value.strip()
@@ -312,16 +321,8 @@ def metaimage_header_problem(path: str | os.PathLike) -> str | None:
         metaimage_header_problem("Case00.mhd")  # "the header has no DimSize (the size of each axis)"
     """
     path = os.fspath(path)
-    header: dict[str, str] = {}
     try:
-        with open(path, encoding="latin-1") as f:
-            for line in f:
-                key, sep, value = line.partition("=")
-                if not sep:
-                    continue
-                header[key.strip()] = value.strip()
-                if key.strip() == "ElementDataFile":
-                    break
+        header = _text_header(path, stop="ElementDataFile")
     except OSError:
         return None
     if "NDims" not in header:

@@ -346,7 +346,7 @@ class MetaTrainer(SupervisedTrainer):
             terms = {term.name: term(ctx) for term in self.terms}
             unlabeled = _sum([term.weight * terms[term.name] for term in self.terms])
             joint = self.schedule.joint_loss(self, ctx)
-            step_terms = unlabeled if joint is None else joint if unlabeled is None else unlabeled + joint
+            step_terms = _sum([t for t in (unlabeled, joint) if t is not None])
         with record_function("mlbseg.weight_maps"):
             weights = self._weight_maps_phase(ctx, sources, step_terms)
         with record_function("mlbseg.weighted_step"):

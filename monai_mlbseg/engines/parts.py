@@ -461,7 +461,7 @@ class JointStep(StepSchedule):
     steps_per_iteration = 1
 
     def joint_loss(self, trainer: MetaTrainer, ctx: Stage2Context) -> torch.Tensor:
-        loss = trainer.state.output["loss_clean"] = trainer.clean_loss(ctx.clean())
+        trainer.state.output["loss_clean"] = loss = trainer.clean_loss(ctx.clean())
         return loss
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError, Problem
+
 __all__ = [
     "atomic_path",
     "atomic_write_text",
@@ -67,8 +69,6 @@ def read_user_text(path: str | os.PathLike, what: str = "text file") -> str:
 
         ids = read_user_text("train.list", "case list").splitlines()
     """
-    from .errors import InputError, Problem
-
     try:
         data = Path(path).read_bytes()
     except OSError as e:

@@ -253,8 +253,8 @@ def _same_file_in_two_splits(
 ) -> list[Problem]:
     """
     Images that are one file under two names in two splits: the same file once links are resolved, or files with
-    the same bytes (a copy under another case id). Only files of equal size are hashed. Images named by the same
-    path are reported by :py:func:`_duplicates`.
+    the same bytes (a copy under another case id). Only files of equal size in different splits are hashed. Images
+    named by the same path are reported by :py:func:`_duplicates`.
     """
     images = [(split, i, it, paths[(split, i, "image")]) for split, i, it in entries if (split, i, "image") in paths]
     groups: dict[str, list[tuple[str, int, dict, str]]] = {}
@@ -265,8 +265,9 @@ def _same_file_in_two_splits(
         by_size.setdefault(os.path.getsize(real), []).append(real)
     by_content: dict[str, list[tuple[str, int, dict, str]]] = {}
     for reals in by_size.values():
+        spans_splits = len({split for real in reals for split, *_ in groups[real]}) > 1
         for real in reals:
-            key = _sha256(real) if len(reals) > 1 else real
+            key = _sha256(real) if len(reals) > 1 and spans_splits else real
             by_content.setdefault(key, []).extend(groups[real])
     problems = []
     for members in by_content.values():
