@@ -15,7 +15,7 @@ from monai.bundle import ConfigWorkflow
 from monai.transforms import Randomizable
 from monai.utils import set_determinism
 
-from monai_mlbseg.engines import STAGE2_METHODS
+from monai_mlbseg.engines import STAGE2_METHODS, TRUSTS
 from monai_mlbseg.utils import find_input_error
 
 __all__ = [
@@ -134,7 +134,7 @@ def stage_overrides(
 
 
 #: the stage-2 options a run may set on top of its method, in JSON form (:py:func:`trainer_overrides`)
-TRAINER_OPTIONS = ("grad_clip", "student_augment", "clean_augment", "reuse_meta_grad", "meta_params")
+TRAINER_OPTIONS = ("grad_clip", "student_augment", "clean_augment", "reuse_meta_grad", "meta_params", "trust")
 
 
 def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +143,8 @@ def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
     ``grad_clip`` (a number or ``None``); ``student_augment`` / ``clean_augment`` (the arguments of
     :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment`, or ``None``); MLB-Seg's fast modes
     ``reuse_meta_grad`` (the clean step reuses the meta-gradient: :py:class:`~monai_mlbseg.engines.TwoSteps`) and
-    ``meta_params`` (parameter names or prefixes of the meta-gradient: :py:class:`~monai_mlbseg.engines.MetaWeighting`).
+    ``meta_params`` (parameter names or prefixes of the meta-gradient: :py:class:`~monai_mlbseg.engines.MetaWeighting`);
+    ``trust``: the weighting of the label sources by name, a key of :py:data:`~monai_mlbseg.engines.TRUSTS`.
 
     Args:
         options: ``{option: value}`` of :py:data:`TRAINER_OPTIONS`.
@@ -174,4 +175,9 @@ def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("meta_params") is not None:
         names = [str(m) for m in options["meta_params"]]
         out["train#trainer#weighting"] = f"$monai_mlbseg.engines.MetaWeighting({names!r})"
+    if options.get("trust") is not None:
+        name = str(options["trust"])
+        if name not in TRUSTS:
+            raise ValueError(f"unknown pseudo-label trust {name!r}; known: {', '.join(TRUSTS)}.")
+        out["train#trainer#weighting"] = f"$monai_mlbseg.engines.pseudo_label_trust({name!r})"
     return out

@@ -9,12 +9,17 @@ from ignite.engine import Events
 
 from monai_mlbseg.engines import (
     STAGE2_METHODS,
+    ConfidenceWeighting,
     InitialLabels,
+    InstanceMetaWeighting,
     JointStep,
     MeanTeacher,
     MeanTeacherTerm,
     MetaWeighting,
     PseudoLabels,
+    QualityTerm,
+    QualityWeighting,
+    TeacherLabels,
     TwoSteps,
     UniformWeighting,
     ViewConsistencyTerm,
@@ -214,7 +219,7 @@ def _composition(parts):
     """The kinds of a method's parts, comparable with ``==``."""
     return {
         "sources": [type(s) for s in parts["sources"]],
-        "terms": [(type(t), t.weight, type(t.loss)) for t in parts["terms"]],
+        "terms": [(type(t), t.weight, type(getattr(t, "loss", None))) for t in parts["terms"]],
         "weighting": type(parts["weighting"]),
         "schedule": type(parts["schedule"]),
         "mean_teacher": type(parts["mean_teacher"]),
@@ -228,6 +233,13 @@ _NONE = type(None)
 _PC, _MT = (ViewConsistencyTerm, 1.0, ViewConsistencyLoss), (MeanTeacherTerm, 1.0, MeanTeacherLoss)
 _SQUARED_TEACHER = dict(weighting=UniformWeighting, schedule=TwoSteps, mean_teacher=MeanTeacher, grad_clip=0.2)
 _NO_AUGMENT = dict(student_augment=_NONE, clean_augment=_NONE)
+_WEAK_TO_STRONG = dict(
+    schedule=JointStep,
+    mean_teacher=MeanTeacher,
+    student_augment=StrongIntensityAugment,
+    clean_augment=_NONE,
+    grad_clip=None,
+)
 EXPECTED_METHODS = {
     "mlbseg": dict(
         sources=[InitialLabels, PseudoLabels],
@@ -238,15 +250,10 @@ EXPECTED_METHODS = {
         grad_clip=0.2,
         **_NO_AUGMENT,
     ),
-    "weak_to_strong": dict(
-        sources=[],
-        terms=[(MeanTeacherTerm, 1.0, ConfidentPseudoLabelLoss)],
-        weighting=UniformWeighting,
-        schedule=JointStep,
-        mean_teacher=MeanTeacher,
-        student_augment=StrongIntensityAugment,
-        clean_augment=_NONE,
-        grad_clip=None,
+    "weak_to_strong": dict(sources=[TeacherLabels], terms=[], weighting=ConfidenceWeighting, **_WEAK_TO_STRONG),
+    "instance_meta": dict(sources=[TeacherLabels], terms=[], weighting=InstanceMetaWeighting, **_WEAK_TO_STRONG),
+    "quality_guided": dict(
+        sources=[TeacherLabels], terms=[(QualityTerm, 0.1, _NONE)], weighting=QualityWeighting, **_WEAK_TO_STRONG
     ),
     "mean_teacher": dict(sources=[], terms=[_MT], **_SQUARED_TEACHER, **_NO_AUGMENT),
     "self_training": dict(
@@ -287,9 +294,9 @@ def test_named_stage2_methods_set_their_options_and_train(method):
     if method == "mlbseg":
         assert first["sources"][1].ensemble is True and first["weighting"].meta_params is None
         assert first["schedule"].reuse_meta_grad is False
-    if method == "weak_to_strong":
-        assert first["terms"][0].loss.threshold == 0.95
-        assert isinstance(first["terms"][0].clean_loss, MeanTeacherLoss), "the clean part stays squared"
+    if method in ("weak_to_strong", "instance_meta", "quality_guided"):
+        weighting = first["weighting"]
+        assert getattr(weighting, "prior", weighting).threshold == 0.95
         augment = first["student_augment"]
         assert (augment.contrast, augment.shift, augment.noise_std, augment.blur_prob) == (0.25, 0.2, 0.08, 0.5)
     # fresh parts: two calls share no object, so changing one leaves the other (and the registry) alone
@@ -307,21 +314,27 @@ def test_named_stage2_methods_set_their_options_and_train(method):
     assert all(isinstance(getattr(entry, k), str) and getattr(entry, k) for k in ("title", "description", "measured"))
     assert entry.labeled_only == (method == "labeled_only")
 
-    trainer = make_trainer(iterations=1, method=method, unlabeled=[] if entry.labeled_only else None)
+    parts = stage2_method(method)
+    if isinstance(parts["weighting"], QualityWeighting):
+        parts["weighting"].predictor.steps = 5  # its fit is tested in test_trust.py
+    trainer = make_trainer(iterations=1, method=None, unlabeled=[] if entry.labeled_only else None, **parts)
     json.dumps(trainer.run_settings)  # JSON-compatible, for configs and result files
     steps = count_steps(trainer)
     before = [p.detach().clone() for p in trainer.network.parameters()]
     trainer.run()
     out = trainer.state.output
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
-    assert (getattr(trainer.weighting, "lookahead", None) is not None) == (method == "mlbseg")
+    assert (getattr(trainer.weighting, "lookahead", None) is not None) == (method in ("mlbseg", "instance_meta"))
     if entry.labeled_only:
         assert trainer.supervised_only and steps["n"] == 1, "one clean step per iteration"
         assert out["loss"] == out["loss_clean"]
     else:
-        assert math.isnan(out["loss_meta"]) == (method != "mlbseg")
-        assert (out["loss_weighted"] == 0.0) == (method in ("mean_teacher", "weak_to_strong"))
-        assert steps["n"] == (1 if method == "weak_to_strong" else 2), "weak_to_strong makes one joint step"
+        assert math.isnan(out["loss_meta"]) == (method not in ("mlbseg", "instance_meta"))
+        assert (out["loss_weighted"] == 0.0) == (
+            method == "mean_teacher" or not trainer.state.weight_maps["weights"].any()
+        )
+        joint = isinstance(trainer.schedule, JointStep)
+        assert steps["n"] == (1 if joint else 2), "the weak-to-strong methods make one joint step"
     with pytest.raises(ValueError, match="unknown stage-2 method 'ssl'") as error:
         stage2_method("ssl")
     assert all(name in str(error.value) for name in STAGE2_METHODS), "the message lists the known names"

@@ -19,10 +19,12 @@ from monai.data import DataLoader
 
 from monai_mlbseg.engines import (
     JointStep,
+    MeanTeacherTerm,
     MetaTrainer,
     MetaWeighting,
     PseudoLabels,
     TwoSteps,
+    UniformWeighting,
     WeightedStepOnly,
     stage2_method,
 )
@@ -58,6 +60,14 @@ def _augment(parts):
     return StrongIntensityAugment(**AUGMENT)
 
 
+#: ``weak_to_strong`` as recorded (bundles 0.4.0): the teacher's confident labels as a term's loss, not yet as a label
+#: source with a confidence weighting (the same weighted BCE, see ``test_trust.py``), plus that term's clean part
+W2S_RECORDED = dict(
+    sources=lambda p: [],
+    weighting=lambda p: UniformWeighting(),
+    terms=lambda p: [MeanTeacherTerm(1.0, ConfidentPseudoLabelLoss(0.95))],
+)
+
 #: run name -> (MetaTrainer arguments, unlabeled batch size or None for no unlabeled data, freeze BatchNorm)
 RUNS = {
     "mlbseg": (_method("mlbseg"), 1),
@@ -68,11 +78,11 @@ RUNS = {
     "mlbseg_no_ple": (_method("mlbseg", sources=lambda p: [p["sources"][0], PseudoLabels(ensemble=False)]), 1),
     "mlbseg_unlabeled_batch_2": (_method("mlbseg"), 2),
     "mean_teacher": (_method("mean_teacher"), 1),
-    "weak_to_strong": (_method("weak_to_strong"), 1),
-    "weak_to_strong_clean_augment": (_method("weak_to_strong", clean_augment=_augment), 1),
+    "weak_to_strong": (_method("weak_to_strong", **W2S_RECORDED), 1),
+    "weak_to_strong_clean_augment": (_method("weak_to_strong", **W2S_RECORDED, clean_augment=_augment), 1),
     "self_training": (_method("self_training"), 1),
     "labeled_only": (_method("labeled_only"), None),
-    "labeled_only_clean_augment": (_method("weak_to_strong", clean_augment=_augment), None),
+    "labeled_only_clean_augment": (_method("weak_to_strong", **W2S_RECORDED, clean_augment=_augment), None),
     "x_sign_weights": (_method("mlbseg", weighting=lambda p: SignMetaWeighting()), 1),
     "x_agreement_weights_joint": (
         _method("mlbseg", weighting=lambda p: AgreementMetaWeighting(), schedule=lambda p: JointStep()),
@@ -80,11 +90,16 @@ RUNS = {
     ),
     "x_copy_paste": (_method("mlbseg", terms=lambda p: [*p["terms"], CopyPasteTerm(0.5)]), 1),
     "x_teacher_ensemble": (
-        _method("weak_to_strong", terms=lambda p: [EnsembleMeanTeacherTerm(1.0, ConfidentPseudoLabelLoss(0.95))]),
+        _method(
+            "weak_to_strong",
+            **{**W2S_RECORDED, "terms": lambda p: [EnsembleMeanTeacherTerm(1.0, ConfidentPseudoLabelLoss(0.95))]},
+        ),
         1,
     ),
     "x_clip_per_term": (
-        _method("weak_to_strong", schedule=lambda p: PerTermClippedJointStep(), grad_clip=lambda p: 0.2),
+        _method(
+            "weak_to_strong", **W2S_RECORDED, schedule=lambda p: PerTermClippedJointStep(), grad_clip=lambda p: 0.2
+        ),
         1,
     ),
     "x_frozen_batch_norm": (_method("mlbseg"), 1),

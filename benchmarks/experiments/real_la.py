@@ -61,16 +61,19 @@ logger = logging.getLogger("real_la")
 #: options on top of it (``trainer``, the JSON form of :py:data:`TRAINER_OPTIONS`) and benchmark options.
 VARIANTS: dict[str, dict[str, Any]] = {
     "a_labeled_only": {"method": "labeled_only", "trainer": {}},
+    "a_matched": {"method": "weak_to_strong", "trainer": {}, "control": True},
     "b_self_training": {"method": "self_training", "trainer": {}},
     "c_mean_teacher": {"method": "mean_teacher", "trainer": {}},
     "d_mlbseg": {"method": "mlbseg", "trainer": {}},
     "e_reuse_meta_grad": {"method": "mlbseg", "trainer": {"reuse_meta_grad": True}},
     "e_meta_params_last": {"method": "mlbseg", "trainer": {"meta_params": "LAST"}},
     "f_weak_to_strong": {"method": "weak_to_strong", "trainer": {}},
+    "g_instance_meta": {"method": "instance_meta", "trainer": {}},
+    "h_quality_guided": {"method": "quality_guided", "trainer": {}},
 }
 
 #: benchmark-level options a variant may set (the rest go to :py:class:`MetaTrainer`)
-RUN_OPTIONS = ("lr", "unlabeled_batch", "clean_batch", "supervised", "iterations_factor", "initial_labels")
+RUN_OPTIONS = ("lr", "unlabeled_batch", "clean_batch", "supervised", "iterations_factor", "initial_labels", "control")
 
 #: ``initial_labels`` of a variant: how the stage-1 predictions become the initial labels of the unlabeled volumes
 INITIAL_LABELS = ("raw", "largest_component")
@@ -138,15 +141,8 @@ def evaluate(network: torch.nn.Module, inferer: Any, items: Sequence[dict], load
 class MonitorLog:
     """Collects the trainer's monitoring scalars (agreement with the ground truth, weight mass) per iteration."""
 
-    KEYS = (
-        "dice_initial_gt",
-        "dice_pseudo_gt",
-        "dice_pred_gt",
-        "weight_initial",
-        "weight_pseudo",
-        "weight_initial_when_wrong",
-        "weight_initial_when_right",
-    )
+    #: the output entries logged: Dice of the labels against the ground truth, weight mass and selection per source
+    PREFIXES = ("dice_", "weight_", "auc_")
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
@@ -156,9 +152,9 @@ class MonitorLog:
 
     def __call__(self, engine: Any) -> None:
         out = engine.state.output
-        self.rows.append({k: float(out[k]) for k in self.KEYS if k in out})
+        self.rows.append({k: float(v) for k, v in out.items() if k.startswith(self.PREFIXES)})
 
-    def summary(self, window: int = 100) -> dict[str, dict[str, float]]:
+    def summary(self, window: int = 50) -> dict[str, dict[str, float]]:
         """Mean of every scalar over the first and the last ``window`` iterations (NaNs skipped)."""
 
         def mean(rows: list[dict[str, float]], key: str) -> float:
@@ -166,7 +162,8 @@ class MonitorLog:
             return statistics.fmean(values) if values else math.nan
 
         parts = {"first": self.rows[:window], "last": self.rows[-window:]}
-        return {part: {k: mean(rows, k) for k in self.KEYS} for part, rows in parts.items()}
+        keys = sorted({k for row in self.rows for k in row})
+        return {part: {k: mean(rows, k) for k in keys} for part, rows in parts.items()}
 
 
 class Benchmark:
@@ -223,7 +220,8 @@ class Benchmark:
         """The bundle overrides of one stage-2 variant of one seed (equal budgets in optimizer steps)."""
         folder, stage1 = self.out / f"seed{seed}" / name, self.stage1_folder(seed)
         method = spec.get("method", "mlbseg")
-        supervised = bool(spec.get("supervised", False)) or STAGE2_METHODS[method].labeled_only
+        control = bool(spec.get("control", False))
+        supervised = bool(spec.get("supervised", False)) or control or STAGE2_METHODS[method].labeled_only
         steps = round(2 * self.args.stage2_iterations * float(spec.get("iterations_factor", 1.0)))
         iterations = steps if supervised else stage2_iterations(method, steps)
         options = dict(spec["trainer"])
@@ -245,6 +243,7 @@ class Benchmark:
             "stage1#model": str(stage1 / "stage1.pt"),
             "bootstrap#label_dir": str(stage1 / (labels or "initial_labels")),
             **({"train#unlabeled#source": []} if supervised else {}),
+            **({"stage2_parts": "$monai_mlbseg.engines.matched_control(@stage2_method, @teacher)"} if control else {}),
         }
 
     def stage1(self, seed: int) -> tuple[Path, dict]:

@@ -6,7 +6,7 @@ from .context import LabeledViews, Stage2Context, ViewBatch
 from .events import MetaIterationEvents
 from .guards import NonFiniteLossGuard, check_finite
 from .meta_trainer import STAGE2_PHASES, STAGE2_TERMS, MetaTrainer, stage2_terms
-from .methods import STAGE2_METHODS, Stage2Method, stage2_method
+from .methods import STAGE2_METHODS, Stage2Method, matched_control, stage2_method
 from .monitor import GroundTruthMonitor
 from .parts import (
     ConfidenceWeighting,
@@ -29,8 +29,28 @@ from .parts import (
     WeightMaps,
 )
 from .teacher import MeanTeacherHandler
+from .trust import (
+    TRUSTS,
+    AdaptiveConfidenceWeighting,
+    AmortisedMetaWeighting,
+    InstanceMetaWeighting,
+    NormalisedMetaWeighting,
+    QualityPredictor,
+    QualityTerm,
+    QualityWeighting,
+    pseudo_label_trust,
+)
 
 __all__ = [
+    "TRUSTS",
+    "AdaptiveConfidenceWeighting",
+    "AmortisedMetaWeighting",
+    "InstanceMetaWeighting",
+    "NormalisedMetaWeighting",
+    "QualityPredictor",
+    "QualityTerm",
+    "QualityWeighting",
+    "pseudo_label_trust",
     "AtomicCheckpointSaver",
     "ConfidenceWeighting",
     "GroundTruthMonitor",
@@ -70,6 +90,7 @@ __all__ = [
     "load_weights",
     "run_stage",
     "save_weights",
+    "matched_control",
     "stage2_method",
     "stage2_terms",
 ]

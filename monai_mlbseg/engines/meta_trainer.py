@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -235,6 +236,8 @@ class MetaTrainer(SupervisedTrainer):
         if not self.supervised_only:
             self.weighting.attach(self)
             self.schedule.attach(self)
+            for term in self.terms:
+                term.attach(self)
         #: the run's settings, JSON-compatible, from the parts' own descriptions: a resumed run must have the same
         #: (:py:class:`~monai_mlbseg.engines.ResumeFromCheckpoint`)
         self.run_settings: dict[str, Any] = describe_settings(
@@ -254,6 +257,27 @@ class MetaTrainer(SupervisedTrainer):
         )
         self.state.weight_maps = None
         self.state.stage2 = None
+
+    def stateful_parts(self) -> dict[str, Any]:
+        """The parts with a state of their own (``state_dict``): the weighting, the terms, by name."""
+        parts = {"weighting": self.weighting, **{term.name: term for term in self.terms}}
+        return {name: part for name, part in parts.items() if callable(getattr(part, "state_dict", None))}
+
+    def state_dict(self) -> OrderedDict:
+        """Ignite's engine state plus the states of :py:meth:`stateful_parts` (under ``"parts"``)."""
+        state = super().state_dict()
+        parts = self.stateful_parts()
+        if parts:
+            state["parts"] = {name: part.state_dict() for name, part in parts.items()}
+        return state
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore the engine state and the saved states of :py:meth:`stateful_parts`."""
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("parts", {})
+        for name, part in self.stateful_parts().items():
+            if name in saved:
+                part.load_state_dict(saved[name])
 
     def set_random_state(self, seed: int) -> MetaTrainer:
         """

@@ -8,22 +8,25 @@ from typing import Any
 
 from torch import nn
 
-from monai_mlbseg.losses import ConfidentPseudoLabelLoss
 from monai_mlbseg.transforms import StrongIntensityAugment
 
 from .parts import (
+    ConfidenceWeighting,
     InitialLabels,
     JointStep,
     MeanTeacher,
     MeanTeacherTerm,
     MetaWeighting,
+    PixelWeighting,
     PseudoLabels,
+    TeacherLabels,
     TwoSteps,
     UniformWeighting,
     ViewConsistencyTerm,
 )
+from .trust import InstanceMetaWeighting, QualityPredictor, QualityTerm, QualityWeighting
 
-__all__ = ["STAGE2_METHODS", "Stage2Method", "stage2_method"]
+__all__ = ["STAGE2_METHODS", "Stage2Method", "matched_control", "stage2_method"]
 
 #: the ``MetaTrainer`` arguments a method sets (every one, so that switching methods switches all of them)
 METHOD_KEYS = (
@@ -71,6 +74,25 @@ def _reference_terms() -> list:
     return [ViewConsistencyTerm(1.0), MeanTeacherTerm(1.0)]
 
 
+def _weak_to_strong(teacher: nn.Module | None, weighting: PixelWeighting, terms: tuple = ()) -> dict[str, Any]:
+    """The weak-to-strong mean teacher with a pseudo-label trust: the student on a strong perturbation of the views
+    learns the teacher's labels of the views, weighted by ``weighting``, in one joint step with the labeled loss."""
+    return _parts(
+        sources=[TeacherLabels()],
+        terms=list(terms),
+        weighting=weighting,
+        schedule=JointStep(),
+        mean_teacher=MeanTeacher(teacher),
+        student_augment=StrongIntensityAugment(contrast=0.25, shift=0.2, noise_std=0.08, blur_prob=0.5),
+        grad_clip=None,
+    )
+
+
+def _quality_guided(teacher: nn.Module | None) -> dict[str, Any]:
+    predictor = QualityPredictor()
+    return _weak_to_strong(teacher, QualityWeighting(predictor), (QualityTerm(predictor, 0.1),))
+
+
 #: the stage-2 methods by name
 STAGE2_METHODS: dict[str, Stage2Method] = {
     "mlbseg": Stage2Method(
@@ -108,13 +130,32 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "at 96 px in the earlier benchmark (docs/results.md findings 28, 30, 33, 35)"
         ),
         cost="one optimizer step: student forward and backward on both batches, one teacher forward",
-        parts=lambda teacher: _parts(
-            terms=[MeanTeacherTerm(1.0, ConfidentPseudoLabelLoss(0.95))],
-            schedule=JointStep(),
-            mean_teacher=MeanTeacher(teacher),
-            student_augment=StrongIntensityAugment(contrast=0.25, shift=0.2, noise_std=0.08, blur_prob=0.5),
-            grad_clip=None,
+        parts=lambda teacher: _weak_to_strong(teacher, ConfidenceWeighting(0.95)),
+    ),
+    "instance_meta": Stage2Method(
+        title="weak-to-strong with instance meta weights",
+        description=(
+            "The weak-to-strong mean teacher with one meta-learned weight per unlabeled view on top of the 0.95 "
+            "confidence threshold: a look-ahead SGD step on the view's confident teacher labels, judged on the clean "
+            "batch, raises (up to twice) the weight of views whose labels move the model towards the labeled data "
+            "and lowers the others (the instance-level re-weighting of hybrid supervision, DII)."
         ),
+        measured="see docs/results.md finding 36",
+        cost="one optimizer step plus a look-ahead (one backward on the clean views, one Jacobian-vector product)",
+        parts=lambda teacher: _weak_to_strong(teacher, InstanceMetaWeighting()),
+    ),
+    "quality_guided": Stage2Method(
+        title="weak-to-strong with a quality predictor",
+        description=(
+            "The weak-to-strong mean teacher with per-view trust from a quality predictor: a small CNN fitted before "
+            "stage 2 on the labeled slices only (corrupted expert masks and the stage-1 model's own predictions, each "
+            "with its true Dice) predicts the Dice of the teacher's label of each view, which scales that view's "
+            "confident pixels; the same predictor, frozen, also scores the student's prediction as a regulariser "
+            "(weight 0.1)."
+        ),
+        measured="see docs/results.md finding 36",
+        cost="one optimizer step plus the predictor (a small CNN), fitted once in 300 Adam steps",
+        parts=_quality_guided,
     ),
     "mean_teacher": Stage2Method(
         title="mean teacher",
@@ -178,3 +219,30 @@ def stage2_method(name: str, teacher: nn.Module | None = None, **overrides: Any)
     if unknown:
         raise ValueError(f"{', '.join(unknown)} not a stage-2 method argument; known: {', '.join(METHOD_KEYS)}.")
     return {**STAGE2_METHODS[name].parts(teacher), **overrides}
+
+
+def matched_control(name: str, teacher: nn.Module | None = None) -> dict[str, Any]:
+    """
+    The ``MetaTrainer`` arguments of the labeled-only control matched to a named method: the method's parts with the
+    same perturbation and optimizer settings on the labeled data, so that what the method gains over it is what the
+    unlabeled data add. The labeled views get the method's ``clean_augment`` or, without one, its
+    ``student_augment`` (the perturbation its student sees); the clean loss keeps the method's terms' clean parts and
+    its gradient clip. Train it with an empty unlabeled loader (the trainer then makes clean steps only).
+
+    Args:
+        name: a key of :py:data:`STAGE2_METHODS`.
+        teacher: as :py:func:`stage2_method`.
+
+    Returns:
+        ``{argument: value}`` for :py:class:`~monai_mlbseg.engines.MetaTrainer`.
+
+    Raises:
+        ValueError: for an unknown name.
+
+    Example::
+
+        control = MetaTrainer(..., train_data_loader=[], **matched_control("weak_to_strong"))
+    """
+    parts = stage2_method(name, teacher)
+    augment = parts["clean_augment"] if parts["clean_augment"] is not None else parts["student_augment"]
+    return {**parts, "sources": [], "clean_augment": augment, "student_augment": None}

@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
-from monai_mlbseg.evaluation import dice_score
+from monai_mlbseg.evaluation import dice_score, selection_auc
 from monai_mlbseg.transforms import warp_to_views
 
 __all__ = ["GroundTruthMonitor"]
@@ -19,9 +19,11 @@ class GroundTruthMonitor:
     Adds to ``engine.state.output`` of every :py:class:`~monai_mlbseg.engines.MetaTrainer` iteration whose
     unlabeled batch carries a ground truth under ``gt_key``: the Dice against it of the initial labels
     (``dice_initial_gt``), the PLE pseudo labels (``dice_pseudo_gt``) and the student's prediction
-    (``dice_pred_gt``), all in the views, and, with an ``initial`` label source, the mean weight of its wrong and
-    of its right pixels (``weight_initial_when_wrong`` / ``_when_right``). The ground truth only monitors: nothing
-    of it reaches the training.
+    (``dice_pred_gt``), all in the views, and, for every label source ``<name>``, how its weights select: the AUC of
+    its weights separating its right pixels from its wrong ones (``auc_<name>``, 0.5: no selection) and the mean
+    weight of its wrong and of its right pixels, in units of the uniform weight ``1 / numel``
+    (``weight_<name>_when_wrong`` / ``_when_right``). The ground truth only monitors: nothing of it reaches the
+    training.
 
     Args:
         gt_key: key of the ground truth in an unlabeled batch.
@@ -51,11 +53,11 @@ class GroundTruthMonitor:
         output["dice_initial_gt"] = dice_score(initial, gt_views)
         output["dice_pseudo_gt"] = dice_score(ctx.pseudo, gt_views)
         output["dice_pred_gt"] = dice_score((ctx.probs > engine.threshold).float(), gt_views)
-        sources = list(engine.state.weight_maps["sources"])
-        if "initial" not in sources:
-            return
-        wrong = (initial != gt_views).float()
-        weight = engine.state.weight_maps["weights"][:, sources.index("initial")][:, None]
-        if 0 < wrong.sum() < wrong.numel():
-            output["weight_initial_when_wrong"] = float((weight * wrong).sum() / wrong.sum())
-            output["weight_initial_when_right"] = float((weight * (1 - wrong)).sum() / (1 - wrong).sum())
+        maps = engine.state.weight_maps
+        for i, (name, source) in enumerate(maps["sources"].items()):
+            right = (source > 0.5) == (gt_views > 0.5)
+            weight = maps["weights"][:, i : i + 1]
+            output[f"auc_{name}"] = selection_auc(weight, right)
+            if 0 < right.sum() < right.numel():
+                output[f"weight_{name}_when_wrong"] = float(weight[~right].mean() * weight.numel())
+                output[f"weight_{name}_when_right"] = float(weight[right].mean() * weight.numel())

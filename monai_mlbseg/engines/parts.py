@@ -178,6 +178,9 @@ class UnlabeledTerm:
             raise ValueError(f"the weight of {type(self).__name__} must be >= 0, got {weight}.")
         self.weight = float(weight)
 
+    def attach(self, trainer: MetaTrainer) -> None:
+        """Check or prepare what the term needs from ``trainer``, once, when it is built (default: nothing)."""
+
     def __call__(self, ctx: Stage2Context) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(ctx).")
 

@@ -26,7 +26,7 @@ leaves open:
 
 from .files import evaluate_files
 from .handler import SegmentationReportHandler
-from .metrics import METRIC_KEYS, case_metrics, dice_score, spacing_from_affine
+from .metrics import METRIC_KEYS, case_metrics, dice_score, selection_auc, spacing_from_affine
 from .report import SegmentationReport, compare_markdown
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "case_metrics",
     "compare_markdown",
     "dice_score",
+    "selection_auc",
     "evaluate_files",
     "spacing_from_affine",
 ]

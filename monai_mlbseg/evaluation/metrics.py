@@ -15,7 +15,7 @@ from monai.config import NdarrayOrTensor
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDistanceMetric
 from monai.utils import convert_to_tensor
 
-__all__ = ["METRIC_KEYS", "case_metrics", "dice_score", "spacing_from_affine"]
+__all__ = ["METRIC_KEYS", "case_metrics", "dice_score", "selection_auc", "spacing_from_affine"]
 
 #: metric columns, in report order (``*_mm`` only when a spacing is known).
 METRIC_KEYS = ("dice", "jaccard", "hd95_voxel", "asd_voxel", "hd95_mm", "asd_mm")
@@ -196,3 +196,36 @@ def dice_score(pred: NdarrayOrTensor, target: NdarrayOrTensor) -> float:
     p_count, g_count, both = torch.stack([p.sum(), g.sum(), (p & g).sum()]).tolist()  # one device sync
     total = p_count + g_count
     return 1.0 if total == 0 else 2.0 * both / total
+
+
+def selection_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """
+    How well ``scores`` (e.g. the weights of pseudo-label pixels) rank the ``positive`` entries (e.g. the pixels whose
+    label is right) above the others: the area under the ROC curve, the probability that a random positive scores
+    higher than a random negative, ties counting one half (the Mann-Whitney statistic with average ranks).
+
+    Args:
+        scores: any shape.
+        positive: boolean (or 0/1) of the same shape.
+
+    Returns:
+        the AUC in ``[0, 1]`` (0.5: no selection), NaN when either class is empty.
+
+    Raises:
+        ValueError: when the shapes differ.
+
+    Example::
+
+        auc = selection_auc(weights, pseudo_labels == ground_truth)
+    """
+    if scores.shape != positive.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and positive {tuple(positive.shape)} shapes differ.")
+    s, y = scores.detach().flatten().double().cpu(), positive.detach().flatten().bool().cpu()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    values, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    upper = torch.cumsum(counts, 0).double()
+    average_rank = upper - (counts.double() - 1) / 2
+    rank_sum = float(average_rank[inverse][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
