@@ -7,6 +7,7 @@ from monai.data import DataLoader
 from monai.handlers import LrScheduleHandler
 
 from monai_mlbseg.engines import (
+    AmortisedMetaWeighting,
     AtomicCheckpointSaver,
     MeanTeacherTerm,
     MetaTrainer,
@@ -189,3 +190,23 @@ def test_run_stage_saves_then_skips(tmp_path):
     again, net2, *_ = build(tmp_path / "ckpt2", epochs=1, seed=5)
     assert run_stage(again, model) is False and again.state.iteration == 0
     assert all(torch.equal(saved[k], v) for k, v in net2.state_dict().items()), "weights loaded when skipped"
+
+
+def test_a_resumed_run_restores_the_state_of_its_weighting(tmp_path):
+    """A weighting with a state (moving averages, a weight network and its optimizer) continues from the checkpoint."""
+    trainer, *_ = build(tmp_path, stop_at=3, method="weak_to_strong", weighting=AmortisedMetaWeighting())
+    trainer.run()
+    saved = torch.load(latest_checkpoint(tmp_path), weights_only=True)["trainer"]["parts"]["weighting"]
+    net_state = {k: v.clone() for k, v in trainer.weighting.net.state_dict().items()}
+    assert all(torch.equal(saved["net"][k], v) for k, v in net_state.items())
+
+    resumed, *_ = build(tmp_path, seed=5, method="weak_to_strong", weighting=AmortisedMetaWeighting())
+    restored = {}
+    resumed.add_event_handler(
+        Events.ITERATION_STARTED(once=4),
+        lambda e: restored.update({k: v.clone() for k, v in e.weighting.net.state_dict().items()}),
+    )
+    resumed.run()
+    assert resumed.state.iteration == 10
+    assert all(torch.equal(restored[k], v) for k, v in net_state.items()), "the weight network was restored"
+    assert resumed.weighting.optimizer.state_dict()["state"], "and its optimizer's moments"
