@@ -134,7 +134,7 @@ def stage_overrides(
 
 
 #: the stage-2 options a run may set on top of its method, in JSON form (:py:func:`trainer_overrides`)
-TRAINER_OPTIONS = ("grad_clip", "student_augment", "clean_augment", "reuse_meta_grad", "meta_params", "trust")
+TRAINER_OPTIONS = ("grad_clip", "student_augment", "clean_augment", "reuse_meta_grad", "meta_params", "trust", "cutmix")
 
 
 def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +144,9 @@ def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
     :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment`, or ``None``); MLB-Seg's fast modes
     ``reuse_meta_grad`` (the clean step reuses the meta-gradient: :py:class:`~monai_mlbseg.engines.TwoSteps`) and
     ``meta_params`` (parameter names or prefixes of the meta-gradient: :py:class:`~monai_mlbseg.engines.MetaWeighting`);
-    ``trust``: the weighting of the label sources by name, a key of :py:data:`~monai_mlbseg.engines.TRUSTS`.
+    ``trust``: the weighting of the label sources by name, a key of :py:data:`~monai_mlbseg.engines.TRUSTS`;
+    ``cutmix``: a probability: the method's perturbations (student's and labeled views') followed by
+    :py:class:`~monai_mlbseg.transforms.CutMix` with it.
 
     Args:
         options: ``{option: value}`` of :py:data:`TRAINER_OPTIONS`.
@@ -175,6 +177,21 @@ def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("meta_params") is not None:
         names = [str(m) for m in options["meta_params"]]
         out["train#trainer#weighting"] = f"$monai_mlbseg.engines.MetaWeighting({names!r})"
+    if options.get("cutmix") is not None:
+        prob = float(options["cutmix"])
+        for key in ("student_augment", "clean_augment"):  # only a perturbation the method has
+            given = out.get(f"train#trainer#{key}", options.get(key, "unset"))
+            if given == "unset":
+                part = f"@stage2_parts['{key}']"
+                out[f"train#trainer#{key}"] = (
+                    f"$None if {part} is None else monai_mlbseg.transforms.CutMix({part}, {prob})"
+                )
+            elif given is not None:
+                out[f"train#trainer#{key}"] = {
+                    "_target_": "monai_mlbseg.transforms.CutMix",
+                    "base": given,
+                    "prob": prob,
+                }
     if options.get("trust") is not None:
         name = str(options["trust"])
         if name not in TRUSTS:

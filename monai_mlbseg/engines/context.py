@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from monai_mlbseg.transforms import PLEResult, ViewParams
+from monai_mlbseg.transforms import PLEResult, ViewParams, mix_targets
 
 if TYPE_CHECKING:
     from .meta_trainer import MetaTrainer
@@ -95,7 +95,8 @@ class Stage2Context:
 
     def teacher_probs(self) -> torch.Tensor:
         """
-        The mean teacher's probabilities on the unlabeled views, computed on the first call.
+        The mean teacher's probabilities on the unlabeled views, computed on the first call; moved like the pixels of
+        the student's views when ``student_augment`` mixes them (:py:class:`~monai_mlbseg.transforms.CutMix`).
 
         Raises:
             ValueError: when the trainer has no mean teacher.
@@ -103,5 +104,6 @@ class Stage2Context:
         if self._teacher is None:
             if self.trainer.mean_teacher is None:
                 raise ValueError("this stage-2 part needs the mean teacher: give the trainer a MeanTeacher.")
-            self._teacher = self.trainer.mean_teacher.probs(self.unlabeled.views)
+            probs = self.trainer.mean_teacher.probs(self.unlabeled.views)
+            self._teacher = mix_targets(self.trainer.student_augment, probs)
         return self._teacher

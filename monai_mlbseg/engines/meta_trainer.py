@@ -21,7 +21,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from monai_mlbseg.losses import MetaReweightLoss
-from monai_mlbseg.transforms import PLEViews, ViewTransform, ple_pseudo_labels, warp_to_views
+from monai_mlbseg.transforms import PLEViews, ViewTransform, mix_targets, ple_pseudo_labels, warp_to_views
 from monai_mlbseg.utils import describe_settings
 
 from .context import LabeledViews, Stage2Context, ViewBatch
@@ -314,9 +314,17 @@ class MetaTrainer(SupervisedTrainer):
         phase that asks for it (``clean_step``, or ``unlabeled_terms`` for a joint step).
         """
         with record_function("mlbseg.clean_loss"):
-            student_views = batch.views if self.clean_augment is None else self.clean_augment(batch.views)
+            batch, student_views = self._clean_views(batch)
             logits = self.forward(student_views)
             return self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits)))
+
+    def _clean_views(self, batch: ViewBatch) -> tuple[ViewBatch, torch.Tensor]:
+        """What the student sees of clean views (``clean_augment`` of them), and the batch with its labels moved
+        like their pixels (:py:func:`~monai_mlbseg.transforms.mix_targets`)."""
+        if self.clean_augment is None:
+            return batch, batch.views
+        student_views = self.clean_augment(batch.views)
+        return batch._replace(labels=mix_targets(self.clean_augment, batch.labels)), student_views
 
     def _clean_loss(self, views: LabeledViews) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(views.logits, views.batch.labels)
@@ -471,8 +479,7 @@ class MetaTrainer(SupervisedTrainer):
     def _supervised_iteration(self, batchdata: Any) -> dict:
         images, labels = self._prepare(batchdata, "a clean batch")
         with record_function("mlbseg.clean_step"):
-            batch = self.make_views(images, labels)
-            student_views = batch.views if self.clean_augment is None else self.clean_augment(batch.views)
+            batch, student_views = self._clean_views(self.make_views(images, labels))
             self.state.output = {Keys.IMAGE: student_views, Keys.LABEL: batch.labels}
             self.fire_event(MetaIterationEvents.CLEAN_STEP_STARTED)
             logits = self.state.output[Keys.PRED] = self.forward(student_views)

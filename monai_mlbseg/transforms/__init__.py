@@ -20,8 +20,11 @@ from .functional import (
     warp_to_views,
 )
 from .intensity import StrongIntensityAugment
+from .mix import CutMix, mix_targets
 
 __all__ = [
+    "CutMix",
+    "mix_targets",
     "DEFAULT_ZOOM_IN_RANGE",
     "DEFAULT_ZOOM_OUT_RANGE",
     "PLEViews",
