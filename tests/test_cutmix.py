@@ -80,7 +80,8 @@ def test_the_matched_control_learns_from_mixed_expert_labels():
     mixed = trainer.clean_augment.targets(expert[0].labels)
     torch.testing.assert_close(out[Keys.LABEL], mixed)
     assert not torch.equal(mixed, expert[0].labels)
-    assert out["loss"] == pytest.approx(float(F.binary_cross_entropy_with_logits(out[Keys.PRED].detach(), mixed)), rel=1e-5)
+    bce = F.binary_cross_entropy_with_logits(out[Keys.PRED].detach(), mixed)
+    assert out["loss"] == pytest.approx(float(bce), rel=1e-5)
 
 
 def test_the_cutmix_option_wraps_only_the_perturbations_a_method_has():
