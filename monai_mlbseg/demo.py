@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ from monai_mlbseg.recipe import (
 from monai_mlbseg.utils import InputError, Problem, atomic_write_json, atomic_write_text
 from monai_mlbseg.visualize import save_overlays, save_training_curves, save_weight_maps
 
-__all__ = ["run_demo"]
+__all__ = ["compare_in_words", "most_different_slices", "run_demo"]
 
 logger = logging.getLogger("monai_mlbseg.demo")
 
@@ -124,74 +126,112 @@ def _parse_overrides(overrides: dict[str, Any] | str | None) -> dict[str, Any]:
 
 class _WeightMapKeeper:
     """
-    Keeps the weight maps of the latest stage-2 iteration whose slice shows foreground (of the latest iteration
-    while none has), for the figure.
+    Keeps the weight (trust) maps of the label sources of the latest stage-2 iteration whose slice shows foreground
+    in a source's label (of the latest iteration while none has), for the figure: the views, the label of every
+    source in them (whatever its name: MLB-Seg's ``initial`` and ``pseudo``, the weak-to-strong ``teacher``...) and
+    the weights. A method without label sources has none.
     """
 
     def __init__(self) -> None:
-        self.maps: dict[str, torch.Tensor] | None = None
+        self.maps: dict[str, Any] | None = None
+        self.weighting = ""
         self.foreground = False
 
     def __call__(self, engine: Any) -> None:
         maps = engine.state.weight_maps
-        if maps is None:
+        if maps is None or not maps.get("sources"):
             return
-        foreground = bool(maps["initial"][0].sum() >= 20)
+        k = maps["num_views"]  # references only: copied to the host once, for the figure
+        sources = {str(name): label[:k, 0].detach() for name, label in maps["sources"].items()}
+        foreground = bool(torch.stack([label[0].sum() for label in sources.values()]).max() >= 20)  # one sync
         if self.foreground and not foreground:
             return
         self.foreground |= foreground
-        k = maps["num_views"]  # references only: copied to the host once, for the figure
-        self.maps = {
-            "views": maps["views"][:k, 0],
-            "weights": maps["weights"][:k],
-            "initial": maps["initial"][:k, 0],
-            "pseudo": maps["pseudo"][:k, 0],
-        }
+        self.weighting = type(engine.weighting).__name__
+        self.maps = {"views": maps["views"][:k, 0], "weights": maps["weights"][:k], "sources": sources}
 
 
-#: the report's name of the labeled-only control
-CONTROL_NAME = "labeled only, continued"
-#: the stage-2 method the control trains with (on labeled volumes only): the registry's control
-CONTROL_METHOD = "labeled_only"
+#: the report's name of the control: labeled-only training matched to the demonstrated method
+CONTROL_NAME = "labeled only, same perturbation"
+#: the bundle overrides that turn the stage-2 workflow into the labeled-only control matched to its
+#: ``stage2_method`` (:py:func:`~monai_mlbseg.engines.matched_control`), trained without unlabeled volumes
+CONTROL_OVERRIDES = {
+    "stage2_parts": "$monai_mlbseg.engines.matched_control(@stage2_method, @teacher)",
+    "train#unlabeled#source": [],
+}
 
 
-def _labeled_only_control(bundle: Path, overrides: dict[str, Any], out_dir: Path, seed: int, iterations: int) -> Path:
+def _matched_control(
+    bundle: Path, overrides: dict[str, Any], out_dir: Path, seed: int, iterations: int
+) -> tuple[Path, dict[str, Any]]:
     """
-    The labeled-only control: the bundle's stage-2 workflow with no unlabeled volumes (its trainer then makes one
-    clean step per iteration) and the reference's stage-2 settings (``stage2_method`` ``"labeled_only"``: L_pc and
-    L_mt on the clean views, the gradient clipped at 0.2; the benchmark's control (a)), from the stage-1 weights, for
-    ``iterations`` iterations, reseeded like stage 2.
-    Checkpoints in ``<out_dir>/checkpoints/control`` (a rerun continues), weights in
-    ``<out_dir>/models/control/model.pt``, which it returns (a finished control, whose weights exist, is not run
-    again).
+    The labeled-only control matched to the demonstrated method: the bundle's stage-2 workflow with the same
+    ``stage2_method`` but its parts from :py:func:`~monai_mlbseg.engines.matched_control` (:py:data:`CONTROL_OVERRIDES`:
+    the method's strong perturbation on the labeled views, its clean loss, its gradient clip, the same optimizer) and
+    no unlabeled volumes (its trainer then makes one clean step per iteration; the real-scan benchmark's ``control``
+    runs), from the stage-1 weights, for ``iterations`` iterations, reseeded like stage 2. Only the unlabeled volumes
+    differ from stage 2, so stage 2 against it is what they added.
+
+    Args:
+        bundle: the bundle folder.
+        overrides: stage 2's training overrides (the user's included: their trainer options apply to both).
+        out_dir: the demo's output folder: checkpoints in ``<out_dir>/checkpoints/control`` (a rerun continues),
+            weights in ``<out_dir>/models/control/model.pt`` and the trainer's settings next to them in
+            ``run_settings.json`` (a finished control with the same settings is not trained again).
+        seed: stage 2's seed.
+        iterations: its iterations (stage 2's optimizer steps: one clean step each).
+
+    Returns:
+        the path of the weights and the control trainer's ``run_settings``.
+
+    Raises:
+        InputError: when the folder holds a finished control with other settings (e.g. of another method, or the
+            earlier demo's reference-settings control), which would not be this method's control.
     """
     model = out_dir / "models" / "control" / "model.pt"
-    if model.is_file():
-        return model
     epoch_length, epochs = stage_length(iterations, 50)
     workflow = training_workflow(
         bundle,
         {
             **overrides,
-            "stage2_method": CONTROL_METHOD,
-            "train#unlabeled#source": [],
+            **CONTROL_OVERRIDES,
             "ckpt_dir": str(out_dir / "models" / "control"),
             "train#checkpoint_dir": str(out_dir / "checkpoints" / "control"),
             "train#trainer#max_epochs": epochs,
             "train#trainer#epoch_length": epoch_length,
         },
     )
-    load_weights(parsed(workflow, "network"), out_dir / "models" / "stage1.pt")
-    parsed(workflow, "train#trainer")
-    reseed_stage2(workflow, seed)
-    run_training_step(workflow, "stage 2")
-    return model
+    trained = model.is_file()
+    if not trained:  # before the trainer is parsed: its mean teacher copies the network
+        load_weights(parsed(workflow, "network"), out_dir / "models" / "stage1.pt")
+    trainer = parsed(workflow, "train#trainer")
+    recorded = model.parent / "run_settings.json"
+    settings = json.loads(json.dumps(trainer.run_settings))
+    if trained and (not recorded.is_file() or json.loads(recorded.read_text()) != settings):
+        problem = "holds a finished control with other (or unrecorded) settings than this method's matched control"
+        raise InputError(
+            [Problem(str(model.parent), f"{problem}; use another output folder, or move or delete this one")],
+            "the control cannot be reused",
+        )
+    if not trained:
+        atomic_write_json(recorded, settings)  # before training: a finished control always has its settings
+        reseed_stage2(workflow, seed)
+        run_training_step(workflow, "stage 2")
+    return model, trainer.run_settings
+
+
+def _part_text(described: Any) -> str:
+    """A part described by :py:func:`~monai_mlbseg.utils.describe_settings` as ``Class(arg=value, ...)``."""
+    if isinstance(described, dict) and "_target_" in described:
+        args = ", ".join(f"{k}={_part_text(v)}" for k, v in described.items() if k != "_target_")
+        return f"{str(described['_target_']).rsplit('.', 1)[-1]}({args})"
+    return "none" if described is None else str(described)
 
 
 def _report_rows(
     report1: SegmentationReport, report2: SegmentationReport, name: str, control: SegmentationReport | None
 ) -> dict[str, SegmentationReport]:
-    """The rows of the metrics table: stage 1, the labeled-only control (when run), stage 2."""
+    """The rows of the metrics table: stage 1, the matched labeled-only control (when run), stage 2."""
     rows = {"labeled only (stage 1)": report1}
     if control is not None:
         rows[f"{CONTROL_NAME} (control)"] = control
@@ -232,18 +272,84 @@ def _evaluate(
     return parsed(workflow, "handlers#1").report, predictions
 
 
-def _overlay_slices(items, load, predictions: dict[str, dict[str, np.ndarray]], max_cases: int = 4):
+def most_different_slices(
+    first: Mapping[str, Any],
+    second: Mapping[str, Any],
+    count: int = 4,
+    per_case: int | None = None,
+    labels: Mapping[str, Any] | None = None,
+) -> list[tuple[str, int, int]]:
+    """
+    The slices (along the last axis) where two methods' predicted masks of the same volumes disagree most: the
+    largest numbers of pixels that one predicts as foreground and the other not. For figures that show where the
+    methods differ rather than slices that every method gets right.
+
+    Args:
+        first: case id -> predicted mask ``[..., D]`` (or probabilities: ``>= 0.5`` is foreground), e.g. the
+            control's.
+        second: the same cases' masks of the other method, each of the same shape.
+        count: the number of slices to pick (fewer when the volumes have fewer slices).
+        per_case: at most this many slices of one volume (default ``ceil(count / number of volumes)``: from distinct
+            volumes when there are enough).
+        labels: optional ground-truth masks of the same cases, only to break ties.
+
+    Returns:
+        ``[(case_id, z, differing_pixels)]``, most differing first; ties go to the slice with more foreground in
+        either mask, then more ground-truth foreground (with ``labels``), then to the earlier case of ``first`` and
+        the lower ``z``.
+
+    Raises:
+        ValueError: for no cases, other cases in ``second`` (or ``labels``), masks of different shapes, or ``count``
+            / ``per_case`` below 1.
+
+    Example::
+
+        most_different_slices({"a": control_mask}, {"a": method_mask}, count=2)  # [("a", 12, 310), ("a", 13, 275)]
+    """
+    if not first:
+        raise ValueError("most_different_slices needs at least one case.")
+    for other in (second, labels if labels is not None else second):
+        if set(first) != set(other):
+            raise ValueError(f"the sets of masks have different cases: {sorted(set(first) ^ set(other))}.")
+    if count < 1 or (per_case is not None and per_case < 1):
+        raise ValueError(f"count and per_case must be >= 1, got {count} and {per_case}.")
+    cap = per_case if per_case is not None else math.ceil(count / len(first))
+    candidates = []
+    for order, case in enumerate(first):
+        a, b = (np.asarray(masks[case]) >= 0.5 for masks in (first, second))
+        g = np.asarray(labels[case]) >= 0.5 if labels is not None else np.zeros_like(a)
+        if a.shape != b.shape or a.shape != g.shape or a.ndim < 1:
+            raise ValueError(f"case {case!r}: masks of shapes {a.shape}, {b.shape} and {g.shape}.")
+        axes = tuple(range(a.ndim - 1))
+        differ, union, truth = (a != b).sum(axis=axes), (a | b).sum(axis=axes), g.sum(axis=axes)
+        candidates += [(-int(differ[z]), -int(union[z]), -int(truth[z]), order, z, case) for z in range(a.shape[-1])]
+    chosen: list[tuple[str, int, int]] = []
+    taken: Counter = Counter()
+    for differ, *_, z, case in sorted(candidates, key=lambda c: c[:5]):
+        if taken[case] < cap:
+            chosen.append((str(case), z, -differ))
+            taken[case] += 1
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def _overlay_slices(
+    loaded: dict[str, Any], predictions: dict[str, dict[str, np.ndarray]], chosen: list[tuple[str, int, int]]
+) -> tuple[list, list, dict[str, list], list[str]]:
+    """
+    The images, labels, every row's predictions and titles of the ``chosen`` ``(case_id, z, pixels)`` slices of the
+    ``loaded`` test volumes (by case id).
+    """
     images, labels, preds = [], [], {name: [] for name in predictions}
     titles = []
-    for item in items[:max_cases]:
-        data = load(dict(item))
-        label = data["label"][0].numpy()
-        z = int(label.sum(axis=(0, 1)).argmax())
+    for case, z, differ in chosen:
+        data = loaded[case]
         images.append(data["image"][0, :, :, z].numpy())
-        labels.append(label[:, :, z])
+        labels.append(data["label"][0].numpy()[:, :, z])
         for name in predictions:
-            preds[name].append(predictions[name][item["case_id"]][:, :, z])
-        titles.append(f"{item['case_id']} z={z}")
+            preds[name].append(predictions[name][case][:, :, z])
+        titles.append(f"{case} z={z}: {differ} px differ")
     return images, labels, preds, titles
 
 
@@ -304,25 +410,69 @@ def _demo_datalist(
     )
 
 
+def _weight_map_figure(path: Path, keeper: _WeightMapKeeper, method: str) -> str | None:
+    """
+    Draw the weight maps ``keeper`` holds (one label row and one weight row per label source, whatever its name) to
+    ``path``; returns the figure's caption, or ``None`` (and draws nothing) when it holds none (a method without
+    label sources).
+    """
+    if keeper.maps is None:
+        return None
+    m = keeper.maps
+    sources = {name: label.cpu().numpy() for name, label in m["sources"].items()}
+    views, weights = m["views"].cpu().numpy(), m["weights"].cpu().numpy()
+    save_weight_maps(path, views, weights, source_labels=sources)
+    names = ", ".join(f"`{name}`" for name in sources)
+    return (
+        f"Trust maps of one stage-2 iteration of {STAGE2_METHODS[method].title}: the views of an unlabeled slice, "
+        f"then for each label source ({names}) its label in the views and its per-pixel weight (from the method's "
+        f"pixel weighting, `{keeper.weighting}`)."
+    )
+
+
 def _figures(
     fig_dir: Path,
     test_items: list[dict],
     load: Any,
     predictions: dict[str, dict[str, np.ndarray]],
-    weight_maps: dict[str, torch.Tensor] | None,
+    compared: tuple[str, str],
+    keeper: _WeightMapKeeper,
     history: dict,
-) -> list[str]:
-    """The report's figures (test overlays, the weight maps of a method with a weighted term, training curves)."""
-    images, labels, preds, titles = _overlay_slices(test_items, load, predictions)
+    method: str,
+    num_slices: int = 4,
+) -> dict[str, str]:
+    """
+    The report's figures, by file name with their captions: the test slices where the two rows ``compared`` (the
+    control's and the method's predictions, or stage 1's and the method's without a control) disagree most, the
+    weight maps of a method with label sources (``keeper``), and the training curves.
+    """
+    first, second = compared
+    per_case = math.ceil(num_slices / len(predictions[first]))
+    items = {str(item["case_id"]): item for item in test_items}
+    truth = {case: load(dict(item))["label"][0].numpy() >= 0.5 for case, item in items.items()}  # masks only
+    chosen = most_different_slices(predictions[first], predictions[second], num_slices, per_case, truth)
+    loaded = {case: load(dict(items[case])) for case in dict.fromkeys(case for case, _, _ in chosen)}
+    images, labels, preds, titles = _overlay_slices(loaded, predictions, chosen)
     save_overlays(fig_dir / "test_overlays.png", images, labels, preds, titles=titles)
-    figures = ["test_overlays.png"]
-    if weight_maps is not None and weight_maps["weights"].shape[1] > 0:  # a method without a weighted term has none
-        m = {key: value.cpu().numpy() for key, value in weight_maps.items()}
-        save_weight_maps(fig_dir / "weight_maps.png", m["views"], m["weights"], m["initial"], m["pseudo"])
-        figures.append("weight_maps.png")
+    figures = {
+        "test_overlays.png": (
+            f"The {len(chosen)} test slices where the predictions of “{first}” and “{second}” differ most, not easy "
+            "ones: chosen by the number of pixels that one of the two predicts as foreground and the other not (at "
+            f"most {per_case} per volume; each row's title gives the count). Ground truth (green) and prediction "
+            "(red) of every row of the table, with the slice's Dice."
+            + (
+                " No test slice differs between the two: these are the slices with the most foreground."
+                if chosen and chosen[0][2] == 0
+                else ""
+            )
+        )
+    }
+    caption = _weight_map_figure(fig_dir / "weight_maps.png", keeper, method)
+    if caption is not None:  # a method without label sources has no weight maps
+        figures["weight_maps.png"] = caption
     if history:
         save_training_curves(fig_dir / "training_curves.png", history, title="MLB-Seg demo", smooth=25)
-        figures.append("training_curves.png")
+        figures["training_curves.png"] = "Training curves of both stages."
     return figures
 
 
@@ -400,11 +550,13 @@ def run_demo(
         overrides: extra overrides of the training workflow, e.g. ``'{"train#trainer#grad_clip": 0.2}'``
             (a dict of ids to values, or the same as a JSON object as typed on the command line), merged after the
             demo's own (so they win) and named in the report's settings. The evaluation workflows do not get them.
-        control: also train the labeled-only control, the bundle's stage-2 workflow without unlabeled volumes
-            and with the reference's stage-2 settings (``stage2_method`` ``"labeled_only"``; the trainer options
-            of ``overrides`` still apply), from the same stage-1 weights and for the same number of optimizer steps
-            (twice the iterations of a two-step stage 2), and report it next to both stages; what the unlabeled
-            volumes added is stage 2 against this control, not against stage 1.
+        control: also train the labeled-only control matched to the stage-2 method, the bundle's stage-2
+            workflow without unlabeled volumes and with the method's perturbation and optimizer settings (the
+            registry's ``matched_control`` of the method, i.e. its strong perturbation on the labeled views, its
+            clean loss and gradient clip, the same optimizer; the trainer options of ``overrides`` still apply),
+            from the same stage-1 weights and for the same number of optimizer steps (twice the iterations of a
+            two-step stage 2), and report it next to both stages; what the unlabeled volumes added is stage 2 against
+            this control, not against stage 1.
         quick: start from the tiny sizes of :py:data:`QUICK` (for smoke tests) instead of :py:data:`SIZES`; sizes
             given explicitly still apply.
         progress: show progress bars.
@@ -504,25 +656,33 @@ def run_demo(
         if step == "bootstrap":  # stage 2's randomness does not depend on whether stage 1 ran in this process
             reseed_stage2(training, seed)
     report2, pred2 = _evaluate(bundle, common, out_dir / "models" / "model.pt", out_dir, "stage2")
-    report_control, predictions = None, {"labeled only": pred1}
+    report_control, predictions, control_info = None, {"labeled only": pred1}, None
+    method = str(parsed(training, "stage2_method"))
+    stage2_name = STAGE2_METHODS[method].title
     if control:
         t0 = time.time()
         control_steps = stage2_iterations * stage2.schedule.steps_per_iteration
-        model = _labeled_only_control(bundle, train_overrides, out_dir, seed, control_steps)
+        model, control_settings = _matched_control(bundle, train_overrides, out_dir, seed, control_steps)
         timings["control"] = time.time() - t0
         report_control, pred_control = _evaluate(bundle, common, model, out_dir, "control")
         predictions[CONTROL_NAME] = pred_control
+        control_info = {
+            "perturbation": _part_text(control_settings["clean_augment"]),
+            "gradient clip": _part_text(control_settings["grad_clip"]),
+            "optimizer steps": str(control_steps),
+        }
     network = parsed(training, "network")
-    method = str(parsed(training, "stage2_method"))
-    stage2_name = STAGE2_METHODS[method].title
     predictions[stage2_name] = pred2
     history = logged_series(logger1, "stage 1")
     for group, names in STAGE2_CURVES.items():
+        if group == "stage 2 weight shares":  # the trainer's label sources, whatever their names
+            names = tuple(f"weight_{source.name}" for source in stage2.sources)
         history.update(logged_series(logger2, group, offset=stage1_iterations, select=names))
 
     # 4. figures and report
     load = load_volume_transforms(format, keys=("image", "label"))
-    figures = _figures(fig_dir, datalist["test"], load, predictions, keeper.maps, history)
+    compared = (CONTROL_NAME if control else "labeled only", stage2_name)
+    figures = _figures(fig_dir, datalist["test"], load, predictions, compared, keeper, history, method)
     timings["total"] = time.time() - start
     settings = {
         "data": f"{format} scans in {data_dir}"
@@ -535,14 +695,22 @@ def run_demo(
         "network": f"NestedUNet features {features}, {sum(p.numel() for p in network.parameters()):,} parameters",
         "iterations (stage 1 / stage 2)": f"{stage1_iterations} / {stage2_iterations}",
         "stage-2 method": method,
-        "labeled-only control (iterations)": str(control_steps) if control else "not run",
+        "control (labeled only, same perturbation): optimizer steps": str(control_steps) if control else "not run",
+        **(
+            {
+                "control: perturbation of the labeled views": control_info["perturbation"],
+                "control: gradient clip": control_info["gradient clip"],
+            }
+            if control_info is not None
+            else {}
+        ),
         "stage-2 mode": _mode_name(reuse_meta_grad, meta_params, isinstance(stage2.weighting, MetaWeighting)),
         "extra overrides (training)": json.dumps(extra) if extra else "none",
         "learning rate": f"{lr:g}",
         "device": str(dev),
         "bundle": str(bundle),
     }
-    text = _report_text(report1, report2, settings, timings, figures, user_data, method, report_control)
+    text = _report_text(report1, report2, settings, timings, figures, user_data, method, report_control, control_info)
     atomic_write_json(out_dir / "summary.json", {"settings": settings, "wall_time_s": timings})
     report_path = atomic_write_text(out_dir / "report.md", text)
     logger.info(f"report written to {report_path}")
@@ -551,30 +719,97 @@ def run_demo(
     return str(report_path)
 
 
+#: the metrics the report's prose compares: key, name, unit, scale, whether higher is better
+PROSE_METRICS = (
+    ("dice", "Dice", "%", 100.0, True),
+    ("hd95_voxel", "95HD", "voxels", 1.0, False),
+    ("asd_voxel", "ASD", "voxels", 1.0, False),
+)
+
+
+def _metric_change(key: str, before: SegmentationReport, after: SegmentationReport) -> tuple[str, int]:
+    """
+    One clause saying how the mean test ``key`` (of :py:data:`PROSE_METRICS`) changed from ``before`` to ``after``,
+    and its direction: 1 better, -1 worse, 0 unchanged at the shown precision or undefined.
+    """
+    _, name, unit, scale, higher_is_better = next(m for m in PROSE_METRICS if m[0] == key)
+    a, b = (report.summary()[key]["mean"] * scale for report in (before, after))
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return f"{name} cannot be compared (every test case of one of the two has an empty prediction or label)", 0
+    digits = 1 if unit == "%" else 2
+    shown = (lambda v: f"{v:.1f}%") if unit == "%" else (lambda v: f"{v:.{digits}f} {unit}")
+    if round(a, digits) == round(b, digits):
+        return f"{name} did not change ({shown(b)})", 0
+    better = (b > a) == higher_is_better
+    if unit == "%":
+        return f"{name} {'rose' if b > a else 'fell'} by {abs(b - a):.1f} points ({shown(a)} -> {shown(b)})", (
+            1 if better else -1
+        )
+    return f"{name} {'improved' if better else 'got worse'}, from {a:.2f} to {b:.2f} {unit}", 1 if better else -1
+
+
+def compare_in_words(before: SegmentationReport, after: SegmentationReport) -> str:
+    """
+    How the mean test Dice, 95HD and ASD (voxels) changed from ``before`` to ``after``, in one clause each, with
+    their signs honestly worded: a distance that grew "got worse", and one that disagrees with Dice is introduced by
+    "but".
+
+    Args:
+        before: the report compared against (e.g. the control's).
+        after: the report of the method.
+
+    Returns:
+        e.g. ``"Dice rose by 1.0 points (77.1% -> 78.1%), but 95HD got worse, from 4.10 to 5.20 voxels, and ASD
+        improved, from 1.30 to 1.20 voxels"``.
+    """
+    clauses = [_metric_change(key, before, after) for key, *_ in PROSE_METRICS]
+    compared = any("cannot be compared" not in text for text, _ in clauses[1:])
+    lead, texts, contrasted = clauses[0][1], [clauses[0][0]], False
+    for text, sign in clauses[1:]:
+        if lead and sign and sign != lead and not contrasted:
+            text, contrasted = f"but {text}", True
+        texts.append(text)
+    text = ", ".join(texts[:-1]) + f", and {texts[-1]}"
+    if compared and any(report.summary()[k]["nan_count"] for report in (before, after) for k, *_ in PROSE_METRICS[1:]):
+        text += " (the distances leave out the cases where one mask is empty: see the note under the table)"
+    return text
+
+
 def _report_text(
     report1: SegmentationReport,
     report2: SegmentationReport,
     settings: dict[str, str],
     timings: dict[str, float],
-    figures: list[str],
+    figures: dict[str, str],
     user_data: bool = False,
     method: str = "mlbseg",
     control: SegmentationReport | None = None,
+    control_info: dict[str, str] | None = None,
 ) -> str:
-    d1 = report1.summary()["dice"]["mean"] * 100
-    d2 = report2.summary()["dice"]["mean"] * 100
+    """
+    The text of ``report.md``: what ran, the metrics table, the comparisons in words (Dice, 95HD and ASD of the
+    method against stage 1 and against the control), the settings, the wall times and the ``figures`` with their
+    captions. ``control_info``: the control's ``perturbation``, ``gradient clip`` and ``optimizer steps``.
+    """
     name, does = STAGE2_METHODS[method].title, STAGE2_METHODS[method].description
-    verdict = (
-        f"{name} changed the mean test Dice by {d2 - d1:+.1f} points over labeled-only training "
-        f"({d1:.1f}% -> {d2:.1f}%)."
-    )
+    upper = name[:1].upper() + name[1:]
+    verdict = [f"**{upper} against stage 1 (labeled only):** {compare_in_words(report1, report2)}."]
     if control is not None:
-        dc = control.summary()["dice"]["mean"] * 100
-        verdict += (
-            f" Training on the labeled volumes alone for the same number of optimizer steps (the control) changed it "
-            f"by {dc - d1:+.1f} ({d1:.1f}% -> {dc:.1f}%), so the unlabeled volumes added **{d2 - dc:+.1f}** points "
-            f"({name} against the control)."
-        )
+        verdict += [
+            "",
+            f"**{upper} against the control ({CONTROL_NAME}), what the unlabeled volumes added:** "
+            f"{compare_in_words(control, report2)}.",
+            "",
+            f"**The control against stage 1 (more steps on the labeled volumes alone):** "
+            f"{compare_in_words(report1, control)}.",
+        ]
+    info = control_info or {}
+    perturbation = info.get("perturbation", "none")
+    perturbed = (
+        f"the same strong perturbation of the labeled views as {name}'s student sees ({perturbation})"
+        if perturbation != "none"
+        else f"the same (no) perturbation of the labeled views as {name}"
+    )
     source = (
         "The scans of the folder named under Settings"
         if user_data
@@ -589,9 +824,12 @@ def _report_text(
         "the bundle's evaluation workflow measures both on the test volumes: per volume (3D), in "
         "`metrics_stage1.csv` and `metrics_stage2.csv` (the masks in `eval_stage1/` and `eval_stage2/`)."
         + (
-            " The control continues stage 1 in stage 2's workflow on the labeled volumes alone, with the reference's "
-            "stage-2 settings (L_pc and L_mt on the clean views, the gradient clipped at 0.2), for the same number "
-            "of optimizer steps (`metrics_control.csv`, `eval_control/`)."
+            f" The control ({CONTROL_NAME}) is labeled-only training matched to {name}: stage 2's workflow from the "
+            f"same stage-1 weights on the labeled volumes alone, with {perturbed}, the same optimizer (SGD, "
+            f"learning rate {settings.get('learning rate', '?')}), the same gradient clip "
+            f"({info.get('gradient clip', 'none')}), the same clean loss and the same number of optimizer steps "
+            f"({info.get('optimizer steps', '?')}); only the unlabeled volumes differ, so {name} against the control "
+            "is what they added (`metrics_control.csv`, `eval_control/`)."
             if control is not None
             else ""
         ),
@@ -600,7 +838,10 @@ def _report_text(
         "",
         compare_markdown(_report_rows(report1, report2, name, control)),
         "",
-        verdict,
+        *verdict,
+        "",
+        "Dice: higher is better; 95HD (the 95th percentile of the surface distance) and ASD (the average surface "
+        "distance), in voxels: lower is better.",
         "",
         "## Settings",
         "",
@@ -617,12 +858,6 @@ def _report_text(
         "## Figures",
         "",
     ]
-    captions = {
-        "test_overlays.png": "Test slices: ground truth (green) and prediction (red) of every row of the table.",
-        "weight_maps.png": "Learned weight maps of one stage-2 iteration: the five views, their initial and pseudo "
-        "labels, and the per-pixel weights of each label source.",
-        "training_curves.png": "Training curves of both stages.",
-    }
-    for name in figures:
-        lines += [f"![{name}](figures/{name})", "", captions[name], ""]
+    for figure, caption in figures.items():
+        lines += [f"![{figure}](figures/{figure})", "", caption, ""]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """
-Figures for reports: prediction overlays, the per-view weight maps of MLB-Seg, and training curves.
+Figures for reports: prediction overlays, the per-view weight (trust) maps of a stage-2 method's label sources
+(MLB-Seg's learned ones, a mean teacher's confidence...), and training curves.
 
 Figures are drawn on matplotlib's Agg canvas directly (no ``pyplot``: no global backend switch, no figure registry,
 usable in threads and headless jobs) and saved atomically through :py:func:`~monai_mlbseg.utils.atomic_path`. The
@@ -96,7 +97,7 @@ def save_overlays(
     """
     A grid of test slices: one row per slice; the first column is the image, then one column per method showing
     the image with the ground-truth contour (green) and the method's prediction contour (red), titled with the
-    method name and the slice's Dice (1 when both masks are empty).
+    method name and, below it, the slice's Dice (1 when both masks are empty).
 
     Args:
         path: output file (``.png``, ``.pdf`` or ``.svg``); written atomically.
@@ -160,7 +161,7 @@ def save_overlays(
             _image(ax, img, **shown)
             _contour(ax, lab, _GT_COLOR)
             _contour(ax, p, _PRED_COLOR)
-            ax.set_title(f"{method}  Dice {100 * dice_score(p, lab):.1f}%", fontsize=9)
+            ax.set_title(f"{method}\nDice {100 * dice_score(p, lab):.1f}%", fontsize=9)
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     return _save(fig, path, dpi)
 
@@ -175,13 +176,16 @@ def save_weight_maps(
     weight_range: tuple[float, float] | None = None,
     dpi: int = 100,
     source_names: Sequence[str] | None = None,
+    source_labels: Mapping[str, Any] | None = None,
 ) -> Path:
     """
-    MLB-Seg's weight-map figure: for each of the ``K`` views (columns), the view image, optionally the initial
-    label and the pseudo label in that view, and one row per label source with its weight (the initial label's and
-    the pseudo label's by default; a trainer with further sources, see
-    :py:meth:`~monai_mlbseg.engines.MetaTrainer.label_source_maps`, gives one more row each). Each weight row has
-    one colour scale (shared by its ``K`` maps) with its colour bar.
+    The weight-map (trust-map) figure of a stage-2 method with label sources: for each of the ``K`` views
+    (columns), the view image, then the label sources' labels in that view and one row per label source with its
+    per-pixel weight. With ``source_labels`` (the sources by name, as in ``engine.state.weight_maps["sources"]``,
+    whatever their names, e.g. ``{"teacher": ...}``), each source gets its label row followed by its weight row;
+    otherwise (MLB-Seg's figure) the optional initial and pseudo label rows come first, then one weight row per
+    source (the initial label's and the pseudo label's by default). Each weight row has one colour scale (shared by
+    its ``K`` maps) with its colour bar.
 
     Args:
         path: output file (``.png``, ``.pdf`` or ``.svg``); written atomically.
@@ -194,33 +198,56 @@ def save_weight_maps(
         view_names: ``K`` column titles (default: :py:data:`DEFAULT_VIEW_NAMES` for K = 5, else ``view i``).
         weight_range: fixed ``(min, max)`` of both weight colour scales (default: each row's data range).
         dpi: resolution.
-        source_names: ``S`` names of the weight rows (default ``("initial label", "pseudo label")``; the keys of
-            ``engine.state.weight_maps["sources"]`` for a trainer with other sources).
+        source_names: ``S`` names of the weight rows (default: the keys of ``source_labels``, else
+            ``("initial label", "pseudo label")``; the keys of ``engine.state.weight_maps["sources"]`` for a trainer
+            with other sources).
+        source_labels: optional ``{name: [K, H, W]}`` (or ``[K, 1, H, W]``) label of each source in the views, one
+            per weight channel and in its order: each is drawn above its weight row. Not with ``initial_labels`` or
+            ``pseudo_labels``.
 
     Returns:
         the path written.
 
     Raises:
         ValueError: when the shapes disagree (named), or ``view_names`` does not have ``K`` entries, or
-            ``source_names`` not one per weight channel.
+            ``source_names`` not one per weight channel, or ``source_labels`` names other sources than
+            ``source_names`` or comes with ``initial_labels`` / ``pseudo_labels``.
+
+    Example::
+
+        maps = engine.state.weight_maps  # after MetaIterationEvents.WEIGHTS_COMPLETED
+        k = maps["num_views"]
+        labels = {name: label[:k] for name, label in maps["sources"].items()}
+        save_weight_maps("trust.png", maps["views"][:k], maps["weights"][:k], source_labels=labels)
     """
     v = _stack(views, "views", 3)
     k, h, w = v.shape
     wt = _np(weights, "weights")
-    names = list(source_names or ("initial label", "pseudo label"))
+    if source_labels is not None and (initial_labels is not None or pseudo_labels is not None):
+        raise ValueError("give the labels either as source_labels or as initial_labels / pseudo_labels, not both.")
+    default_names = list(source_labels) if source_labels is not None else ("initial label", "pseudo label")
+    names = [str(n) for n in (source_names or default_names)]
     if wt.ndim != 4 or wt.shape != (k, wt.shape[1], h, w):
         raise ValueError(
             f"weights must have shape [K, S, H, W] = {(k, 'S', h, w)} for views {v.shape}, got {wt.shape}."
         )
     if wt.shape[1] != len(names):
         raise ValueError(f"weights have {wt.shape[1]} source channels for {len(names)} source names {names}.")
-    label_rows = []
-    for name, lab in (("initial label", initial_labels), ("pseudo label", pseudo_labels)):
+    if source_labels is not None and [str(n) for n in source_labels] != names:
+        raise ValueError(f"source_labels name the sources {list(source_labels)}, the weight rows are {names}.")
+    label_rows = []  # (name, [K, H, W], the weight channel drawn right below it or None)
+    given = (
+        [(f"{n} label", lab, c) for c, (n, lab) in enumerate(source_labels.items())]
+        if source_labels is not None
+        else [("initial label", initial_labels, None), ("pseudo label", pseudo_labels, None)]
+    )
+    for name, lab, channel in given:
         if lab is not None:
-            a = _stack(lab, name.replace(" ", "_") + "s", 3)
+            what = f"source_labels[{names[channel]!r}]" if channel is not None else name.replace(" ", "_") + "s"
+            a = _stack(lab, what, 3)
             if a.shape != v.shape:
-                raise ValueError(f"{name.replace(' ', '_')}s must have the views' shape {v.shape}, got {a.shape}.")
-            label_rows.append((name, a))
+                raise ValueError(f"{what} must have the views' shape {v.shape}, got {a.shape}.")
+            label_rows.append((name, a, channel))
     if view_names is None:
         view_names = DEFAULT_VIEW_NAMES if k == len(DEFAULT_VIEW_NAMES) else [f"view {i}" for i in range(k)]
     if len(view_names) != k:
@@ -228,7 +255,19 @@ def save_weight_maps(
     if weight_range is not None and not weight_range[0] < weight_range[1]:
         raise ValueError(f"weight_range must be (min, max) with min < max, got {weight_range}.")
 
-    nrows = 1 + len(label_rows) + len(names)
+    # the rows: the views, then each source's label (when given) right above its weight, or (MLB-Seg's figure) the
+    # initial and pseudo labels first, then every weight
+    rows: list[tuple[str, str, Any]] = [("view", "view", None)]
+    if source_labels is not None:
+        labels_of = {channel: (name, a) for name, a, channel in label_rows}
+        for c, n in enumerate(names):
+            if c in labels_of:
+                rows.append(("label", labels_of[c][0], labels_of[c][1]))
+            rows.append(("weight", f"{n} weight", c))
+    else:
+        rows += [("label", name, a) for name, a, _ in label_rows]
+        rows += [("weight", f"{n} weight", c) for c, n in enumerate(names)]
+    nrows = len(rows)
     cell = 2.2
     fig = Figure(figsize=(cell * k + 1.0, cell * nrows * h / w + 0.3), layout="constrained")
     axes = np.asarray(fig.subplots(nrows, k, squeeze=False))
@@ -236,19 +275,22 @@ def save_weight_maps(
         _image(axes[0, j], v[j], cmap="gray")
         axes[0, j].set_title(view_names[j], fontsize=9)
     axes[0, 0].set_ylabel("view", fontsize=9)
-    for r, (name, a) in enumerate(label_rows, start=1):
+    for r, (kind, name, a) in enumerate(rows):
+        if kind != "label":
+            continue
         for j in range(k):
             _image(axes[r, j], a[j], cmap="gray", vmin=0, vmax=1)
         axes[r, 0].set_ylabel(name, fontsize=9)
-    for c, name in enumerate(f"{n} weight" for n in names):
-        r = 1 + len(label_rows) + c
+    for r, (kind, name, c) in enumerate(rows):
+        if kind != "weight":
+            continue
         if weight_range is None:
             finite = wt[:, c][np.isfinite(wt[:, c])]
             lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         else:
             lo, hi = weight_range
-        if hi <= lo:
-            hi = lo + 1e-6
+        if hi <= lo:  # a constant row (e.g. no confident pixel): a readable scale around it
+            hi = lo + (abs(lo) or 1.0)
         im = None
         for j in range(k):
             im = _image(axes[r, j], wt[j, c], cmap="viridis", vmin=lo, vmax=hi)

@@ -5,10 +5,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from monai_mlbseg.demo import run_demo
+from monai_mlbseg.demo import compare_in_words, most_different_slices, run_demo
 from monai_mlbseg.engines import STAGE2_METHODS
+from monai_mlbseg.evaluation import SegmentationReport
+from monai_mlbseg.transforms import StrongIntensityAugment
 
 from .bundle_utils import BUNDLES
 
@@ -57,15 +60,24 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
     rows = re.findall(r"^\| (labeled only[^|]*|[^|]*\(stage 2\)) \|", report, flags=re.M)
     assert rows == [
         "labeled only (stage 1)",
-        "labeled only, continued (control)",
+        "labeled only, same perturbation (control)",
         "weak-to-strong mean teacher (stage 2)",
     ], "the bundle's default stage 2"
-    assert "so the unlabeled volumes added" in report
+    added = re.search(
+        r"against the control \(labeled only, same perturbation\), what the unlabeled volumes added:\*\* "
+        r"(Dice [^\n]*)",
+        report,
+    )
+    assert added, "the report says what the unlabeled volumes added"
+    for metric in ("Dice", "95HD", "ASD"):  # in words, not only Dice
+        assert re.search(rf"\b{metric} (rose|fell|improved|got worse|did not change|cannot be compared)", added[1])
+    assert "same strong perturbation of the labeled views" in report and "only the unlabeled volumes differ" in report
+    assert "differ most" in report, "the overlay caption says how its slices were chosen"
     for figure in re.findall(r"\]\((figures/[^)]+\.png)\)", report):
         assert (out / figure).stat().st_size > 1000, f"{figure} is linked but empty"
     linked = set(re.findall(r"\]\((figures/[^)]+\.png)\)", report))
-    assert {"figures/test_overlays.png", "figures/training_curves.png"} <= linked
-    assert "figures/weight_maps.png" not in linked, "a method without a weighted term has no weight maps"
+    assert {"figures/test_overlays.png", "figures/training_curves.png", "figures/weight_maps.png"} <= linked
+    assert "label source (`teacher`)" in report, "the default's trust maps: its teacher labels and their weights"
     for stage in ("stage1", "stage2", "control"):
         metrics = json.loads((out / f"metrics_{stage}.json").read_text())
         assert len(metrics["cases"]) == 2 and 0.0 <= metrics["summary"]["dice"]["mean"] <= 1.0
@@ -80,7 +92,9 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
     assert len(list((out / "initial_labels").glob("*.nii.gz"))) == 3, "one initial label per unlabeled volume"
     stage1 = (out / "models" / "stage1.pt").stat().st_mtime_ns
     control = {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "control").iterdir()}
-    assert summary["settings"]["labeled-only control (iterations)"] == "6", "one optimizer step per joint iteration"
+    steps = summary["settings"]["control (labeled only, same perturbation): optimizer steps"]
+    assert steps == "6", "one optimizer step per joint iteration"
+    assert summary["settings"]["control: perturbation of the labeled views"].startswith("StrongIntensityAugment(")
     labels = {p: p.stat().st_mtime_ns for p in (out / "initial_labels").iterdir()}
 
     again = demo(out)
@@ -89,6 +103,13 @@ def test_demo_writes_the_report_and_a_rerun_resumes_without_retraining(tmp_path)
     assert {p: p.stat().st_mtime_ns for p in labels} == labels, "initial labels are not rewritten"
     assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "control").iterdir()} == control, "not retrained"
     assert not list(out.rglob("*.partial-*")), "no temporary files left"
+
+    recorded = out / "models" / "control" / "run_settings.json"  # a finished control of other settings (an older
+    settings = json.loads(recorded.read_text())  # demo's reference-settings control) is not passed off as this one's
+    recorded.write_text(json.dumps({**settings, "clean_augment": None, "grad_clip": 0.2}))
+    refused = demo(out)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert str(out / "models" / "control") in refused.stderr and "other (or unrecorded) settings" in refused.stderr
 
 
 @pytest.mark.parametrize(
@@ -162,7 +183,8 @@ def test_a_rerun_with_another_stage2_method_in_the_same_folder_is_refused(tmp_pa
     proc = demo(out, "--control", "False", "--overrides", '{"stage2_method": "mlbseg"}')
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert str(out / "checkpoints" / "stage2") in proc.stderr and "weighting: {" in proc.stderr
-    assert "UniformWeighting'} there, {'_target_': 'monai_mlbseg.engines.parts.MetaWeighting'" in proc.stderr
+    weightings = "ConfidenceWeighting', 'threshold': 0.95} there, {'_target_': 'monai_mlbseg.engines.parts.Meta"
+    assert weightings in proc.stderr
     assert (out / "models" / "model.pt").read_bytes() == model, "the trained model is kept"
 
 
@@ -222,15 +244,18 @@ def test_demo_names_the_stage2_method_and_shows_the_weight_maps_of_mlbseg(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| MLB-Seg (stage 2) |" in report and "weak-to-strong mean teacher (stage 2)" not in report
-    assert "MLB-Seg changed the mean test Dice by" in report
+    assert "**MLB-Seg against stage 1 (labeled only):** Dice" in report
+    assert "label source (`initial`, `pseudo`)" in report and "`MetaWeighting`" in report
     assert "figures/weight_maps.png" in report and (out / "figures" / "weight_maps.png").stat().st_size > 1000
     settings = json.loads((out / "summary.json").read_text())["settings"]
     assert settings["stage-2 method"] == "mlbseg" and settings["stage-2 mode"] == "faithful (reference)"
-    assert settings["labeled-only control (iterations)"] == "12", "twice the 6 two-step iterations"
+    assert settings["control (labeled only, same perturbation): optimizer steps"] == "12", "twice 6 two-step iterations"
+    assert settings["control: gradient clip"] == "0.2", "MLB-Seg's clip"
+    assert settings["control: perturbation of the labeled views"] == "none", "MLB-Seg perturbs no view"
     assert STAGE2_METHODS["mlbseg"].description in report, "the report describes the method from the registry"
 
 
-def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp_path, monkeypatch):
+def test_demo_control_is_matched_to_the_method_starts_from_stage_1_and_sees_no_unlabeled_volume(tmp_path, monkeypatch):
     import torch
 
     import monai_mlbseg.demo as demo_module
@@ -251,8 +276,15 @@ def test_demo_control_starts_from_stage_1_and_trains_on_labeled_volumes_only(tmp
     assert not stage2.supervised_only and control.supervised_only, "the control sees no unlabeled volume"
     assert control.run_settings["supervised_only"] and not stage2.run_settings["supervised_only"], "and records it"
     assert control.state.iteration == 6 and stage2.state.iteration == 6, "equal optimizer steps (one per joint step)"
-    assert (control.grad_clip, stage2.grad_clip) == (0.2, None), "the reference's settings"
-    assert [(t.name, t.weight) for t in control.terms] == [("loss_pc", 1.0), ("loss_mt", 1.0)]
+    # matched to the method (weak_to_strong): its strong perturbation on the labeled views, its clip, its optimizer
+    assert isinstance(stage2.student_augment, StrongIntensityAugment) and stage2.clean_augment is None
+    assert isinstance(control.clean_augment, StrongIntensityAugment)
+    assert control.run_settings["clean_augment"] == stage2.run_settings["student_augment"], "the same strengths"
+    assert control.grad_clip == stage2.grad_clip, "the method's clip (none for weak_to_strong)"
+    assert control.run_settings["grad_clip"] == stage2.run_settings["grad_clip"]
+    assert control.run_settings["sources"] == [] and [t.name for t in control.terms] == [t.name for t in stage2.terms]
+    assert control.optimizer.defaults == stage2.optimizer.defaults and type(control.optimizer) is type(stage2.optimizer)
+    assert control.run_settings["student_augment"] is None, "no unlabeled views to perturb"
     stage1 = torch.load(tmp_path / "models" / "stage1.pt", weights_only=True)
     assert all(torch.equal(at_start[k], stage1[k]) for k in stage1), "the control starts from the stage-1 weights"
     final = torch.load(tmp_path / "models" / "control" / "model.pt", weights_only=True)
@@ -287,3 +319,83 @@ def test_quick_is_a_preset_that_explicit_sizes_override(tmp_path):
     settings = json.loads((tmp_path / "summary.json").read_text())["settings"]
     assert settings["iterations (stage 1 / stage 2)"] == "6 / 4", "the preset's stage 1, the explicit stage 2"
     assert settings["slice size"] == "32x32"
+
+
+def _masks(shape, boxes):
+    """A mask of ``shape`` [H, W, D] with the ``(z, rows, cols)`` boxes set."""
+    mask = np.zeros(shape, dtype=np.uint8)
+    for z, rows, cols in boxes:
+        mask[rows, cols, z] = 1
+    return mask
+
+
+def test_demo_slice_selection_picks_the_largest_disagreement():
+    shape = (8, 8, 5)
+    control = {"a": _masks(shape, [(0, slice(0, 4), slice(0, 4)), (3, slice(0, 2), slice(0, 2))])}
+    control["b"] = _masks(shape, [(2, slice(0, 8), slice(0, 8))])
+    method = {"a": _masks(shape, [(0, slice(0, 4), slice(0, 4)), (3, slice(0, 5), slice(0, 5))])}  # z=3: 21 differ
+    method["b"] = _masks(shape, [(2, slice(0, 8), slice(0, 3)), (4, slice(0, 1), slice(0, 2))])  # z=2: 40, z=4: 2
+    # z=0 of "a" has the most foreground but both agree on it: never chosen over a disagreement
+    assert most_different_slices(control, method, count=3, per_case=2) == [("b", 2, 40), ("a", 3, 21), ("b", 4, 2)]
+    assert most_different_slices(control, method, count=2) == [("b", 2, 40), ("a", 3, 21)], "one per volume"
+    assert most_different_slices(control, method, count=3, per_case=1) == [("b", 2, 40), ("a", 3, 21)]
+    assert most_different_slices(control, method, count=1) == [("b", 2, 40)]
+    probabilities = {case: mask * 0.9 for case, mask in method.items()}  # >= 0.5 is foreground
+    assert most_different_slices(control, probabilities, count=1) == [("b", 2, 40)]
+    # no disagreement: the slices with the most foreground (then the most ground truth)
+    same = {"a": control["a"]}
+    truth = {"a": _masks(shape, [(4, slice(0, 8), slice(0, 8))])}
+    assert most_different_slices(same, same, count=2, per_case=2) == [("a", 0, 0), ("a", 3, 0)]
+    empty = {"a": np.zeros(shape)}
+    assert most_different_slices(empty, empty, count=1, labels=truth) == [("a", 4, 0)]
+    with pytest.raises(ValueError, match="different cases"):
+        most_different_slices(control, {"a": method["a"]})
+    with pytest.raises(ValueError, match="shapes"):
+        most_different_slices({"a": control["a"]}, {"a": method["a"][:4]})
+
+
+def _report(dice, hd95, asd):
+    report = SegmentationReport()
+    for i, (d, h, a) in enumerate(zip(dice, hd95, asd)):
+        report.add_row({"case_id": f"c{i}", "dice": d, "jaccard": d / (2 - d), "hd95_voxel": h, "asd_voxel": a})
+    return report
+
+
+def test_demo_report_words_the_distances_with_their_sign():
+    control = _report([0.70, 0.80], [4.0, 6.0], [1.0, 1.4])
+    method = _report([0.72, 0.82], [6.0, 7.0], [0.9, 1.1])  # Dice up, 95HD worse, ASD better
+    text = compare_in_words(control, method)
+    assert text.startswith("Dice rose by 2.0 points (75.0% -> 77.0%), but 95HD got worse, from 5.00 to 6.50 voxels")
+    assert text.endswith("and ASD improved, from 1.20 to 1.00 voxels")
+    text = compare_in_words(method, control)
+    assert text.startswith("Dice fell by 2.0 points (77.0% -> 75.0%), but 95HD improved, from 6.50 to 5.00 voxels")
+    both = compare_in_words(control, _report([0.75, 0.85], [3.0, 5.0], [0.8, 1.0]))
+    assert "but" not in both and "95HD improved, from 5.00 to 4.00 voxels" in both
+    undefined = _report([0.0, 0.0], [float("nan")] * 2, [float("nan")] * 2)
+    assert "95HD cannot be compared" in compare_in_words(control, undefined)
+
+
+def test_demo_draws_the_trust_maps_of_a_method_whose_only_source_is_the_teacher(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from monai_mlbseg.demo import _weight_map_figure, _WeightMapKeeper
+    from monai_mlbseg.engines import ConfidenceWeighting
+
+    g = torch.Generator().manual_seed(0)
+    views = torch.rand(10, 1, 16, 16, generator=g)
+    teacher = (views > 0.5).float()
+    weights = (torch.rand(10, 1, 16, 16, generator=g) > 0.3).float()
+    maps = {"views": views, "sources": {"teacher": teacher}, "weights": weights, "num_views": 5}
+    engine = SimpleNamespace(state=SimpleNamespace(weight_maps=maps), weighting=ConfidenceWeighting(0.95))
+    keeper = _WeightMapKeeper()
+    keeper(engine)
+    assert list(keeper.maps["sources"]) == ["teacher"] and keeper.maps["weights"].shape == (5, 1, 16, 16)
+    caption = _weight_map_figure(tmp_path / "weight_maps.png", keeper, "weak_to_strong")
+    assert "(`teacher`)" in caption and "ConfidenceWeighting" in caption
+    assert (tmp_path / "weight_maps.png").stat().st_size > 1000
+    none = _WeightMapKeeper()
+    none(SimpleNamespace(state=SimpleNamespace(weight_maps={**maps, "sources": {}, "weights": weights[:, :0]})))
+    assert _weight_map_figure(tmp_path / "none.png", none, "mean_teacher") is None, "no label source: no figure"
+    assert not (tmp_path / "none.png").exists()
