@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.performance import allocator
 from benchmarks.performance.common import IterationClock, Workload
+from monai_mlbseg.engines import STAGE2_METHODS, pseudo_label_trust, stage2_method
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def run(module, *args):
 
 def test_iteration_cost_pairs_every_mode_with_a_supervised_step(tmp_path):
     out = tmp_path / "a.json"
-    stdout = run("performance.iteration_cost", "--json", str(out), "--channels-last", "--amp")
+    stdout = run("performance.iteration_cost", "--figures", "a", "--json", str(out), "--channels-last", "--amp")
     figures = json.loads(out.read_text())
     modes = figures["a_time_ratio"]["modes"]
     assert set(modes) == {"faithful", "reuse_meta_grad", "meta_params=nodes.conv0_2+final"}
@@ -39,17 +40,62 @@ def test_iteration_cost_pairs_every_mode_with_a_supervised_step(tmp_path):
         assert len(mode["stage2_s"]["samples"]) == len(mode["paired_supervised_s"]) == 2
         assert mode["ratio_median_of_pairs"] > 0 and math.isfinite(mode["ratio_median_of_pairs"])
     assert "(a) stage-2 iteration / supervised step" in stdout
+    assert "b_scopes" not in figures and "g_methods" not in figures, "--figures a measures (a) alone"
 
 
 def test_iteration_cost_breaks_the_iteration_down_by_profiler_scope(tmp_path):
     out = tmp_path / "b.json"
-    run("performance.iteration_cost", "--json", str(out))
+    run("performance.iteration_cost", "--figures", "b", "--json", str(out))
     b = json.loads(out.read_text())["b_scopes"]
     assert b["iterations"] == 2 and b["iteration_s_median"] > 0
     scopes = b["scopes"]
     assert {"mlbseg.warp_to_views", "mlbseg.ple_pseudo_labels", "mlbseg.clean_step"} <= set(scopes)
     for scope in scopes.values():
         assert 0 < scope["share_median"] <= 1 and scope["calls_per_iteration"] >= 1
+
+
+def test_iteration_cost_measures_each_method_and_trust_per_optimizer_step(tmp_path):
+    out = tmp_path / "g.json"
+    requested = ["weak_to_strong", "instance_meta", "mlbseg", "labeled_only", "trust:quality", "trust:fixed"]
+    stdout = run("performance.iteration_cost", "--figures", "g", "--methods", ",".join(requested), "--json", str(out))
+    g = json.loads(out.read_text())["g_methods"]
+    assert list(g["rows"]) == requested and not g["unsupported"]
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:].split(" (= ")[0] for line in table[1:]] == requested, "a table row per method"
+    for name, row in g["rows"].items():
+        method, trust = ("weak_to_strong", name.split(":")[1]) if ":" in name else (name, None)
+        parts = stage2_method(method, **({"weighting": pseudo_label_trust(trust)} if trust else {}))
+        schedule_steps = parts["schedule"].steps_per_iteration
+        labeled_only = STAGE2_METHODS[method].labeled_only
+        assert (row["method"], row["trust"]) == (method, trust)
+        # a labeled-only method runs with an empty unlabeled loader: one clean step per iteration
+        assert row["steps_per_iteration"] == (1 if labeled_only else schedule_steps), name
+        assert row["schedule_steps_per_iteration"] == schedule_steps and row["supervised_only"] == labeled_only
+        assert row["optimizer_steps_counted"] == [row["steps_per_iteration"]] * 2, "counted by the optimizer"
+        assert row["student_views"] == (10 if labeled_only else 15)
+        assert len(row["iteration_s"]["samples"]) == len(row["paired_supervised_s"]) == 2
+        assert row["step_s"]["median"] == pytest.approx(row["iteration_s"]["median"] / row["steps_per_iteration"])
+        for ratio in (row["ratio_step_to_supervised"], row["ratio_iteration_to_supervised"]):
+            assert ratio > 0 and math.isfinite(ratio), name
+        assert row["setup_s"] > 0
+    assert g["rows"]["mlbseg"]["steps_per_iteration"] == 2, "MLB-Seg's weighted step and clean step"
+    assert g["rows"]["trust:fixed"]["same_as"] == "weak_to_strong", "the same trainer arguments are measured once"
+    quality = g["rows"]["trust:quality"]
+    assert (quality["fit_steps"], quality["fit_steps_configured"]) == (3, 300), "--quick fits the predictor in 3 steps"
+    assert quality["fit_estimate_s"] == pytest.approx(quality["setup_s"] * 100)
+    assert g["rows"]["weak_to_strong"]["fit_estimate_s"] is None
+    assert set(g["supervised_s"]) == {"15 views", "10 views"}
+
+
+def test_iteration_cost_rejects_an_unknown_method():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.performance.iteration_cost", "--quick", "--methods", "weak_to_strong,ssl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2 and "unknown method 'ssl'" in proc.stderr and "trust:adaptive" in proc.stderr
 
 
 def test_memory_benchmark_measures_each_step_in_a_fresh_process(tmp_path):
