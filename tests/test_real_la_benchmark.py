@@ -101,14 +101,21 @@ def test_variant_options_become_the_methods_parts(tmp_path):
 
 def test_quick_run_writes_every_row_and_resumes(tmp_path):
     out = tmp_path / "bench"
-    argv = ["--quick", "--out", str(out), "--seeds", "0", "--variants", "a_labeled_only,b_self_training,c_mean_teacher"]
+    variants = "a_matched,a_labeled_only,b_self_training,c_mean_teacher"
+    argv = ["--quick", "--out", str(out), "--seeds", "0", "--variants", variants]
     argv += ["--variant", 'f_clip=d_mlbseg:{"grad_clip": 0.5}']
     real_la.main(argv)
     figures = json.loads((out / "table.json").read_text())["figures"]
-    assert list(figures) == ["stage1", "a_labeled_only", "b_self_training", "c_mean_teacher", "f_clip"]
+    assert list(figures) == ["stage1", "a_matched", "a_labeled_only", "b_self_training", "c_mean_teacher", "f_clip"]
     for name, fig in figures.items():
         assert 0.0 <= fig["dice"][0] <= 1.0 and fig["cases"] == 3, name
         assert math.isfinite(fig["train_s"])
+    # the control is labeled-only training with the default method's perturbation; every weighted row reports how
+    # its weights select right pixels at the start and the end of stage 2
+    control = json.loads((out / "seed0" / "a_matched" / "result.json").read_text())["run_settings"]
+    assert control["supervised_only"] and control["clean_augment"]["contrast"] == 0.25 and control["grad_clip"] is None
+    assert set(figures["f_clip"]["selection"]) == {"initial", "pseudo"}
+    assert all(0 <= auc <= 1 for s in figures["f_clip"]["selection"].values() for auc in s.values())
     results = {n: json.loads((out / "seed0" / n / "result.json").read_text()) for n in figures if n != "stage1"}
     assert results["a_labeled_only"]["optimizer_steps"] == results["f_clip"]["optimizer_steps"] == 6
     assert results["a_labeled_only"]["iterations"] == 2 * results["f_clip"]["iterations"]
@@ -120,19 +127,19 @@ def test_quick_run_writes_every_row_and_resumes(tmp_path):
 
 def test_report_mode_tables_every_row_of_every_seed_without_training(tmp_path):
     out = tmp_path / "bench"
-    real_la.main(["--quick", "--out", str(out), "--seeds", "0", "--variants", "a_labeled_only"])
+    real_la.main(["--quick", "--out", str(out), "--seeds", "0", "--variants", "a_matched"])
     real_la.main(["--quick", "--out", str(out), "--seeds", "1", "--variants", "b_self_training"])
-    assert "a_labeled_only" not in json.loads((out / "table.json").read_text())["figures"]
+    assert "a_matched" not in json.loads((out / "table.json").read_text())["figures"]
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     results = real_la.main(["--out", str(out), "--report"])
     assert {s: list(rows) for s, rows in results.items()} == {
-        0: ["stage1", "a_labeled_only"],
+        0: ["stage1", "a_matched"],
         1: ["stage1", "b_self_training"],
     }
     figures = json.loads((out / "table.json").read_text())["figures"]
     assert figures["stage1"]["seeds"] == [0, 1] and figures["stage1"]["cases"] == 3, "seed 0 has the control"
     assert figures["b_self_training"]["seeds"] == [1] and figures["b_self_training"]["cases"] == 0
-    assert "| a_labeled_only | 0 |" in (out / "table.md").read_text()
+    assert "| a_matched | 0 |" in (out / "table.md").read_text()
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps, "the report trains nothing"
     real_la.main(["--out", str(out), "--report", "--control", "stage1"])
     against_stage1 = json.loads((out / "table_vs_stage1.json").read_text())
