@@ -12,8 +12,7 @@ from monai.transforms import RandFlipd, RandRotated
 
 from monai_mlbseg.bundles import TEMPLATE_DIR, TEMPLATE_FILES, bundles, render_bundle, stale_files, write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list
-from monai_mlbseg.engines import JointStep, TwoSteps, UniformWeighting
-from monai_mlbseg.losses import ConfidentPseudoLabelLoss
+from monai_mlbseg.engines import AdaptiveConfidenceWeighting, ConfidenceWeighting, JointStep, TwoSteps, UniformWeighting
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.pipeline import slice_preprocessing
 from monai_mlbseg.transforms import StrongIntensityAugment
@@ -308,15 +307,18 @@ def test_stage2_method_parts_reach_the_trainer(name, tmp_path):
     over = overrides(bundle, data, DEFAULT_FORMAT[name], split)
     parser = workflow(bundle, ["train.json"], "train", **over).parser
     default = parser.get_parsed_content("train#trainer")
-    expected = {"mlbseg_la": "weak_to_strong", "mlbseg_prostate": "mlbseg"}[name]  # the measured best on LA scans
-    assert parser.get_parsed_content("stage2_method") == expected
-    assert [s.name for s in default.sources] == ([] if expected == "weak_to_strong" else ["initial", "pseudo"])
-    assert isinstance(default.schedule, JointStep if expected == "weak_to_strong" else TwoSteps)
-    assert default.grad_clip == (None if expected == "weak_to_strong" else 0.2)
+    # the measured best on left-atrium scans, for both bundles (no prostate data to measure on)
+    assert parser.get_parsed_content("stage2_method") == "weak_to_strong"
+    assert [s.name for s in default.sources] == ["teacher"]
+    assert isinstance(default.weighting, ConfidenceWeighting) and default.weighting.threshold == 0.95
+    assert isinstance(default.schedule, JointStep) and default.grad_clip is None
     assert default.teacher is parser.get_parsed_content("teacher"), "the checkpointed teacher is the EMA network"
     changed = {"train#trainer#sources": "$[monai_mlbseg.engines.InitialLabels()]"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **changed).parser.get_parsed_content("train#trainer")
     assert [s.name for s in trainer.sources] == ["initial"]
+    trust = {"train#trainer#weighting": "$monai_mlbseg.engines.pseudo_label_trust('adaptive')"}
+    trainer = workflow(bundle, ["train.json"], "train", **over, **trust).parser.get_parsed_content("train#trainer")
+    assert isinstance(trainer.weighting, AdaptiveConfidenceWeighting)
     method = {"stage2_method": "mean_teacher"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **method).parser.get_parsed_content("train#trainer")
     assert isinstance(trainer.weighting, UniformWeighting) and trainer.sources == []
@@ -324,11 +326,9 @@ def test_stage2_method_parts_reach_the_trainer(name, tmp_path):
     assert trainer.student_augment is None and isinstance(trainer.schedule, TwoSteps) and trainer.grad_clip == 0.2
     w2s = {"stage2_method": "weak_to_strong"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **w2s).parser.get_parsed_content("train#trainer")
-    assert isinstance(trainer.schedule, JointStep) and isinstance(trainer.weighting, UniformWeighting)
-    assert trainer.sources == [] and trainer.grad_clip is None
+    assert isinstance(trainer.schedule, JointStep) and isinstance(trainer.weighting, ConfidenceWeighting)
+    assert [s.name for s in trainer.sources] == ["teacher"] and trainer.terms == [] and trainer.grad_clip is None
     assert isinstance(trainer.student_augment, StrongIntensityAugment) and trainer.clean_augment is None
-    assert isinstance(trainer.terms[0].loss, ConfidentPseudoLabelLoss)
-    assert trainer.terms[0].loss.threshold == 0.95
     custom = {
         **w2s,
         "train#trainer#terms": "$[monai_mlbseg.engines.MeanTeacherTerm(1.0, "
