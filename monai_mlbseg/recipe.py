@@ -134,7 +134,29 @@ def stage_overrides(
 
 
 #: the stage-2 options a run may set on top of its method, in JSON form (:py:func:`trainer_overrides`)
-TRAINER_OPTIONS = ("grad_clip", "student_augment", "clean_augment", "reuse_meta_grad", "meta_params", "trust", "cutmix")
+TRAINER_OPTIONS = (
+    "grad_clip",
+    "student_augment",
+    "clean_augment",
+    "reuse_meta_grad",
+    "meta_params",
+    "trust",
+    "cutmix",
+    "feature_dropout",
+)
+
+
+def _wrap_perturbations(out: dict[str, Any], options: dict[str, Any], target: str, prob: float) -> None:
+    """Wrap the method's perturbations (student's and labeled views', only those it has) in ``target(base, prob)``."""
+    for key in ("student_augment", "clean_augment"):
+        given = out.get(f"train#trainer#{key}", options.get(key, "unset"))
+        part = f"@stage2_parts['{key}']"
+        method_part = f"$None if {part} is None else "  # the method's own part, perhaps wrapped already
+        if given == "unset" or (isinstance(given, str) and given.startswith(method_part)):
+            inner = part if given == "unset" else given[len(method_part) :]
+            out[f"train#trainer#{key}"] = f"{method_part}{target}({inner}, {prob})"
+        elif given is not None:
+            out[f"train#trainer#{key}"] = {"_target_": target, "base": given, "prob": prob}
 
 
 def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +168,8 @@ def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
     ``meta_params`` (parameter names or prefixes of the meta-gradient: :py:class:`~monai_mlbseg.engines.MetaWeighting`);
     ``trust``: the weighting of the label sources by name, a key of :py:data:`~monai_mlbseg.engines.TRUSTS`;
     ``cutmix``: a probability: the method's perturbations (student's and labeled views') followed by
-    :py:class:`~monai_mlbseg.transforms.CutMix` with it.
+    :py:class:`~monai_mlbseg.transforms.CutMix` with it; ``feature_dropout``: a probability: the same with
+    :py:class:`~monai_mlbseg.transforms.FeatureDropout` (inside a CutMix when both are given).
 
     Args:
         options: ``{option: value}`` of :py:data:`TRAINER_OPTIONS`.
@@ -177,21 +200,9 @@ def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("meta_params") is not None:
         names = [str(m) for m in options["meta_params"]]
         out["train#trainer#weighting"] = f"$monai_mlbseg.engines.MetaWeighting({names!r})"
-    if options.get("cutmix") is not None:
-        prob = float(options["cutmix"])
-        for key in ("student_augment", "clean_augment"):  # only a perturbation the method has
-            given = out.get(f"train#trainer#{key}", options.get(key, "unset"))
-            if given == "unset":
-                part = f"@stage2_parts['{key}']"
-                out[f"train#trainer#{key}"] = (
-                    f"$None if {part} is None else monai_mlbseg.transforms.CutMix({part}, {prob})"
-                )
-            elif given is not None:
-                out[f"train#trainer#{key}"] = {
-                    "_target_": "monai_mlbseg.transforms.CutMix",
-                    "base": given,
-                    "prob": prob,
-                }
+    for option, target in (("feature_dropout", "FeatureDropout"), ("cutmix", "CutMix")):  # CutMix outermost
+        if options.get(option) is not None:
+            _wrap_perturbations(out, options, f"monai_mlbseg.transforms.{target}", float(options[option]))
     if options.get("trust") is not None:
         name = str(options["trust"])
         if name not in TRUSTS:

@@ -21,7 +21,14 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from monai_mlbseg.losses import MetaReweightLoss
-from monai_mlbseg.transforms import PLEViews, ViewTransform, mix_targets, ple_pseudo_labels, warp_to_views
+from monai_mlbseg.transforms import (
+    PLEViews,
+    ViewTransform,
+    mix_targets,
+    perturbed_forward,
+    ple_pseudo_labels,
+    warp_to_views,
+)
 from monai_mlbseg.utils import describe_settings
 
 from .context import LabeledViews, Stage2Context, ViewBatch
@@ -120,7 +127,9 @@ class MetaTrainer(SupervisedTrainer):
         views: the view transform (default :py:class:`~monai_mlbseg.transforms.PLEViews` with the reference ranges).
         student_augment: a perturbation of the unlabeled views that the student sees instead of the views, e.g.
             :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment`; it must keep every pixel in place, since the
-            teacher, the pseudo labels and the weight maps stay in the views' frame.
+            teacher, the pseudo labels and the weight maps stay in the views' frame (a
+            :py:class:`~monai_mlbseg.transforms.CutMix` moves them with its pixels). A
+            :py:class:`~monai_mlbseg.transforms.FeatureDropout` in it also perturbs the features of that forward.
         clean_augment: the same for the clean views (the clean loss's forward and labeled-only training); the
             teacher and a look-ahead's meta loss keep the views themselves.
         grad_clip: gradient-norm clip of every step (``None``: no clipping).
@@ -315,7 +324,8 @@ class MetaTrainer(SupervisedTrainer):
         """
         with record_function("mlbseg.clean_loss"):
             batch, student_views = self._clean_views(batch)
-            logits = self.forward(student_views)
+            with perturbed_forward(self.clean_augment, self.network):
+                logits = self.forward(student_views)
             return self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits)))
 
     def _clean_views(self, batch: ViewBatch) -> tuple[ViewBatch, torch.Tensor]:
@@ -406,7 +416,8 @@ class MetaTrainer(SupervisedTrainer):
         unlabeled = self.make_views(images, initial)
         student_views = unlabeled.views if self.student_augment is None else self.student_augment(unlabeled.views)
         self.state.output = {Keys.IMAGE: student_views, Keys.LABEL: unlabeled.labels}
-        logits = self.state.output[Keys.PRED] = self.forward(student_views)
+        with perturbed_forward(self.student_augment, self.network):
+            logits = self.state.output[Keys.PRED] = self.forward(student_views)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         probs = torch.sigmoid(logits)
         ple = ple_pseudo_labels(probs, unlabeled.params, self.threshold)
@@ -482,7 +493,8 @@ class MetaTrainer(SupervisedTrainer):
             batch, student_views = self._clean_views(self.make_views(images, labels))
             self.state.output = {Keys.IMAGE: student_views, Keys.LABEL: batch.labels}
             self.fire_event(MetaIterationEvents.CLEAN_STEP_STARTED)
-            logits = self.state.output[Keys.PRED] = self.forward(student_views)
+            with perturbed_forward(self.clean_augment, self.network):
+                logits = self.state.output[Keys.PRED] = self.forward(student_views)
             self.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss = self.state.output[Keys.LOSS] = self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits)))
             self.fire_event(IterationEvents.LOSS_COMPLETED)

@@ -9,6 +9,7 @@ from .array import (
     ViewTransform,
 )
 from .dictionary import PLEViewsd, RandFlipViewd, RandZoomViewd, ViewTransformd
+from .features import FeatureDropout, perturbed_forward
 from .functional import (
     PLEResult,
     ViewParams,
@@ -24,6 +25,8 @@ from .mix import CutMix, mix_targets
 
 __all__ = [
     "CutMix",
+    "FeatureDropout",
+    "perturbed_forward",
     "mix_targets",
     "DEFAULT_ZOOM_IN_RANGE",
     "DEFAULT_ZOOM_OUT_RANGE",
