@@ -145,13 +145,20 @@ def test_meta_trusts_match_second_order_autograd(cls, per_view):
         assert ratio.unique().numel() <= got.shape[0]
 
 
-def test_amortised_meta_weighting_starts_as_a_soft_threshold():
-    trainer = _w2s(weighting=AmortisedMetaWeighting(lr=0.0))
+@pytest.mark.parametrize("max_weight", [2.0, 1.1])
+def test_amortised_meta_weighting_starts_as_a_soft_threshold_with_the_thresholds_mass(max_weight):
+    # the untrained teacher is sure of no pixel at 0.95: a threshold of 0.6 keeps about a quarter of them
+    trainer = _w2s(weighting=AmortisedMetaWeighting(lr=0.0, threshold=0.6, max_weight=max_weight))
     teacher = _capture(trainer, fn=lambda e: e.state.stage2.teacher_probs().clone())
     trainer.run()
     t = teacher[0]
-    expected = torch.sigmoid(20 * (2 * torch.maximum(t, 1 - t) - 1 - 0.9))
+    confidence = 2 * torch.maximum(t, 1 - t) - 1
+    soft, hard = torch.sigmoid(20 * (confidence - 0.2)), (confidence >= 0.2).float()
+    assert 0 < hard.mean() < 1
+    expected = (soft * hard.mean() / soft.mean()).clamp(max=max_weight)
     torch.testing.assert_close(trainer.state.weight_maps["weights"], expected / expected.numel())
+    if expected.max() < max_weight:  # no pixel capped: the mass is the hard threshold's
+        torch.testing.assert_close(expected.mean(), hard.mean())
 
 
 def test_amortised_meta_weighting_learns_what_the_meta_gradient_rewards():
