@@ -71,10 +71,10 @@ def test_adaptive_confidence_weights_follow_the_moving_class_statistics():
         k = (probs > 0.5).long()
         for cls in range(2):
             values = c[k == cls]
-            assert weighting.mean[cls] == pytest.approx(0.9 * before_mean[cls] + 0.1 * values.mean(), rel=1e-9)
-            assert weighting.var[cls] == pytest.approx(
-                0.9 * before_var[cls] + 0.1 * values.var(unbiased=False), rel=1e-9
-            )
+            expected_mean = float(0.9 * before_mean[cls] + 0.1 * values.mean())
+            expected_var = float(0.9 * before_var[cls] + 0.1 * values.var(unbiased=False))
+            assert float(weighting.mean[cls]) == pytest.approx(expected_mean, rel=1e-9)
+            assert float(weighting.var[cls]) == pytest.approx(expected_var, rel=1e-9)
         for idx in [(0, 0, 1, 2), (1, 0, 5, 7), (0, 0, 7, 0)]:
             cls, ci = int(k[idx]), float(c[idx])
             mu, var = float(weighting.mean[cls]), float(weighting.var[cls])
