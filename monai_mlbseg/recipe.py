@@ -146,17 +146,19 @@ TRAINER_OPTIONS = (
 )
 
 
-def _wrap_perturbations(out: dict[str, Any], options: dict[str, Any], target: str, prob: float) -> None:
-    """Wrap the method's perturbations (student's and labeled views', only those it has) in ``target(base, prob)``."""
+def _wrap_perturbations(out: dict[str, Any], wrappers: list[tuple[str, float]]) -> None:
+    """Wrap the method's perturbations (student's and labeled views', only those it has) in each ``target(base,
+    prob)`` of ``wrappers``, innermost first; a perturbation given in ``out`` is wrapped instead of the method's."""
     for key in ("student_augment", "clean_augment"):
-        given = out.get(f"train#trainer#{key}", options.get(key, "unset"))
-        part = f"@stage2_parts['{key}']"
-        method_part = f"$None if {part} is None else "  # the method's own part, perhaps wrapped already
-        if given == "unset" or (isinstance(given, str) and given.startswith(method_part)):
-            inner = part if given == "unset" else given[len(method_part) :]
-            out[f"train#trainer#{key}"] = f"{method_part}{target}({inner}, {prob})"
-        elif given is not None:
-            out[f"train#trainer#{key}"] = {"_target_": target, "base": given, "prob": prob}
+        name = f"train#trainer#{key}"
+        if name not in out:  # the method's own part, when it has one
+            part = inner = f"@stage2_parts['{key}']"
+            for target, prob in wrappers:
+                inner = f"{target}({inner}, {prob})"
+            out[name] = f"$None if {part} is None else {inner}"
+        elif out[name] is not None:
+            for target, prob in wrappers:
+                out[name] = {"_target_": target, "base": out[name], "prob": prob}
 
 
 def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
@@ -200,9 +202,13 @@ def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("meta_params") is not None:
         names = [str(m) for m in options["meta_params"]]
         out["train#trainer#weighting"] = f"$monai_mlbseg.engines.MetaWeighting({names!r})"
-    for option, target in (("feature_dropout", "FeatureDropout"), ("cutmix", "CutMix")):  # CutMix outermost
-        if options.get(option) is not None:
-            _wrap_perturbations(out, options, f"monai_mlbseg.transforms.{target}", float(options[option]))
+    wrappers = [  # CutMix outermost, so that the trainer finds the targets it mixes
+        (f"monai_mlbseg.transforms.{target}", float(options[option]))
+        for option, target in (("feature_dropout", "FeatureDropout"), ("cutmix", "CutMix"))
+        if options.get(option) is not None
+    ]
+    if wrappers:
+        _wrap_perturbations(out, wrappers)
     if options.get("trust") is not None:
         name = str(options["trust"])
         if name not in TRUSTS:
