@@ -126,7 +126,7 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
         ),
         measured=(
             "+0.86 Dice over labeled-only training with the same perturbation and optimizer settings (its matched "
-            "control) at 64 px and 300 steps (35 of 48 cases, 3 seeds), +1.40 at 1,200 steps, +0.07 with 8 labeled "
+            "control) at 64 px and 300 steps (35 of 48 cases, 3 seeds), +1.39 at 1,200 steps, +0.07 with 8 labeled "
             "cases; +5.03 over labeled-only training with the reference's settings (docs/results.md findings 36-40)"
         ),
         cost="one optimizer step: student forward and backward on both batches, one teacher forward",
