@@ -47,6 +47,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
             "weights": trainer.state.weight_maps["weights"],
         }
         torch.save(state, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears its gloo threads down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
