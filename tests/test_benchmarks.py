@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.performance import allocator
 from benchmarks.performance.common import IterationClock, Workload
 from monai_mlbseg.engines import STAGE2_METHODS, pseudo_label_trust, stage2_method
 
@@ -167,37 +166,3 @@ def test_iteration_clock_steps_one_iteration_at_a_time():
     for done in (1, 2, 3):
         assert clock.step() > 0
         assert len(clock.times) == engine.state.iteration == done
-
-
-def test_allocator_benchmark_finds_preloadable_libraries_only_where_installed(tmp_path):
-    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
-    found, missing = allocator.allocators([str(tmp_path / "absent"), str(tmp_path)])
-    assert found["tcmalloc"] == {"LD_PRELOAD": str(tmp_path / "libtcmalloc_minimal.so.4")}
-    assert missing == ["jemalloc"] and "jemalloc" not in found
-    assert found["glibc"] == {} and set(found["glibc_tuned"]) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
-
-
-def test_allocator_benchmark_times_each_allocator_against_glibc(tmp_path):
-    out = tmp_path / "f.json"
-    stdout = run("performance.allocator", "--allocators", "glibc_tuned", "--json", str(out))
-    f = json.loads(out.read_text())["f_allocator"]["allocators"]
-    assert set(f) == {"glibc", "glibc_tuned"}
-    assert f["glibc"]["speedup_vs_glibc"] == 1.0
-    tuned = f["glibc_tuned"]
-    assert tuned["env"]["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2**20)
-    assert tuned["speedup_vs_glibc"] == pytest.approx(f["glibc"]["iteration_s_median"] / tuned["iteration_s_median"])
-    assert tuned["minor_faults_per_iteration"] >= 0 and len(tuned["iteration_s_samples"]) == 1
-    assert "glibc's speed" in stdout
-    assert json.loads(out.read_text())["f_allocator"]["same_weights"] is True
-    assert tuned["weights_sha1"] == f["glibc"]["weights_sha1"] and len(tuned["weights_sha1"][0]) == 40
-
-
-def test_allocator_benchmark_rejects_an_unknown_allocator():
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.performance.allocator", "--quick", "--allocators", "mimalloc"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert proc.returncode != 0 and "unknown mimalloc" in proc.stderr
