@@ -148,26 +148,3 @@ def test_report_mode_tables_every_row_of_every_seed_without_training(tmp_path):
     assert json.loads((out / "table.json").read_text())["figures"] == figures, "the main table is kept"
     with pytest.raises(SystemExit, match="no seed"):
         real_la.main(["--out", str(tmp_path / "empty"), "--report"])
-
-
-def test_largest_component_variant_trains_on_postprocessed_labels_and_keeps_the_raw_ones(tmp_path):
-    import nibabel as nib
-    import numpy as np
-    from scipy import ndimage
-
-    out = tmp_path / "bench"
-    argv = ["--quick", "--out", str(out), "--seeds", "0", "--variants", "a_labeled_only"]
-    real_la.main([*argv, "--variant", 'b_lcc=b_self_training:{"initial_labels": "largest_component"}'])
-    raw = sorted((out / "seed0" / "stage1" / "initial_labels").glob("*.nii.gz"))
-    lcc = sorted((out / "seed0" / "stage1" / "initial_labels_largest_component").glob("*.nii.gz"))
-    assert [p.name for p in raw] == [p.name for p in lcc] and len(raw) == 5
-    for r, c in zip(raw, lcc):
-        a, b = np.asarray(nib.load(r).dataobj), np.asarray(nib.load(c).dataobj)
-        full = np.ones((3, 3, 3))  # KeepLargestConnectedComponent's default: full connectivity
-        assert ndimage.label(b, full)[1] <= 1 and not (b & ~a).any(), "a subset of the raw label, in one piece"
-        if a.any():
-            assert b.sum() == np.bincount(ndimage.label(a, full)[0].ravel())[1:].max()
-    result = json.loads((out / "seed0" / "b_lcc" / "result.json").read_text())
-    assert result["spec"]["initial_labels"] == "largest_component"
-    with pytest.raises(ValueError, match="initial_labels"):
-        real_la.parse_variant('x=d_mlbseg:{"initial_labels": "smoothed"}')

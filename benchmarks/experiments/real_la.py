@@ -37,11 +37,10 @@ from typing import Any
 
 import torch
 from ignite.engine import Events
-from monai.transforms import KeepLargestConnectedComponent
 
 from monai_mlbseg.bundles import write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list, resolve_datalist
-from monai_mlbseg.engines import STAGE2_METHODS, bootstrap_labels, load_weights
+from monai_mlbseg.engines import STAGE2_METHODS, load_weights
 from monai_mlbseg.evaluation import SegmentationReport
 from monai_mlbseg.recipe import (
     TRAINER_OPTIONS,
@@ -73,10 +72,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 #: benchmark-level options a variant may set (the rest go to :py:class:`MetaTrainer`)
-RUN_OPTIONS = ("lr", "unlabeled_batch", "clean_batch", "supervised", "iterations_factor", "initial_labels", "control")
-
-#: ``initial_labels`` of a variant: how the stage-1 predictions become the initial labels of the unlabeled volumes
-INITIAL_LABELS = ("raw", "largest_component")
+RUN_OPTIONS = ("lr", "unlabeled_batch", "clean_batch", "supervised", "iterations_factor", "control")
 
 QUICK = {
     "num_cases": 10,
@@ -108,8 +104,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         )
     run = {k: v for k, v in base_spec.items() if k != "trainer"}
     run.update({k: v for k, v in extra.items() if k in RUN_OPTIONS})
-    if run.get("initial_labels", "raw") not in INITIAL_LABELS:
-        raise ValueError(f"variant {text!r}: initial_labels must be one of {INITIAL_LABELS}")
     return name.strip(), {**run, "trainer": trainer}
 
 
@@ -227,7 +221,6 @@ class Benchmark:
         options = dict(spec["trainer"])
         if options.get("meta_params") == "LAST":
             options["meta_params"] = [f"nodes.conv0_{len(self.args.features) - 1}", "final"]
-        labels = "initial_labels_largest_component" if spec.get("initial_labels") == "largest_component" else ""
         return {
             **self.common,
             **stage_overrides(stage2_iterations=iterations, stage2_chunk=self.args.epoch_length),
@@ -241,7 +234,7 @@ class Benchmark:
             "ckpt_dir": str(folder),
             "train#checkpoint_dir": str(folder / "checkpoints"),
             "stage1#model": str(stage1 / "stage1.pt"),
-            "bootstrap#label_dir": str(stage1 / (labels or "initial_labels")),
+            "bootstrap#label_dir": str(stage1 / "initial_labels"),
             **({"train#unlabeled#source": []} if supervised else {}),
             **({"stage2_parts": "$monai_mlbseg.engines.matched_control(@stage2_method, @teacher)"} if control else {}),
         }
@@ -274,14 +267,6 @@ class Benchmark:
         logger.info(f"seed {seed}: stage 1 validation Dice {100 * result['summary']['dice']['mean']:.2f}")
         return weights, result
 
-    def largest_component_labels(self, seed: int, workflow: Any) -> None:
-        """The initial labels of one seed with only their largest 3D connected component kept (bootstrapped once)."""
-        items = parsed(workflow, "bootstrap#items")
-        if not all(Path(item["label"]).is_file() for item in items):
-            network, inferer, load = (parsed(workflow, k) for k in ("network", "inferer", "load_volume"))
-            postprocess = KeepLargestConnectedComponent()
-            bootstrap_labels(network, inferer, items, load, self.device, progress=False, postprocess=postprocess)
-
     def stage2(self, seed: int, name: str, spec: dict[str, Any], weights: Path) -> dict:
         """One stage-2 variant of one seed (skipped when its ``result.json`` exists)."""
         result_file = self.out / f"seed{seed}" / name / "result.json"
@@ -290,8 +275,6 @@ class Benchmark:
         workflow = training_workflow(self.bundle, self.stage2_overrides(seed, name, spec))
         network = parsed(workflow, "network")
         load_weights(network, weights)
-        if spec.get("initial_labels") == "largest_component":
-            self.largest_component_labels(seed, workflow)
         trainer = parsed(workflow, "train#trainer")
         monitor = MonitorLog()
         monitor.attach(trainer)
