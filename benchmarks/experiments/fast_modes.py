@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import shutil
 import statistics
@@ -92,11 +91,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from monai_mlbseg.demo import QUICK, run_demo
+    from monai_mlbseg.demo import QUICK, SIZES
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    features = QUICK["features"] if args.quick else inspect.signature(run_demo).parameters["features"].default
+    features = (QUICK if args.quick else SIZES)["features"]  # the demo's sizes (its arguments default to None)
     meta_params = args.meta_params or f"nodes.conv0_{len(features) - 1},final"
     modes = {
         "faithful": {},
