@@ -1,3 +1,3 @@
 """monai-mlbseg: MLB-Seg (consistency-guided meta-learning for bootstrapping semi-supervised segmentation) for MONAI."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -5,12 +5,14 @@ What the bundles share lives once, in the package data folder ``monai_mlbseg/bun
 (``configs/*.json``, ``configs/logging.conf``), ``LICENSE`` and ``large_files.yml``. A string value
 ``"<<name>>"`` anywhere in a template JSON file is a placeholder, replaced by entry ``name`` of the bundle's values
 file ``bundle_template/values/<bundle>.json`` (any JSON value: the data folder, format, split, spacing, metadata
-texts). Every placeholder must have a value and every value must be used. Each generated bundle is an ordinary,
-self-contained MONAI bundle folder; its files not in the template (``docs/README.md``, the left-atrium bundle's
+texts), except ``<<package_version>>``: the package's own ``__version__``, which the bundles require. Every
+placeholder must have a value and every value must be used. Each generated bundle is an ordinary, self-contained
+MONAI bundle folder; its files not in the template (``docs/README.md``, the left-atrium bundle's
 ``train.list`` / ``test.list`` and 3D configs) are written by hand.
 
 ``python -m monai_mlbseg bundles --write`` regenerates the committed bundles (and the table of stage-2 methods in
-each bundle's ``docs/README.md``, from :py:data:`~monai_mlbseg.engines.STAGE2_METHODS`), ``python -m monai_mlbseg
+each bundle's ``docs/README.md``, from :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` and the measured effects of
+``docs/results/effects.json``), ``python -m monai_mlbseg
 bundles`` checks that they are up to date (``tests/test_bundles.py`` runs the check).
 
 Why placeholders and not MONAI's config merge (a shared base config plus a small per-bundle file of ``#``-path
@@ -31,11 +33,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from monai_mlbseg import __version__
 from monai_mlbseg.utils import atomic_write_text
 
 __all__ = [
     "BUNDLE_NAMES",
     "TEMPLATE_FILES",
+    "measured_effects",
     "methods_table",
     "render_bundle",
     "render_readme",
@@ -57,10 +61,14 @@ TEMPLATE_FILES = (
     "LICENSE",
     "large_files.yml",
 )
+#: the placeholder of the package version the bundles require (rendered from ``monai_mlbseg.__version__``)
+PACKAGE_VERSION = "package_version"
 #: the template folder (package data)
 TEMPLATE_DIR = Path(__file__).resolve().parent / "bundle_template"
 #: the committed bundles of a source checkout
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "bundles"
+#: the measured effects of the stage-2 methods in a source checkout (the README tables are generated from them)
+EFFECTS_FILE = Path(__file__).resolve().parents[1] / "docs" / "results" / "effects.json"
 
 
 def _template(path: str) -> str:
@@ -113,6 +121,9 @@ def render_bundle(name: str, values: Mapping[str, Any] | None = None) -> dict[st
         raise ValueError(f"unknown bundle {name!r}, expected one of {BUNDLE_NAMES}.")
     if values is None:
         values = json.loads(_template(f"values/{name}.json"))
+    if PACKAGE_VERSION in values:
+        raise ValueError(f"{name}: <<{PACKAGE_VERSION}>> is the package's own version; a values file cannot set it.")
+    values = {**values, PACKAGE_VERSION: __version__}
     used: set[str] = set()
     files = {}
     for path in TEMPLATE_FILES:
@@ -131,17 +142,41 @@ TABLE_BEGIN = "<!-- stage2-methods: generated from monai_mlbseg.engines.STAGE2_M
 TABLE_END = "<!-- /stage2-methods -->"
 
 
-def methods_table(default: str) -> str:
+def measured_effects(path: str | os.PathLike = EFFECTS_FILE) -> dict[str, dict[str, str]]:
     """
-    The markdown table of the stage-2 methods of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` (method, what it
-    does, measured effect, cost), ``default`` marked: the one list the bundle READMEs show.
+    The measured effect and cost of every stage-2 method, by name, from the committed results (``methods`` of
+    ``docs/results/effects.json`` in a source checkout).
+
+    Raises:
+        FileNotFoundError: when the file is missing (it is part of the source checkout, not of the package).
+        ValueError: when a method of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` has no ``measured`` and ``cost``
+            entry there.
     """
     from monai_mlbseg.engines import STAGE2_METHODS
 
+    effects = json.loads(Path(path).read_text(encoding="utf-8"))["methods"]
+    missing = [k for k in STAGE2_METHODS if not {"measured", "cost"} <= set(effects.get(k, {}))]
+    if missing:
+        raise ValueError(f"{path}: no measured effect and cost for the stage-2 methods {missing}.")
+    return effects
+
+
+def methods_table(default: str, effects: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """
+    The markdown table of the stage-2 methods of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` (method, what it
+    does, measured effect, cost), ``default`` marked: the one list the bundle READMEs show.
+
+    Args:
+        default: the bundle's default method.
+        effects: measured effect and cost by method (default: :py:func:`measured_effects`).
+    """
+    from monai_mlbseg.engines import STAGE2_METHODS
+
+    effects = measured_effects() if effects is None else effects
     rows = ["| `--stage2_method` | what it does | measured on real left-atrium scans | cost |", "|---|---|---|---|"]
     for key, method in STAGE2_METHODS.items():
         name = f"`{key}` (default)" if key == default else f"`{key}`"
-        rows.append(f"| {name} | {method.description} | {method.measured} | {method.cost} |")
+        rows.append(f"| {name} | {method.description} | {effects[key]['measured']} | {effects[key]['cost']} |")
     return "\n".join(rows)
 
 

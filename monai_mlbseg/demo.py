@@ -38,7 +38,8 @@ from monai_mlbseg.data import (
     make_synthetic_dataset,
     read_case_list,
 )
-from monai_mlbseg.engines import STAGE2_METHODS, MetaIterationEvents, MetaWeighting, load_weights, stage2_terms
+from monai_mlbseg.engines import STAGE2_METHODS, MetaIterationEvents, load_weights, stage2_terms
+from monai_mlbseg.engines.stage2 import MetaWeighting
 from monai_mlbseg.evaluation import SegmentationReport, compare_markdown
 from monai_mlbseg.pipeline import logged_series
 from monai_mlbseg.recipe import (
@@ -153,12 +154,9 @@ class _WeightMapKeeper:
 
 #: the report's name of the control: labeled-only training matched to the demonstrated method
 CONTROL_NAME = "labeled only, same perturbation"
-#: the bundle overrides that turn the stage-2 workflow into the labeled-only control matched to its
-#: ``stage2_method`` (:py:func:`~monai_mlbseg.engines.matched_control`), trained without unlabeled volumes
-CONTROL_OVERRIDES = {
-    "stage2_parts": "$monai_mlbseg.engines.matched_control(@stage2_method, @teacher)",
-    "train#unlabeled#source": [],
-}
+#: the bundle override that turns the stage-2 workflow into the labeled-only control matched to its
+#: ``stage2_method`` and ``stage2_options`` (:py:func:`~monai_mlbseg.engines.matched_control`)
+CONTROL_OVERRIDES = {"stage2_control": True}
 
 
 def _matched_control(
@@ -668,7 +666,7 @@ def run_demo(
         predictions[CONTROL_NAME] = pred_control
         control_info = {
             "perturbation": _part_text(control_settings["clean_augment"]),
-            "gradient clip": _part_text(control_settings["grad_clip"]),
+            "gradient clip": _part_text(control_settings["schedule"]["grad_clip"]),
             "optimizer steps": str(control_steps),
         }
     network = parsed(training, "network")

@@ -7,20 +7,25 @@ ships; only the overrides (sizes, lengths, learning rates, method) differ.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Randomizable
 from monai.utils import set_determinism
+from torch import nn
 
-from monai_mlbseg.engines import STAGE2_METHODS, TRUSTS
+from monai_mlbseg.engines import STAGE2_METHODS, WEIGHTINGS, pixel_weighting, stage2_method
+from monai_mlbseg.engines.methods import as_matched_control
+from monai_mlbseg.engines.stage2 import MetaWeighting, TwoSteps
+from monai_mlbseg.transforms import CutMix, FeatureDropout, StrongIntensityAugment
 from monai_mlbseg.utils import find_input_error
 
 __all__ = [
-    "TRAINER_OPTIONS",
+    "STAGE2_OPTIONS",
     "TRAINING_STEPS",
+    "check_stage2_options",
     "trainer_overrides",
     "parsed",
     "reseed_stage2",
@@ -28,6 +33,7 @@ __all__ = [
     "stage_length",
     "stage_overrides",
     "stage2_iterations",
+    "stage2_parts",
     "training_workflow",
 ]
 
@@ -106,8 +112,6 @@ def stage2_iterations(method: str, optimizer_steps: int) -> int:
     The stage-2 iterations that make ``optimizer_steps`` optimizer steps with ``method`` (equal budgets compare
     optimizer steps: a two-step iteration counts twice; the labeled-only control makes one step per iteration).
     """
-    if STAGE2_METHODS[method].labeled_only:
-        return optimizer_steps
     steps = STAGE2_METHODS[method].parts(None)["schedule"].steps_per_iteration
     return max(1, optimizer_steps // steps)
 
@@ -133,85 +137,108 @@ def stage_overrides(
     return out
 
 
-#: the stage-2 options a run may set on top of its method, in JSON form (:py:func:`trainer_overrides`)
-TRAINER_OPTIONS = (
+#: the stage-2 options a run may set on top of its method, in JSON form (:py:func:`stage2_parts`)
+STAGE2_OPTIONS = (
     "grad_clip",
     "student_augment",
     "clean_augment",
     "reuse_meta_grad",
     "meta_params",
-    "trust",
+    "weighting",
     "cutmix",
     "feature_dropout",
 )
 
 
-def _wrap_perturbations(out: dict[str, Any], wrappers: list[tuple[str, float]]) -> None:
-    """Wrap the method's perturbations (student's and labeled views', only those it has) in each ``target(base,
-    prob)`` of ``wrappers``, innermost first; a perturbation given in ``out`` is wrapped instead of the method's."""
-    for key in ("student_augment", "clean_augment"):
-        name = f"train#trainer#{key}"
-        if name not in out:  # the method's own part, when it has one
-            part = inner = f"@stage2_parts['{key}']"
-            for target, prob in wrappers:
-                inner = f"{target}({inner}, {prob})"
-            out[name] = f"$None if {part} is None else {inner}"
-        elif out[name] is not None:
-            for target, prob in wrappers:
-                out[name] = {"_target_": target, "base": out[name], "prob": prob}
-
-
-def trainer_overrides(options: dict[str, Any]) -> dict[str, Any]:
+def check_stage2_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """
-    The bundle overrides of stage-2 options in JSON form, on top of the bundle's ``stage2_method``:
-    ``grad_clip`` (a number or ``None``); ``student_augment`` / ``clean_augment`` (the arguments of
-    :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment`, or ``None``); MLB-Seg's fast modes
-    ``reuse_meta_grad`` (the clean step reuses the meta-gradient: :py:class:`~monai_mlbseg.engines.TwoSteps`) and
-    ``meta_params`` (parameter names or prefixes of the meta-gradient: :py:class:`~monai_mlbseg.engines.MetaWeighting`);
-    ``trust``: the weighting of the label sources by name, a key of :py:data:`~monai_mlbseg.engines.TRUSTS`;
-    ``cutmix``: a probability: the method's perturbations (student's and labeled views') followed by
-    :py:class:`~monai_mlbseg.transforms.CutMix` with it; ``feature_dropout``: a probability: the same with
-    :py:class:`~monai_mlbseg.transforms.FeatureDropout` (inside a CutMix when both are given).
-
-    Args:
-        options: ``{option: value}`` of :py:data:`TRAINER_OPTIONS`.
-
-    Returns:
-        ``{"train#trainer#<argument>": value}``.
+    ``options`` as a dict, checked against :py:data:`STAGE2_OPTIONS` (and ``weighting`` against
+    :py:data:`~monai_mlbseg.engines.WEIGHTINGS`).
 
     Raises:
-        ValueError: for an option not in :py:data:`TRAINER_OPTIONS`.
+        ValueError: for an unknown option or weighting (the message lists the known ones).
+    """
+    options = dict(options)
+    unknown = sorted(set(options) - set(STAGE2_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown stage-2 options {unknown}; known: {', '.join(STAGE2_OPTIONS)}.")
+    name = options.get("weighting")
+    if name is not None and name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; known: {', '.join(WEIGHTINGS)}.")
+    return options
+
+
+def stage2_parts(
+    method: str, teacher: nn.Module | None = None, options: Mapping[str, Any] | None = None, control: bool = False
+) -> dict[str, Any]:
+    """
+    The ``MetaTrainer`` arguments of a named method with stage-2 options on top (the bundles' ``stage2_parts``, from
+    their top-level ``stage2_method`` and ``stage2_options``):
+
+    - ``grad_clip``: the gradient clip of the method's schedule (a number or ``None``);
+    - ``student_augment`` / ``clean_augment``: the arguments of
+      :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment`, or ``None``;
+    - MLB-Seg's fast modes ``reuse_meta_grad`` (the clean step reuses the meta-gradient:
+      :py:class:`~monai_mlbseg.engines.stage2.TwoSteps`) and ``meta_params`` (parameter names or prefixes of the
+      meta-gradient: :py:class:`~monai_mlbseg.engines.stage2.MetaWeighting`);
+    - ``weighting``: the weighting of the label sources by name, a key of
+      :py:data:`~monai_mlbseg.engines.WEIGHTINGS`;
+    - ``cutmix`` / ``feature_dropout``: a probability: the method's perturbations (student's and labeled views',
+      those it has) followed by :py:class:`~monai_mlbseg.transforms.FeatureDropout` and then
+      :py:class:`~monai_mlbseg.transforms.CutMix` with it.
+
+    Args:
+        method: a key of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS`.
+        teacher: the mean teacher's network (default: a copy of the student).
+        options: ``{option: value}`` of :py:data:`STAGE2_OPTIONS`.
+        control: the labeled-only control matched to the method with these options instead (the bundles' top-level
+            ``stage2_control``; :py:func:`~monai_mlbseg.engines.matched_control`).
+
+    Returns:
+        ``{argument: value}`` for :py:class:`~monai_mlbseg.engines.MetaTrainer`.
+
+    Raises:
+        ValueError: for an unknown method, option or weighting.
+
+    Example::
+
+        trainer = MetaTrainer(..., **stage2_parts("weak_to_strong", options={"cutmix": 0.5}))
+    """
+    options = check_stage2_options(options or {})
+    parts = stage2_method(method, teacher, **{k: options[k] for k in ("grad_clip",) if k in options})
+    for key in ("student_augment", "clean_augment"):
+        if key in options:
+            parts[key] = None if options[key] is None else StrongIntensityAugment(**options[key])
+    if options.get("reuse_meta_grad"):
+        parts["schedule"] = TwoSteps(parts["schedule"].grad_clip, reuse_meta_grad=True)
+    if options.get("meta_params") is not None:
+        parts["weighting"] = MetaWeighting([str(m) for m in options["meta_params"]])
+    for key in ("student_augment", "clean_augment"):
+        if parts[key] is not None and options.get("feature_dropout") is not None:
+            parts[key] = FeatureDropout(parts[key], float(options["feature_dropout"]))
+        if parts[key] is not None and options.get("cutmix") is not None:
+            parts[key] = CutMix(parts[key], float(options["cutmix"]))
+    if options.get("weighting") is not None:
+        parts["weighting"] = pixel_weighting(str(options["weighting"]))
+    return as_matched_control(parts) if control else parts
+
+
+def trainer_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The bundle override of stage-2 options: the top-level ``stage2_options`` (see :py:func:`stage2_parts`).
+
+    Args:
+        options: ``{option: value}`` of :py:data:`STAGE2_OPTIONS`.
+
+    Returns:
+        ``{"stage2_options": options}`` (empty options: no override).
+
+    Raises:
+        ValueError: for an unknown option or weighting.
 
     Example::
 
         trainer_overrides({"grad_clip": 0.2, "clean_augment": {"contrast": 0.25}})
     """
-    unknown = sorted(set(options) - set(TRAINER_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown stage-2 options {unknown}; known: {', '.join(TRAINER_OPTIONS)}.")
-    out: dict[str, Any] = {}
-    if "grad_clip" in options:
-        out["train#trainer#grad_clip"] = options["grad_clip"]
-    for key in ("student_augment", "clean_augment"):
-        if key in options:
-            value = options[key]
-            target = {"_target_": "monai_mlbseg.transforms.StrongIntensityAugment"}
-            out[f"train#trainer#{key}"] = None if value is None else {**target, **value}
-    if options.get("reuse_meta_grad"):
-        out["train#trainer#schedule"] = "$monai_mlbseg.engines.TwoSteps(reuse_meta_grad=True)"
-    if options.get("meta_params") is not None:
-        names = [str(m) for m in options["meta_params"]]
-        out["train#trainer#weighting"] = f"$monai_mlbseg.engines.MetaWeighting({names!r})"
-    wrappers = [  # CutMix outermost, so that the trainer finds the targets it mixes
-        (f"monai_mlbseg.transforms.{target}", float(options[option]))
-        for option, target in (("feature_dropout", "FeatureDropout"), ("cutmix", "CutMix"))
-        if options.get(option) is not None
-    ]
-    if wrappers:
-        _wrap_perturbations(out, wrappers)
-    if options.get("trust") is not None:
-        name = str(options["trust"])
-        if name not in TRUSTS:
-            raise ValueError(f"unknown pseudo-label trust {name!r}; known: {', '.join(TRUSTS)}.")
-        out["train#trainer#weighting"] = f"$monai_mlbseg.engines.pseudo_label_trust({name!r})"
-    return out
+    options = check_stage2_options(options)
+    return {"stage2_options": options} if options else {}

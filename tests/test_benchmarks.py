@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.performance.common import IterationClock, Workload
-from monai_mlbseg.engines import STAGE2_METHODS, pseudo_label_trust, stage2_method
+from monai_mlbseg.engines import STAGE2_METHODS, pixel_weighting, stage2_method
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_iteration_cost_measures_each_method_and_trust_per_optimizer_step(tmp_pa
     assert [line.split(" | ")[0][2:].split(" (= ")[0] for line in table[1:]] == requested, "a table row per method"
     for name, row in g["rows"].items():
         method, trust = ("weak_to_strong", name.split(":")[1]) if ":" in name else (name, None)
-        parts = stage2_method(method, **({"weighting": pseudo_label_trust(trust)} if trust else {}))
+        parts = stage2_method(method, **({"weighting": pixel_weighting(trust)} if trust else {}))
         schedule_steps = parts["schedule"].steps_per_iteration
         labeled_only = STAGE2_METHODS[method].labeled_only
         assert (row["method"], row["trust"]) == (method, trust)

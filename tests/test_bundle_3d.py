@@ -41,8 +41,8 @@ def test_training_and_inference_share_the_3d_network_and_inferer():
     train = json.loads((LA / "configs" / "3d.json").read_text())
     infer = json.loads((LA / "configs" / "inference_3d.json").read_text())
     assert infer == {k: train[k] for k in infer}, "inference_3d.json repeats 3d.json's network and inferer"
-    network_def, inferer, views = parsed(TRAIN_3D, "network_def", "inferer", "train#trainer#spatial_dims")
-    assert network_def.spatial_dims == 3 and network_def.features == (16, 32, 64, 128, 256) and views == 3
+    network_def, inferer, views = parsed(TRAIN_3D, "network_def", "inferer", "train#trainer#views")
+    assert network_def.spatial_dims == 3 and network_def.features == (16, 32, 64, 128, 256) and views.spatial_dims == 3
     assert isinstance(inferer, MinMaxSlidingWindowInferer)
     assert tuple(inferer.roi_size) == (112, 112, 80) and inferer.overlap == 0.5 and inferer.mode == "gaussian"
     batch, clean, unlabeled = parsed(

@@ -12,13 +12,14 @@ from monai.transforms import RandFlipd, RandRotated
 
 from monai_mlbseg.bundles import TEMPLATE_DIR, TEMPLATE_FILES, bundles, render_bundle, stale_files, write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list
-from monai_mlbseg.engines import AdaptiveConfidenceWeighting, ConfidenceWeighting, JointStep, TwoSteps, UniformWeighting
+from monai_mlbseg.engines.stage2 import ConfidenceWeighting, JointStep, LabeledOnly, TwoSteps, UniformWeighting
+from monai_mlbseg.experimental import AdaptiveConfidenceWeighting
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.pipeline import slice_preprocessing
 from monai_mlbseg.transforms import StrongIntensityAugment
 from monai_mlbseg.utils import InputError
 
-from .bundle_utils import BUNDLES, REPO, copy_bundle, make_data, overrides, workflow
+from .bundle_utils import BUNDLES, REPO, bundle_command, copy_bundle, make_data, overrides, run_command, workflow
 
 FORMATS = {"mlbseg_la": ["uamt_h5", "la_raw", "msd_heart"], "mlbseg_prostate": ["promise12", "msd_prostate"]}
 DEFAULT_FORMAT = {"mlbseg_la": "uamt_h5", "mlbseg_prostate": "promise12"}
@@ -311,35 +312,64 @@ def test_stage2_method_parts_reach_the_trainer(name, tmp_path):
     assert parser.get_parsed_content("stage2_method") == "weak_to_strong"
     assert [s.name for s in default.sources] == ["teacher"]
     assert isinstance(default.weighting, ConfidenceWeighting) and default.weighting.threshold == 0.95
-    assert isinstance(default.schedule, JointStep) and default.grad_clip is None
+    assert isinstance(default.schedule, JointStep) and default.schedule.grad_clip is None
     assert default.teacher is parser.get_parsed_content("teacher"), "the checkpointed teacher is the EMA network"
-    changed = {"train#trainer#sources": "$[monai_mlbseg.engines.InitialLabels()]"}
+    changed = {"train#trainer#sources": "$[monai_mlbseg.engines.stage2.InitialLabels()]"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **changed).parser.get_parsed_content("train#trainer")
     assert [s.name for s in trainer.sources] == ["initial"]
-    trust = {"train#trainer#weighting": "$monai_mlbseg.engines.pseudo_label_trust('adaptive')"}
-    trainer = workflow(bundle, ["train.json"], "train", **over, **trust).parser.get_parsed_content("train#trainer")
+    options = {"stage2_options": {"weighting": "adaptive"}}
+    trainer = workflow(bundle, ["train.json"], "train", **over, **options).parser.get_parsed_content("train#trainer")
     assert isinstance(trainer.weighting, AdaptiveConfidenceWeighting)
+    control = {"stage2_control": True}
+    trainer = workflow(bundle, ["train.json"], "train", **over, **control).parser.get_parsed_content("train#trainer")
+    assert trainer.supervised_only and isinstance(trainer.schedule, LabeledOnly) and trainer.sources == []
+    assert isinstance(trainer.clean_augment, StrongIntensityAugment), "the control sees the method's perturbation"
     method = {"stage2_method": "mean_teacher"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **method).parser.get_parsed_content("train#trainer")
     assert isinstance(trainer.weighting, UniformWeighting) and trainer.sources == []
     assert [t.name for t in trainer.terms] == ["loss_mt"] and trainer.mean_teacher is not None
-    assert trainer.student_augment is None and isinstance(trainer.schedule, TwoSteps) and trainer.grad_clip == 0.2
+    assert trainer.student_augment is None and isinstance(trainer.schedule, TwoSteps)
+    assert trainer.schedule.grad_clip == 0.2
     w2s = {"stage2_method": "weak_to_strong"}
     trainer = workflow(bundle, ["train.json"], "train", **over, **w2s).parser.get_parsed_content("train#trainer")
     assert isinstance(trainer.schedule, JointStep) and isinstance(trainer.weighting, ConfidenceWeighting)
-    assert [s.name for s in trainer.sources] == ["teacher"] and trainer.terms == [] and trainer.grad_clip is None
+    assert [s.name for s in trainer.sources] == ["teacher"] and trainer.terms == []
+    assert trainer.schedule.grad_clip is None
     assert isinstance(trainer.student_augment, StrongIntensityAugment) and trainer.clean_augment is None
     custom = {
         **w2s,
-        "train#trainer#terms": "$[monai_mlbseg.engines.MeanTeacherTerm(1.0, "
+        "train#trainer#terms": "$[monai_mlbseg.engines.stage2.MeanTeacherTerm(1.0, "
         "monai_mlbseg.losses.ConfidentPseudoLabelLoss(0.8))]",
-        "train#trainer#grad_clip": 0.5,
-        "train#trainer#clean_augment": {"_target_": "monai_mlbseg.transforms.StrongIntensityAugment", "contrast": 0.3},
+        "stage2_options": {"grad_clip": 0.5, "clean_augment": {"contrast": 0.3}},
     }
     trainer = workflow(bundle, ["train.json"], "train", **over, **custom).parser.get_parsed_content("train#trainer")
     assert trainer.terms[0].loss.threshold == 0.8 and trainer.clean_augment.contrast == 0.3
-    assert trainer.grad_clip == 0.5, "the method's clip is an override away"
+    assert trainer.schedule.grad_clip == 0.5, "the method's clip is an option away"
     with pytest.raises(RuntimeError) as raised:  # MONAI's config parser wraps the error of the expression
         parser = workflow(bundle, ["train.json"], "train", **over, stage2_method="meta").parser
         parser.get_parsed_content("train#trainer")
     assert "unknown stage-2 method 'meta'; known: mlbseg, weak_to_strong" in str(raised.value.__cause__)
+
+
+def test_the_labeled_only_method_trains_on_the_labeled_data_alone_through_the_bundle_command(tmp_path):
+    """``--stage2_method labeled_only`` on ``python -m monai.bundle run training``: clean steps only, recorded."""
+    bundle = copy_bundle("mlbseg_la", tmp_path)
+    data, split = make_data(tmp_path, "uamt_h5")
+    result = run_command(bundle_command(bundle, "training", data, "uamt_h5", split, stage2_method="labeled_only"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    (run,) = list((bundle / "work").iterdir())
+    settings = json.loads((run / "stage2" / "run_settings.json").read_text())
+    assert settings["supervised_only"] is True and settings["sources"] == []
+    assert settings["schedule"]["_target_"].endswith("LabeledOnly") and settings["schedule"]["grad_clip"] == 0.2
+
+
+def test_the_bundles_require_the_package_version_they_are_rendered_with():
+    from monai_mlbseg import __version__
+
+    for name in BUNDLES:
+        metadata = json.loads((BUNDLES[name] / "configs" / "metadata.json").read_text())
+        assert metadata["required_packages_version"]["monai-mlbseg"] == __version__
+        rendered = json.loads(render_bundle(name)["configs/metadata.json"])
+        assert rendered["required_packages_version"]["monai-mlbseg"] == __version__
+    with pytest.raises(ValueError, match="package's own version"):
+        render_bundle("mlbseg_la", {"package_version": "0.0.1"})

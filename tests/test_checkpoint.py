@@ -7,9 +7,7 @@ from monai.data import DataLoader
 from monai.handlers import LrScheduleHandler
 
 from monai_mlbseg.engines import (
-    AmortisedMetaWeighting,
     AtomicCheckpointSaver,
-    MeanTeacherTerm,
     MetaTrainer,
     ResumeFromCheckpoint,
     latest_checkpoint,
@@ -18,6 +16,8 @@ from monai_mlbseg.engines import (
     save_weights,
     stage2_method,
 )
+from monai_mlbseg.engines.stage2 import MeanTeacherTerm
+from monai_mlbseg.experimental import AmortisedMetaWeighting
 from monai_mlbseg.losses import ConfidentPseudoLabelLoss
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.transforms import StrongIntensityAugment
@@ -131,7 +131,7 @@ def test_checkpoints_without_recorded_settings_are_not_resumed(tmp_path):
     fresh = tmp_path / "fresh"
     build(fresh, stop_at=1)[0].run()
     recorded = json.loads((fresh / ResumeFromCheckpoint.settings_file).read_text())
-    assert recorded["weighting"]["_target_"] == "monai_mlbseg.engines.parts.MetaWeighting"
+    assert recorded["weighting"]["_target_"] == "monai_mlbseg.engines.stage2.weightings.MetaWeighting"
 
 
 def test_a_failing_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

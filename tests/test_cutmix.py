@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from monai.utils import CommonKeys as Keys
 
-from monai_mlbseg.engines import MeanTeacher, MetaIterationEvents, matched_control
-from monai_mlbseg.recipe import trainer_overrides
-from monai_mlbseg.transforms import CutMix, StrongIntensityAugment, mix_targets
+from monai_mlbseg.engines import MetaIterationEvents, matched_control
+from monai_mlbseg.engines.stage2 import MeanTeacher, Perturbation
+from monai_mlbseg.recipe import stage2_parts, trainer_overrides
+from monai_mlbseg.transforms import CutMix, StrongIntensityAugment
 
 from .helpers import disc_samples
 from .test_meta_trainer import make_trainer
@@ -45,7 +46,7 @@ def test_no_box_without_probability_or_partner_and_reproducible_draws():
         CutMix().targets(labels)
     with pytest.raises(ValueError, match="0 <= prob <= 1"):
         CutMix(prob=1.5)
-    assert mix_targets(StrongIntensityAugment(), labels) is labels
+    assert Perturbation(StrongIntensityAugment()).targets(labels) is labels  # moves no pixel: no targets to move
 
 
 def test_the_teachers_labels_are_mixed_like_the_students_views():
@@ -85,11 +86,11 @@ def test_the_matched_control_learns_from_mixed_expert_labels():
 
 
 def test_the_cutmix_option_wraps_only_the_perturbations_a_method_has():
-    out = trainer_overrides({"cutmix": 0.5})
-    assert out["train#trainer#student_augment"] == (
-        "$None if @stage2_parts['student_augment'] is None "
-        "else monai_mlbseg.transforms.CutMix(@stage2_parts['student_augment'], 0.5)"
-    )
-    given = trainer_overrides({"cutmix": 0.5, "clean_augment": {"contrast": 0.1}})["train#trainer#clean_augment"]
-    assert given["_target_"] == "monai_mlbseg.transforms.CutMix" and given["base"]["contrast"] == 0.1
-    assert trainer_overrides({"cutmix": 0.5, "clean_augment": None})["train#trainer#clean_augment"] is None
+    parts = stage2_parts("weak_to_strong", options={"cutmix": 0.5})
+    student = parts["student_augment"]
+    assert isinstance(student, CutMix) and student.prob == 0.5 and isinstance(student.base, StrongIntensityAugment)
+    assert parts["clean_augment"] is None  # a perturbation the method does not have stays absent
+    given = stage2_parts("weak_to_strong", options={"cutmix": 0.5, "clean_augment": {"contrast": 0.1}})
+    assert isinstance(given["clean_augment"], CutMix) and given["clean_augment"].base.contrast == 0.1
+    assert stage2_parts("mlbseg", options={"cutmix": 0.5, "clean_augment": None})["clean_augment"] is None
+    assert trainer_overrides({"cutmix": 0.5}) == {"stage2_options": {"cutmix": 0.5}}

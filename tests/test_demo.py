@@ -183,7 +183,7 @@ def test_a_rerun_with_another_stage2_method_in_the_same_folder_is_refused(tmp_pa
     proc = demo(out, "--control", "False", "--overrides", '{"stage2_method": "mlbseg"}')
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert str(out / "checkpoints" / "stage2") in proc.stderr and "weighting: {" in proc.stderr
-    weightings = "ConfidenceWeighting', 'threshold': 0.95} there, {'_target_': 'monai_mlbseg.engines.parts.Meta"
+    weightings = "ConfidenceWeighting', 'threshold': 0.95} there, {'_target_': 'monai_mlbseg.engines.stage2.Meta"
     assert weightings in proc.stderr
     assert (out / "models" / "model.pt").read_bytes() == model, "the trained model is kept"
 

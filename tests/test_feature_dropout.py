@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from monai_mlbseg.engines import MeanTeacher, MetaIterationEvents, matched_control
-from monai_mlbseg.recipe import trainer_overrides
-from monai_mlbseg.transforms import CutMix, FeatureDropout, StrongIntensityAugment, perturbed_forward
+from monai_mlbseg.engines import MetaIterationEvents, matched_control
+from monai_mlbseg.engines.stage2 import MeanTeacher, Perturbation
+from monai_mlbseg.recipe import stage2_parts
+from monai_mlbseg.transforms import CutMix, FeatureDropout, StrongIntensityAugment
 
 from .test_meta_trainer import make_trainer
 
@@ -61,10 +61,10 @@ def test_the_input_side_and_the_chain_of_perturbations():
     torch.testing.assert_close(a(x), b(x))  # the base is seeded with the seed + 1
     drop = FeatureDropout(modules=["1"])
     net = _net()
-    with perturbed_forward(CutMix(drop, 0.5), net):
-        assert len(net[1]._forward_hooks) == 1  # found inside a CutMix
+    with Perturbation(CutMix(drop, 0.5)).forward(net):
+        assert len(net[1]._forward_hooks) == 1  # found inside a CutMix, by its trait
     assert len(net[1]._forward_hooks) == 0
-    with perturbed_forward(CutMix(StrongIntensityAugment()), net), perturbed_forward(None, net):
+    with Perturbation(CutMix(StrongIntensityAugment())).forward(net), Perturbation(None).forward(net):
         assert len(net[1]._forward_hooks) == 0
 
 
@@ -108,24 +108,11 @@ def test_the_matched_control_perturbs_the_features_of_its_labeled_views():
 
 
 def test_the_feature_dropout_option_wraps_the_methods_perturbations():
-    out = trainer_overrides({"feature_dropout": 0.5, "cutmix": 0.3})
-    parser = ConfigParser(
-        {
-            "stage2_parts": {
-                "student_augment": "$monai_mlbseg.transforms.StrongIntensityAugment()",
-                "clean_augment": None,
-            },
-            "student": out["train#trainer#student_augment"],
-            "clean": out["train#trainer#clean_augment"],
-        },
-        globals={"monai_mlbseg": "monai_mlbseg"},
-    )
-    student = parser.get_parsed_content("student")
+    parts = stage2_parts("weak_to_strong", options={"feature_dropout": 0.5, "cutmix": 0.3})
+    student = parts["student_augment"]
     assert isinstance(student, CutMix) and student.prob == 0.3
     assert isinstance(student.base, FeatureDropout) and student.base.prob == 0.5
     assert isinstance(student.base.base, StrongIntensityAugment)
-    assert parser.get_parsed_content("clean") is None  # a perturbation the method does not have stays absent
-    given = trainer_overrides({"feature_dropout": 0.5, "clean_augment": {"contrast": 0.1}})[
-        "train#trainer#clean_augment"
-    ]
-    assert given["_target_"] == "monai_mlbseg.transforms.FeatureDropout" and given["base"]["contrast"] == 0.1
+    assert parts["clean_augment"] is None  # a perturbation the method does not have stays absent
+    given = stage2_parts("weak_to_strong", options={"feature_dropout": 0.5, "clean_augment": {"contrast": 0.1}})
+    assert isinstance(given["clean_augment"], FeatureDropout) and given["clean_augment"].base.contrast == 0.1

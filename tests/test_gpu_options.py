@@ -8,7 +8,8 @@ from ignite.engine import Events
 from monai.data import DataLoader
 from monai.utils import set_determinism
 
-from monai_mlbseg.engines import STAGE2_TERMS, MetaTrainer, stage2_method
+from monai_mlbseg.engines import MetaTrainer, stage2_method
+from monai_mlbseg.engines.stage2 import STAGE2_TERMS
 from monai_mlbseg.meta import MetaLookAhead
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.utils import unwrap_network
@@ -36,8 +37,8 @@ def stage2(network, loader_kwargs=None, epochs=1, **trainer_kwargs):
     )
     opt = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     trainer = MetaTrainer(
-        "cpu", epochs, unlabeled, clean, network, opt, seed=0, **stage2_method("mlbseg"), **trainer_kwargs
-    )
+        "cpu", epochs, unlabeled, clean, network, opt, **stage2_method("mlbseg"), **trainer_kwargs
+    ).set_random_state(0)
     terms, weights = [], []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_mlbseg.engines import (
+from monai_mlbseg.engines import stage2_terms
+from monai_mlbseg.engines.stage2 import (
     STAGE2_PHASES,
     STAGE2_TERMS,
     InitialLabels,
     LabelSource,
     PseudoLabels,
     UniformWeighting,
-    stage2_terms,
 )
 
 from .test_meta_trainer import make_trainer
@@ -26,7 +26,7 @@ class SmoothedPredictionSource(LabelSource):
 
     def __call__(self, ctx):
         smoothed = F.avg_pool2d(ctx.probs.detach(), 3, stride=1, padding=1)
-        return (smoothed > ctx.trainer.threshold).float()
+        return (smoothed > ctx.threshold).float()
 
 
 def test_a_third_label_source_is_weighed_and_trained_on():

@@ -7,24 +7,27 @@ from ignite.engine import Events
 from monai.data import DataLoader
 
 from monai_mlbseg.engines import (
-    STAGE2_TERMS,
     GroundTruthMonitor,
-    InitialLabels,
-    MeanTeacher,
     MeanTeacherHandler,
-    MeanTeacherTerm,
     MetaIterationEvents,
     MetaTrainer,
+    stage2_method,
+    stage2_terms,
+)
+from monai_mlbseg.engines.stage2 import (
+    STAGE2_TERMS,
+    InitialLabels,
+    MeanTeacher,
+    MeanTeacherTerm,
     MetaWeighting,
     PseudoLabels,
     TwoSteps,
     UniformWeighting,
     ViewConsistencyTerm,
     WeightedStepOnly,
-    stage2_method,
-    stage2_terms,
 )
 from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.transforms import PLEViews
 
 from .helpers import corrupt, disc_samples, mean_dice
 
@@ -67,6 +70,9 @@ def make_trainer(
     net = NestedUNet(2, features=(4, 8)) if net is None else net
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     parts = {} if method is None else stage2_method(method)
+    if "grad_clip" in kwargs:  # the schedule owns the clip
+        schedule = kwargs.get("schedule", parts.get("schedule", TwoSteps()))
+        kwargs["schedule"] = schedule.with_grad_clip(kwargs.pop("grad_clip"))
     trainer = cls(
         "cpu",
         max_epochs=1,
@@ -269,11 +275,12 @@ def test_unlabeled_batch_without_initial_label_is_rejected():
         trainer.run()
 
 
-def test_views_and_network_dimensions_must_agree():
-    from monai_mlbseg.transforms import PLEViews
-
-    with pytest.raises(ValueError, match="spatial_dims"):
-        make_trainer(views=PLEViews(3))
+def test_the_views_own_the_dimensions_and_the_label_threshold():
+    trainer = make_trainer(views=PLEViews(3, threshold=0.7))
+    assert (trainer.spatial_dims, trainer.threshold) == (3, 0.7)
+    assert trainer.run_settings["views"]["threshold"] == 0.7
+    with pytest.raises(ValueError, match="threshold"):
+        PLEViews(2, threshold=1.0)
 
 
 def test_three_dimensional_stage2_is_a_configuration_change():
@@ -292,7 +299,7 @@ def test_three_dimensional_stage2_is_a_configuration_change():
         DataLoader(vols, batch_size=2),
         net,
         torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9),
-        spatial_dims=3,
+        views=PLEViews(3),
         **stage2_method("mlbseg"),
     )
     GroundTruthMonitor().attach(trainer)

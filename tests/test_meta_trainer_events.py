@@ -8,16 +8,8 @@ from monai.data import DataLoader
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
 
-from monai_mlbseg.engines import (
-    STAGE2_TERMS,
-    MetaIterationEvents,
-    MetaTrainer,
-    TwoSteps,
-    UniformWeighting,
-    ViewConsistencyTerm,
-    WeightedStepOnly,
-    stage2_method,
-)
+from monai_mlbseg.engines import MetaIterationEvents, MetaTrainer, stage2_method
+from monai_mlbseg.engines.stage2 import STAGE2_TERMS, TwoSteps, UniformWeighting, ViewConsistencyTerm, WeightedStepOnly
 from monai_mlbseg.losses import MetaReweightLoss, pixel_bce
 from monai_mlbseg.meta import MetaLookAhead
 from monai_mlbseg.networks import NestedUNet

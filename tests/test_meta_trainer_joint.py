@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from monai.engines.utils import IterationEvents as E
 
-from monai_mlbseg.engines import (
+from monai_mlbseg.engines import MetaIterationEvents as M
+from monai_mlbseg.engines.stage2 import (
     InitialLabels,
     JointStep,
     MetaWeighting,
@@ -15,7 +16,6 @@ from monai_mlbseg.engines import (
     UniformWeighting,
     WeightedStepOnly,
 )
-from monai_mlbseg.engines import MetaIterationEvents as M
 from monai_mlbseg.experimental import AgreementMetaWeighting
 from monai_mlbseg.meta import normalise_weights
 from monai_mlbseg.transforms import PLEViews, warp_to_views

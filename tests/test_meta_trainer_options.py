@@ -7,24 +7,21 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 
-from monai_mlbseg.engines import (
-    STAGE2_METHODS,
+from monai_mlbseg.engines import STAGE2_METHODS, stage2_method
+from monai_mlbseg.engines.stage2 import (
     ConfidenceWeighting,
     InitialLabels,
-    InstanceMetaWeighting,
     JointStep,
+    LabeledOnly,
     MeanTeacher,
     MeanTeacherTerm,
     MetaWeighting,
     PseudoLabels,
-    QualityTerm,
-    QualityWeighting,
     TeacherLabels,
     TwoSteps,
     UniformWeighting,
     ViewConsistencyTerm,
     WeightedStepOnly,
-    stage2_method,
 )
 from monai_mlbseg.experimental import (
     CopyPasteTerm,
@@ -225,7 +222,7 @@ def _composition(parts):
         "mean_teacher": type(parts["mean_teacher"]),
         "student_augment": type(parts["student_augment"]),
         "clean_augment": type(parts["clean_augment"]),
-        "grad_clip": parts["grad_clip"],
+        "grad_clip": parts["schedule"].grad_clip,
     }
 
 
@@ -251,10 +248,6 @@ EXPECTED_METHODS = {
         **_NO_AUGMENT,
     ),
     "weak_to_strong": dict(sources=[TeacherLabels], terms=[], weighting=ConfidenceWeighting, **_WEAK_TO_STRONG),
-    "instance_meta": dict(sources=[TeacherLabels], terms=[], weighting=InstanceMetaWeighting, **_WEAK_TO_STRONG),
-    "quality_guided": dict(
-        sources=[TeacherLabels], terms=[(QualityTerm, 0.1, _NONE)], weighting=QualityWeighting, **_WEAK_TO_STRONG
-    ),
     "mean_teacher": dict(sources=[], terms=[_MT], **_SQUARED_TEACHER, **_NO_AUGMENT),
     "self_training": dict(
         sources=[InitialLabels],
@@ -265,7 +258,7 @@ EXPECTED_METHODS = {
         grad_clip=0.2,
         **_NO_AUGMENT,
     ),
-    "labeled_only": dict(sources=[], terms=[_PC, _MT], **_SQUARED_TEACHER, **_NO_AUGMENT),
+    "labeled_only": dict(sources=[], terms=[_PC, _MT], **{**_SQUARED_TEACHER, "schedule": LabeledOnly}, **_NO_AUGMENT),
 }
 
 
@@ -284,7 +277,6 @@ def test_named_stage2_methods_set_their_options_and_train(method):
         "mean_teacher",
         "student_augment",
         "clean_augment",
-        "grad_clip",
     }, "every method sets every part, so that switching methods switches all of them"
     assert _composition(first) == EXPECTED_METHODS[method]
     # the parameters of the parts
@@ -294,9 +286,8 @@ def test_named_stage2_methods_set_their_options_and_train(method):
     if method == "mlbseg":
         assert first["sources"][1].ensemble is True and first["weighting"].meta_params is None
         assert first["schedule"].reuse_meta_grad is False
-    if method in ("weak_to_strong", "instance_meta", "quality_guided"):
-        weighting = first["weighting"]
-        assert getattr(weighting, "prior", weighting).threshold == 0.95
+    if method == "weak_to_strong":
+        assert first["weighting"].threshold == 0.95
         augment = first["student_augment"]
         assert (augment.contrast, augment.shift, augment.noise_std, augment.blur_prob) == (0.25, 0.2, 0.08, 0.5)
     # fresh parts: two calls share no object, so changing one leaves the other (and the registry) alone
@@ -309,27 +300,31 @@ def test_named_stage2_methods_set_their_options_and_train(method):
     net = torch.nn.Linear(1, 1)
     with_teacher = stage2_method(method, teacher=net)["mean_teacher"]
     assert with_teacher is None or with_teacher.module is net
-    assert stage2_method(method, grad_clip=0.5)["grad_clip"] == 0.5
+    clipped = stage2_method(method, grad_clip=0.5)["schedule"]
+    assert (type(clipped), clipped.grad_clip) == (type(first["schedule"]), 0.5)
+    assert first["schedule"].grad_clip == EXPECTED_METHODS[method]["grad_clip"]  # the copy left the method's alone
+    with pytest.raises(ValueError, match="grad_clip"):
+        stage2_method(method, grad_clip=0.0)
     entry = STAGE2_METHODS[method]
-    assert all(isinstance(getattr(entry, k), str) and getattr(entry, k) for k in ("title", "description", "measured"))
-    assert entry.labeled_only == (method == "labeled_only")
+    assert all(isinstance(getattr(entry, k), str) and getattr(entry, k) for k in ("title", "description"))
+    assert first["schedule"].uses_unlabeled == (method != "labeled_only")
 
     parts = stage2_method(method)
-    if isinstance(parts["weighting"], QualityWeighting):
-        parts["weighting"].predictor.steps = 5  # its fit is tested in test_trust.py
-    trainer = make_trainer(iterations=1, method=None, unlabeled=[] if entry.labeled_only else None, **parts)
+    labeled_only = not parts["schedule"].uses_unlabeled
+    trainer = make_trainer(iterations=1, method=None, **parts)  # with unlabeled data, which labeled_only never reads
     json.dumps(trainer.run_settings)  # JSON-compatible, for configs and result files
     steps = count_steps(trainer)
     before = [p.detach().clone() for p in trainer.network.parameters()]
     trainer.run()
     out = trainer.state.output
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
-    assert (getattr(trainer.weighting, "lookahead", None) is not None) == (method in ("mlbseg", "instance_meta"))
-    if entry.labeled_only:
+    assert (getattr(trainer.weighting, "lookahead", None) is not None) == (method == "mlbseg")
+    if labeled_only:
         assert trainer.supervised_only and steps["n"] == 1, "one clean step per iteration"
+        assert trainer.data_loader is trainer.clean_data_loader
         assert out["loss"] == out["loss_clean"]
     else:
-        assert math.isnan(out["loss_meta"]) == (method not in ("mlbseg", "instance_meta"))
+        assert math.isnan(out["loss_meta"]) == (method != "mlbseg")
         assert (out["loss_weighted"] == 0.0) == (
             method == "mean_teacher" or not trainer.state.weight_maps["weights"].any()
         )
@@ -351,7 +346,7 @@ def test_copy_paste_term_is_one_plain_bce_step_on_the_mixed_views(monkeypatch):
         box[..., : spatial_shape[-1] // 2] = 1.0
         return box
 
-    monkeypatch.setattr(experimental, "random_box_masks", left_half)
+    monkeypatch.setattr(experimental.parts, "random_box_masks", left_half)
     unlabeled = corrupt(disc_samples(2, 16, seed=1))
     clean = disc_samples(2, 16, seed=2)
     trainer = make_trainer(
@@ -456,7 +451,7 @@ def test_teacher_ensemble_targets_the_ple_mean_of_the_teachers_views():
         schedule=WeightedStepOnly(),
         grad_clip=None,
     )
-    assert trainer.run_settings["terms"][0]["_target_"] == "monai_mlbseg.experimental.EnsembleMeanTeacherTerm"
+    assert trainer.run_settings["terms"][0]["_target_"] == "monai_mlbseg.experimental.parts.EnsembleMeanTeacherTerm"
     net, teacher = copy.deepcopy(trainer.network), copy.deepcopy(trainer.teacher)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     trainer.run()
@@ -501,7 +496,7 @@ def test_clip_per_term_clips_the_clean_and_the_unlabeled_gradient_apart(per_term
     )
     target = trainer.run_settings["schedule"]["_target_"]
     assert target == (
-        "monai_mlbseg.experimental.PerTermClippedJointStep" if per_term else JointStep.__module__ + ".JointStep"
+        "monai_mlbseg.experimental.parts.PerTermClippedJointStep" if per_term else JointStep.__module__ + ".JointStep"
     )
     net = copy.deepcopy(trainer.network)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

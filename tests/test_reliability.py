@@ -11,13 +11,13 @@ from monai.transforms import RandFlipd
 from monai.utils import set_determinism
 
 from monai_mlbseg.engines import (
-    STAGE2_TERMS,
     AtomicCheckpointSaver,
     MetaTrainer,
     NonFiniteLossGuard,
     latest_checkpoint,
     stage2_method,
 )
+from monai_mlbseg.engines.stage2 import STAGE2_TERMS
 from monai_mlbseg.inferers import SliceResizeInferer, minmax_slices
 from monai_mlbseg.networks import NestedUNet
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_mlbseg.engines import (
+from monai_mlbseg.engines.stage2 import (
     ConfidenceWeighting,
     InitialLabels,
     MeanTeacher,

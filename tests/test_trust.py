@@ -9,25 +9,21 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from monai_mlbseg.engines import (
-    TRUSTS,
+from monai_mlbseg.engines import WEIGHTINGS, MetaIterationEvents, matched_control, pixel_weighting, stage2_method
+from monai_mlbseg.engines.stage2 import ConfidenceWeighting, LabeledOnly, PixelWeighting, TwoSteps
+from monai_mlbseg.evaluation import selection_auc
+from monai_mlbseg.experimental import (
     AdaptiveConfidenceWeighting,
     AmortisedMetaWeighting,
-    ConfidenceWeighting,
     InstanceMetaWeighting,
-    MetaIterationEvents,
     NormalisedMetaWeighting,
     QualityPredictor,
     QualityTerm,
     QualityWeighting,
-    TwoSteps,
-    matched_control,
-    pseudo_label_trust,
-    stage2_method,
+    corrupt_masks,
+    soft_dice_per_view,
 )
-from monai_mlbseg.engines.trust import corrupt_masks, soft_dice_per_view
-from monai_mlbseg.evaluation import selection_auc
-from monai_mlbseg.recipe import trainer_overrides
+from monai_mlbseg.recipe import stage2_parts, trainer_overrides
 
 from .helpers import disc_samples
 from .test_meta_trainer import make_trainer
@@ -271,10 +267,10 @@ def test_monitor_reports_the_selection_auc_of_every_source():
     assert {"weight_teacher_when_wrong", "weight_teacher_when_right"} <= set(out)
 
 
-@pytest.mark.parametrize("name", sorted(TRUSTS))
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
 def test_every_trust_trains_inside_weak_to_strong_and_the_reference(name):
     for method in ("weak_to_strong", "mlbseg"):
-        weighting = pseudo_label_trust(name)
+        weighting = pixel_weighting(name)
         if isinstance(weighting, QualityWeighting):
             weighting.predictor.steps = 3
         trainer = make_trainer(iterations=2, method=method, weighting=weighting)
@@ -288,20 +284,27 @@ def test_every_trust_trains_inside_weak_to_strong_and_the_reference(name):
         assert weights.shape[1] == len(trainer.sources) and (weights >= 0).all()
 
 
-def test_trust_names_and_matched_control():
-    with pytest.raises(ValueError, match="unknown pseudo-label trust 'nope'; known: fixed, adaptive"):
-        pseudo_label_trust("nope")
-    assert trainer_overrides({"trust": "adaptive"}) == {
-        "train#trainer#weighting": "$monai_mlbseg.engines.pseudo_label_trust('adaptive')"
-    }
-    with pytest.raises(ValueError, match="unknown pseudo-label trust"):
-        trainer_overrides({"trust": "nope"})
+def test_weighting_names_and_matched_control():
+    with pytest.raises(ValueError, match="unknown weighting 'nope'; known: uniform, fixed, meta, adaptive"):
+        pixel_weighting("nope")
+    for name, kind in WEIGHTINGS.items():  # the one registry builds the product's and the experimental ones
+        built = pixel_weighting(name)
+        assert isinstance(built, PixelWeighting)
+        assert (type(built).__module__.startswith("monai_mlbseg.experimental")) == isinstance(kind, str), name
+    assert trainer_overrides({"weighting": "adaptive"}) == {"stage2_options": {"weighting": "adaptive"}}
+    assert trainer_overrides({}) == {}
+    with pytest.raises(ValueError, match="unknown weighting"):
+        trainer_overrides({"weighting": "nope"})
+    with pytest.raises(ValueError, match="unknown stage-2 options"):
+        trainer_overrides({"trust": "adaptive"})
+    assert isinstance(stage2_parts("weak_to_strong", options={"weighting": "adaptive"})["weighting"], PixelWeighting)
     method, control = stage2_method("weak_to_strong"), matched_control("weak_to_strong")
     assert control["sources"] == [] and control["student_augment"] is None
     assert type(control["clean_augment"]) is type(method["student_augment"])
     assert vars(control["clean_augment"]).keys() == vars(method["student_augment"]).keys()
-    assert control["grad_clip"] == method["grad_clip"]
-    trainer = make_trainer(iterations=2, method=None, unlabeled=[], **matched_control("weak_to_strong"))
+    assert isinstance(control["schedule"], LabeledOnly)
+    assert control["schedule"].grad_clip == method["schedule"].grad_clip
+    trainer = make_trainer(iterations=2, method=None, **matched_control("weak_to_strong"))  # unlabeled data given
     trainer.run()
     assert trainer.supervised_only and trainer.run_settings["clean_augment"]["contrast"] == 0.25
 

@@ -40,10 +40,10 @@ from ignite.engine import Events
 
 from monai_mlbseg.bundles import write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list, resolve_datalist
-from monai_mlbseg.engines import STAGE2_METHODS, load_weights
+from monai_mlbseg.engines import load_weights
 from monai_mlbseg.evaluation import SegmentationReport
 from monai_mlbseg.recipe import (
-    TRAINER_OPTIONS,
+    STAGE2_OPTIONS,
     parsed,
     reseed_stage2,
     run_training_step,
@@ -57,7 +57,7 @@ from monai_mlbseg.utils import atomic_write_json, atomic_write_text
 logger = logging.getLogger("real_la")
 
 #: the rows of the table: a named method of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` (``method``), trainer
-#: options on top of it (``trainer``, the JSON form of :py:data:`TRAINER_OPTIONS`) and benchmark options.
+#: options on top of it (``trainer``, the JSON form of :py:data:`STAGE2_OPTIONS`) and benchmark options.
 VARIANTS: dict[str, dict[str, Any]] = {
     "a_labeled_only": {"method": "labeled_only", "trainer": {}},
     "a_matched": {"method": "weak_to_strong", "trainer": {}, "control": True},
@@ -97,10 +97,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if base_spec is None:
         raise ValueError(f"variant {text!r}: unknown base {base!r}; known: {', '.join(VARIANTS)}")
     trainer = {**base_spec["trainer"], **{k: v for k, v in extra.items() if k not in RUN_OPTIONS}}
-    unknown = sorted(set(trainer) - set(TRAINER_OPTIONS))
+    unknown = sorted(set(trainer) - set(STAGE2_OPTIONS))
     if unknown:
         raise ValueError(
-            f"variant {text!r}: unknown options {unknown}; known: {', '.join(TRAINER_OPTIONS + RUN_OPTIONS)}"
+            f"variant {text!r}: unknown options {unknown}; known: {', '.join(STAGE2_OPTIONS + RUN_OPTIONS)}"
         )
     run = {k: v for k, v in base_spec.items() if k != "trainer"}
     run.update({k: v for k, v in extra.items() if k in RUN_OPTIONS})
@@ -215,9 +215,9 @@ class Benchmark:
         folder, stage1 = self.out / f"seed{seed}" / name, self.stage1_folder(seed)
         method = spec.get("method", "mlbseg")
         control = bool(spec.get("control", False))
-        supervised = bool(spec.get("supervised", False)) or control or STAGE2_METHODS[method].labeled_only
+        supervised = bool(spec.get("supervised", False))
         steps = round(2 * self.args.stage2_iterations * float(spec.get("iterations_factor", 1.0)))
-        iterations = steps if supervised else stage2_iterations(method, steps)
+        iterations = steps if supervised or control else stage2_iterations(method, steps)
         options = dict(spec["trainer"])
         if options.get("meta_params") == "LAST":
             options["meta_params"] = [f"nodes.conv0_{len(self.args.features) - 1}", "final"]
@@ -236,7 +236,7 @@ class Benchmark:
             "stage1#model": str(stage1 / "stage1.pt"),
             "bootstrap#label_dir": str(stage1 / "initial_labels"),
             **({"train#unlabeled#source": []} if supervised else {}),
-            **({"stage2_parts": "$monai_mlbseg.engines.matched_control(@stage2_method, @teacher)"} if control else {}),
+            "stage2_control": control,
         }
 
     def stage1(self, seed: int) -> tuple[Path, dict]:

@@ -31,7 +31,8 @@ from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
 from monai_mlbseg.data import synthetic_case, synthetic_discs
-from monai_mlbseg.engines import MetaTrainer, MetaWeighting, TwoSteps, stage2_method
+from monai_mlbseg.engines import MetaTrainer, stage2_method
+from monai_mlbseg.engines.stage2 import MetaWeighting, TwoSteps
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.transforms import PLEViews
 
@@ -170,12 +171,11 @@ class Workload:
             clean_data_loader=[synthetic_batch(self.num_clean, self.shape, self.device, seed=2)],
             network=net,
             optimizer=sgd(net),
-            spatial_dims=self.dims,
+            views=PLEViews(self.dims),
             epoch_length=iterations,
-            seed=0,
             **engine_options(self.options),
             **{**stage2_method("mlbseg"), **trainer_kwargs},
-        )
+        ).set_random_state(0)
 
     def supervised(self, iterations: int = 1) -> SupervisedTrainer:
         """One plain supervised step per iteration (MONAI's ``SupervisedTrainer``, BCE, SGD) on all the views."""

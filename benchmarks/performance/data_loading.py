@@ -118,9 +118,8 @@ def measure(args: argparse.Namespace) -> dict:
             network=network,
             optimizer=sgd(network),
             epoch_length=args.iterations,
-            seed=0,
             **stage2_method("mlbseg"),
-        )
+        ).set_random_state(0)
         marks: dict[str, list[float]] = defaultdict(list)
         for event, key in (
             (Events.GET_BATCH_STARTED, "get_started"),

@@ -12,7 +12,7 @@ trust (figures (a), (b) and (g) of ``docs/benchmarks.md``).
     ``torch.profiler.record_function``: the trainer's phases and the view, warp, pair-mapping and PLE functions,
     from ``torch.profiler`` traces of separate faithful iterations (overlapping calls of one scope are merged).
 (g) every named stage-2 method of :py:data:`monai_mlbseg.engines.STAGE2_METHODS` and every pseudo-label trust of
-    :py:data:`monai_mlbseg.engines.TRUSTS` in the weak-to-strong method (rows ``trust:<name>``): time per iteration,
+    :py:data:`monai_mlbseg.engines.WEIGHTINGS` in the weak-to-strong method (rows ``trust:<name>``): time per iteration,
     per optimizer step (the trainer's ``schedule.steps_per_iteration``, one for a labeled-only method, checked
     against the optimizer's steps), and one optimizer step / one supervised SGD step on the views the method's
     student sees (15 views; 10 clean views for a labeled-only method, which runs with an empty unlabeled loader), in
@@ -42,15 +42,10 @@ import torch
 from ignite.engine import Events
 from torch.profiler import ProfilerActivity, profile
 
-from monai_mlbseg.engines import (
-    STAGE2_METHODS,
-    TRUSTS,
-    MetaTrainer,
-    QualityPredictor,
-    WeightedStepOnly,
-    pseudo_label_trust,
-    stage2_method,
-)
+from monai_mlbseg.engines import STAGE2_METHODS, WEIGHTINGS, MetaTrainer, pixel_weighting, stage2_method
+from monai_mlbseg.engines.stage2 import WeightedStepOnly
+from monai_mlbseg.experimental import QualityPredictor
+from monai_mlbseg.transforms import PLEViews
 from monai_mlbseg.utils import SCOPE_PREFIX
 
 from .common import (
@@ -170,7 +165,7 @@ def measure_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
 
 def method_rows() -> list[str]:
     """Figure (g)'s rows: every named stage-2 method, then ``trust:<name>`` for every pseudo-label trust."""
-    return list(STAGE2_METHODS) + [TRUST_PREFIX + name for name in TRUSTS]
+    return list(STAGE2_METHODS) + [TRUST_PREFIX + name for name in WEIGHTINGS]
 
 
 def parse_methods(text: str) -> list[str]:
@@ -186,7 +181,7 @@ def parse_methods(text: str) -> list[str]:
         "all": known,
         "none": [],
         "methods": list(STAGE2_METHODS),
-        "trusts": [TRUST_PREFIX + name for name in TRUSTS],
+        "trusts": [TRUST_PREFIX + name for name in WEIGHTINGS],
     }
     names: list[str] = []
     for item in (v.strip() for v in text.split(",")):
@@ -205,34 +200,32 @@ def method_and_trust(row: str) -> tuple[str, str | None]:
     return row, None
 
 
-def method_arguments(row: str) -> tuple[dict[str, Any], bool]:
-    """A row's ``MetaTrainer`` arguments, freshly built, and whether it trains on the labeled data alone."""
+def method_arguments(row: str) -> dict[str, Any]:
+    """A row's ``MetaTrainer`` arguments, freshly built."""
     method, trust = method_and_trust(row)
-    overrides = {} if trust is None else {"weighting": pseudo_label_trust(trust)}
-    return stage2_method(method, **overrides), STAGE2_METHODS[method].labeled_only
+    overrides = {} if trust is None else {"weighting": pixel_weighting(trust)}
+    return stage2_method(method, **overrides)
 
 
 def method_engine(workload: Workload, row: str) -> MetaTrainer:
     """
-    A ``MetaTrainer`` of one iteration per epoch on the workload's fixed batches with a row's arguments; a labeled-only
-    method gets an empty unlabeled loader (the trainer then makes clean steps on the clean loader).
+    A ``MetaTrainer`` of one iteration per epoch on the workload's fixed batches with a row's arguments (a
+    labeled-only schedule makes clean steps on the clean loader alone).
     """
-    kwargs, labeled_only = method_arguments(row)
+    kwargs = method_arguments(row)
     net = build_network(workload.dims, workload.features, workload.device, workload.options.get("channels_last", False))
-    unlabeled = [] if labeled_only else [synthetic_batch(workload.num_unlabeled, workload.shape, workload.device, 1)]
     return MetaTrainer(
         workload.device,
         max_epochs=1,
-        train_data_loader=unlabeled,
+        train_data_loader=[synthetic_batch(workload.num_unlabeled, workload.shape, workload.device, 1)],
         clean_data_loader=[synthetic_batch(workload.num_clean, workload.shape, workload.device, seed=2)],
         network=net,
         optimizer=sgd(net),
-        spatial_dims=workload.dims,
+        views=PLEViews(workload.dims),
         epoch_length=1,
-        seed=0,
         **engine_options(workload.options),
         **kwargs,
-    )
+    ).set_random_state(0)
 
 
 def steps_per_iteration(trainer: MetaTrainer) -> int:

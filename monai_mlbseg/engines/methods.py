@@ -1,4 +1,4 @@
-"""The named stage-2 methods: compositions of :py:mod:`~monai_mlbseg.engines.parts`, in one registry."""
+"""The named stage-2 methods: compositions of the parts of :py:mod:`~monai_mlbseg.engines.stage2`, in one registry."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from torch import nn
 
 from monai_mlbseg.transforms import StrongIntensityAugment
 
-from .parts import (
+from .stage2 import (
     ConfidenceWeighting,
     InitialLabels,
     JointStep,
+    LabeledOnly,
     MeanTeacher,
     MeanTeacherTerm,
     MetaWeighting,
@@ -24,50 +25,45 @@ from .parts import (
     UniformWeighting,
     ViewConsistencyTerm,
 )
-from .trust import InstanceMetaWeighting, QualityPredictor, QualityTerm, QualityWeighting
 
-__all__ = ["STAGE2_METHODS", "Stage2Method", "matched_control", "stage2_method"]
+__all__ = [
+    "METHOD_KEYS",
+    "OPTION_KEYS",
+    "STAGE2_METHODS",
+    "Stage2Method",
+    "as_matched_control",
+    "matched_control",
+    "stage2_method",
+]
 
 #: the ``MetaTrainer`` arguments a method sets (every one, so that switching methods switches all of them)
-METHOD_KEYS = (
-    "sources",
-    "terms",
-    "weighting",
-    "schedule",
-    "mean_teacher",
-    "student_augment",
-    "clean_augment",
-    "grad_clip",
-)
+METHOD_KEYS = ("sources", "terms", "weighting", "schedule", "mean_teacher", "student_augment", "clean_augment")
+
+#: what :py:func:`stage2_method` may change besides :py:data:`METHOD_KEYS`: the schedule's gradient clip
+OPTION_KEYS = ("grad_clip",)
 
 
 @dataclass(frozen=True)
 class Stage2Method:
     """
-    A named stage-2 method.
+    A named stage-2 method. Its measured effect and cost are data, not code: ``docs/results/effects.json``, from
+    which the bundle READMEs' table is generated.
 
     Attributes:
         title: its name in reports.
         description: one paragraph: what it does (the bundle READMEs and the demo report show it).
-        measured: its measured effect on real left-atrium scans (``docs/results.md``).
-        cost: its cost per optimizer step, relative to a supervised step.
         parts: ``parts(teacher)`` builds fresh parts: the ``MetaTrainer`` arguments of :py:data:`METHOD_KEYS`
             (``teacher``: the mean teacher's network, or ``None`` for a copy of the student).
-        labeled_only: the method trains on the labeled data alone (the control every row is compared with): it
-            is run with an empty unlabeled loader.
     """
 
     title: str
     description: str
-    measured: str
-    cost: str
     parts: Callable[[nn.Module | None], dict[str, Any]]
-    labeled_only: bool = False
 
 
 def _parts(**parts: Any) -> dict[str, Any]:
     defaults = dict.fromkeys(("mean_teacher", "student_augment", "clean_augment"))
-    return {"sources": [], "terms": [], "weighting": UniformWeighting(), "schedule": TwoSteps(), **defaults, **parts}
+    return {"sources": [], "terms": [], "weighting": UniformWeighting(), "schedule": TwoSteps(0.2), **defaults, **parts}
 
 
 def _reference_terms() -> list:
@@ -81,16 +77,10 @@ def _weak_to_strong(teacher: nn.Module | None, weighting: PixelWeighting, terms:
         sources=[TeacherLabels()],
         terms=list(terms),
         weighting=weighting,
-        schedule=JointStep(),
+        schedule=JointStep(grad_clip=None),
         mean_teacher=MeanTeacher(teacher),
         student_augment=StrongIntensityAugment(contrast=0.25, shift=0.2, noise_std=0.08, blur_prob=0.5),
-        grad_clip=None,
     )
-
-
-def _quality_guided(teacher: nn.Module | None) -> dict[str, Any]:
-    predictor = QualityPredictor()
-    return _weak_to_strong(teacher, QualityWeighting(predictor), (QualityTerm(predictor, 0.1),))
 
 
 #: the stage-2 methods by name
@@ -103,16 +93,11 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "slices, plus view consistency and a mean teacher, in a weighted step followed by a clean step, every "
             "step clipped at 0.2."
         ),
-        measured=(
-            "2.2 to 3.8 Dice below labeled-only training (3 seeds, 64 and 96 px; docs/results.md findings 13, 18, 25)"
-        ),
-        cost="an iteration about 2.4 supervised steps on the same views (docs/benchmarks.md); two optimizer steps",
         parts=lambda teacher: _parts(
             sources=[InitialLabels(), PseudoLabels()],
             terms=_reference_terms(),
             weighting=MetaWeighting(),
             mean_teacher=MeanTeacher(teacher),
-            grad_clip=0.2,
         ),
     ),
     "weak_to_strong": Stage2Method(
@@ -124,46 +109,7 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "loss, without a gradient clip. No meta step: the trust in a pseudo label is the fixed confidence "
             "threshold."
         ),
-        measured=(
-            "+0.86 Dice over labeled-only training with the same perturbation and optimizer settings (its matched "
-            "control) at 64 px and 300 steps (35 of 48 cases, 3 seeds), +1.39 at 1,200 steps, +0.07 with 8 labeled "
-            "cases; +5.03 over labeled-only training with the reference's settings (docs/results.md findings 36-40)"
-        ),
-        cost="one optimizer step: student forward and backward on both batches, one teacher forward",
         parts=lambda teacher: _weak_to_strong(teacher, ConfidenceWeighting(0.95)),
-    ),
-    "instance_meta": Stage2Method(
-        title="weak-to-strong with instance meta weights",
-        description=(
-            "The weak-to-strong mean teacher with one meta-learned weight per unlabeled view on top of the 0.95 "
-            "confidence threshold: a look-ahead SGD step on the view's confident teacher labels, judged on the clean "
-            "batch, raises (up to twice) the weight of views whose labels move the model towards the labeled data "
-            "and lowers the others (the instance-level re-weighting of hybrid supervision, DII)."
-        ),
-        measured=(
-            "-0.28 Dice against weak_to_strong (25 of 48 cases better, 3 seeds, 64 px), +0.58 over the matched "
-            "control; its weights select right pseudo-label pixels no better (AUC 0.77 to 0.86, the fixed "
-            "threshold's 0.77 to 0.84; docs/results.md finding 36)"
-        ),
-        cost="one optimizer step plus a look-ahead (one backward on the clean views, one Jacobian-vector product)",
-        parts=lambda teacher: _weak_to_strong(teacher, InstanceMetaWeighting()),
-    ),
-    "quality_guided": Stage2Method(
-        title="weak-to-strong with a quality predictor",
-        description=(
-            "The weak-to-strong mean teacher with per-view trust from a quality predictor: a small CNN fitted before "
-            "stage 2 on the labeled slices only (corrupted expert masks and the stage-1 model's own predictions, each "
-            "with its true Dice) predicts the Dice of the teacher's label of each view, which scales that view's "
-            "confident pixels; the same predictor, frozen, also scores the student's prediction as a regulariser "
-            "(weight 0.1)."
-        ),
-        measured=(
-            "-1.61 Dice against weak_to_strong (seed 0, 4 of 16 cases better, 64 px), -0.37 against the matched "
-            "control; its per-view weights select worse as stage 2 goes on (AUC 0.79 to 0.75; docs/results.md "
-            "finding 36)"
-        ),
-        cost="one optimizer step plus the predictor (a small CNN), fitted once in 300 Adam steps",
-        parts=_quality_guided,
     ),
     "mean_teacher": Stage2Method(
         title="mean teacher",
@@ -171,9 +117,7 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "The student's predictions of the unlabeled slices' views are pulled towards an EMA teacher's (squared "
             "difference); no weighted term; a consistency step then a clean step, clipped at 0.2."
         ),
-        measured="0.1 to 0.5 Dice below labeled-only training (3 seeds; docs/results.md findings 13, 18)",
-        cost="two optimizer steps; one teacher forward per batch",
-        parts=lambda teacher: _parts(terms=[MeanTeacherTerm(1.0)], mean_teacher=MeanTeacher(teacher), grad_clip=0.2),
+        parts=lambda teacher: _parts(terms=[MeanTeacherTerm(1.0)], mean_teacher=MeanTeacher(teacher)),
     ),
     "self_training": Stage2Method(
         title="self-training",
@@ -181,9 +125,7 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "Plain bootstrapping: the student trains on the initial labels of the unlabeled slices (the stage-1 "
             "model's predictions) with uniform weights, then a clean step; no teacher, no pseudo-label ensemble."
         ),
-        measured="2.5 to 2.7 Dice below labeled-only training (3 seeds; docs/results.md findings 13, 18)",
-        cost="two optimizer steps, no teacher",
-        parts=lambda teacher: _parts(sources=[InitialLabels()], grad_clip=0.2),
+        parts=lambda teacher: _parts(sources=[InitialLabels()]),
     ),
     "labeled_only": Stage2Method(
         title="labeled only (control)",
@@ -192,10 +134,9 @@ STAGE2_METHODS: dict[str, Stage2Method] = {
             "view consistency and a mean teacher on the labeled views, clipped at 0.2) and the stage-2 schedule. "
             "What a method gains over it is what the unlabeled slices add."
         ),
-        measured="the baseline of every comparison",
-        cost="one supervised step per iteration",
-        parts=lambda teacher: _parts(terms=_reference_terms(), mean_teacher=MeanTeacher(teacher), grad_clip=0.2),
-        labeled_only=True,
+        parts=lambda teacher: _parts(
+            terms=_reference_terms(), schedule=LabeledOnly(0.2), mean_teacher=MeanTeacher(teacher)
+        ),
     ),
 }
 
@@ -208,14 +149,15 @@ def stage2_method(name: str, teacher: nn.Module | None = None, **overrides: Any)
     Args:
         name: a key of :py:data:`STAGE2_METHODS`.
         teacher: the mean teacher's network for methods with one (default: a copy of the student).
-        overrides: arguments of :py:data:`METHOD_KEYS` to replace, e.g. ``grad_clip=0.2``.
+        overrides: arguments of :py:data:`METHOD_KEYS` to replace, e.g. ``weighting=MetaWeighting()``, or
+            ``grad_clip``: the gradient clip of the method's schedule (``None``: none).
 
     Returns:
         ``{argument: value}`` for :py:class:`~monai_mlbseg.engines.MetaTrainer`.
 
     Raises:
-        ValueError: for an unknown name (the message lists the known ones) or an override that is not a method's
-            argument.
+        ValueError: for an unknown name (the message lists the known ones), an override that is not a method's
+            argument or option, or a ``grad_clip`` that is not positive.
 
     Example::
 
@@ -223,10 +165,15 @@ def stage2_method(name: str, teacher: nn.Module | None = None, **overrides: Any)
     """
     if name not in STAGE2_METHODS:
         raise ValueError(f"unknown stage-2 method {name!r}; known: {', '.join(STAGE2_METHODS)}.")
-    unknown = sorted(set(overrides) - set(METHOD_KEYS))
+    known = METHOD_KEYS + OPTION_KEYS
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ValueError(f"{', '.join(unknown)} not a stage-2 method argument; known: {', '.join(METHOD_KEYS)}.")
-    return {**STAGE2_METHODS[name].parts(teacher), **overrides}
+        raise ValueError(f"{', '.join(unknown)} not a stage-2 method argument; known: {', '.join(known)}.")
+    options = {k: overrides.pop(k) for k in OPTION_KEYS if k in overrides}
+    parts = {**STAGE2_METHODS[name].parts(teacher), **overrides}
+    if "grad_clip" in options:
+        parts["schedule"] = parts["schedule"].with_grad_clip(options["grad_clip"])
+    return parts
 
 
 def matched_control(name: str, teacher: nn.Module | None = None) -> dict[str, Any]:
@@ -235,7 +182,8 @@ def matched_control(name: str, teacher: nn.Module | None = None) -> dict[str, An
     same perturbation and optimizer settings on the labeled data, so that what the method gains over it is what the
     unlabeled data add. The labeled views get the method's ``clean_augment`` or, without one, its
     ``student_augment`` (the perturbation its student sees); the clean loss keeps the method's terms' clean parts and
-    its gradient clip. Train it with an empty unlabeled loader (the trainer then makes clean steps only).
+    the schedule becomes :py:class:`~monai_mlbseg.engines.stage2.LabeledOnly` with the method's gradient clip, so
+    the trainer makes clean steps only, whatever its unlabeled loader holds.
 
     Args:
         name: a key of :py:data:`STAGE2_METHODS`.
@@ -249,8 +197,20 @@ def matched_control(name: str, teacher: nn.Module | None = None) -> dict[str, An
 
     Example::
 
-        control = MetaTrainer(..., train_data_loader=[], **matched_control("weak_to_strong"))
+        control = MetaTrainer(..., **matched_control("weak_to_strong"))
     """
-    parts = stage2_method(name, teacher)
+    return as_matched_control(stage2_method(name, teacher))
+
+
+def as_matched_control(parts: dict[str, Any]) -> dict[str, Any]:
+    """
+    The labeled-only control matched to a method's ``MetaTrainer`` arguments ``parts`` (see
+    :py:func:`matched_control`).
+
+    Example::
+
+        control = MetaTrainer(..., **as_matched_control(stage2_method("weak_to_strong", grad_clip=0.2)))
+    """
     augment = parts["clean_augment"] if parts["clean_augment"] is not None else parts["student_augment"]
-    return {**parts, "sources": [], "clean_augment": augment, "student_augment": None}
+    schedule = LabeledOnly(parts["schedule"].grad_clip)
+    return {**parts, "sources": [], "schedule": schedule, "clean_augment": augment, "student_augment": None}

@@ -48,11 +48,11 @@ class GroundTruthMonitor:
         output = engine.state.output
         gt = batch[self.gt_key]
         gt = (gt.as_tensor() if hasattr(gt, "as_tensor") else torch.as_tensor(gt)).to(ctx.probs.device).float()
-        gt_views = warp_to_views(gt, ctx.unlabeled.params, threshold=engine.threshold)
+        gt_views = warp_to_views(gt, ctx.unlabeled.params, threshold=ctx.threshold)
         initial = ctx.unlabeled.labels
         output["dice_initial_gt"] = dice_score(initial, gt_views)
         output["dice_pseudo_gt"] = dice_score(ctx.pseudo, gt_views)
-        output["dice_pred_gt"] = dice_score((ctx.probs > engine.threshold).float(), gt_views)
+        output["dice_pred_gt"] = dice_score((ctx.probs > ctx.threshold).float(), gt_views)
         maps = engine.state.weight_maps
         for i, (name, source) in enumerate(maps["sources"].items()):
             right = (source > 0.5) == (gt_views > 0.5)

@@ -9,7 +9,7 @@ from .array import (
     ViewTransform,
 )
 from .dictionary import PLEViewsd, RandFlipViewd, RandZoomViewd, ViewTransformd
-from .features import FeatureDropout, perturbed_forward
+from .features import FeatureDropout
 from .functional import (
     PLEResult,
     ViewParams,
@@ -21,13 +21,15 @@ from .functional import (
     warp_to_views,
 )
 from .intensity import StrongIntensityAugment
-from .mix import CutMix, mix_targets
+from .mix import CutMix
+from .traits import FeaturePerturbingTrait, PixelMovingTrait, WrappingTrait
 
 __all__ = [
     "CutMix",
     "FeatureDropout",
-    "perturbed_forward",
-    "mix_targets",
+    "FeaturePerturbingTrait",
+    "PixelMovingTrait",
+    "WrappingTrait",
     "DEFAULT_ZOOM_IN_RANGE",
     "DEFAULT_ZOOM_OUT_RANGE",
     "PLEViews",

@@ -83,17 +83,25 @@ class ViewTransform(Randomizable, InvertibleTransform, Transform):
     Args:
         spatial_dims: number of spatial dimensions of the images (2 or 3; 1 is accepted for tests).
         mode: interpolation of the zooms, ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
+        threshold: the threshold of binary maps warped into the views and of their pseudo-label ensemble (what a
+            stage-2 trainer reads), in ``(0, 1)``.
+
+    Raises:
+        ValueError: for an unknown ``mode`` or a ``threshold`` outside ``(0, 1)``.
     """
 
     backend = [TransformBackends.TORCH]
     num_views: int = 1
 
-    def __init__(self, spatial_dims: int = 2, mode: str = "bilinear") -> None:
+    def __init__(self, spatial_dims: int = 2, mode: str = "bilinear", threshold: float = 0.5) -> None:
         _check_axes(spatial_dims, None)
         if mode not in ("bilinear", "nearest"):
             raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold}.")
         self.spatial_dims = spatial_dims
         self.mode = mode
+        self.threshold = float(threshold)
         self._params: ViewParams | None = None
 
     @property
@@ -232,6 +240,7 @@ class RandZoomView(ViewTransform):
         scale_range: ``(low, high)`` with ``0 < low <= high``.
         spatial_dims: number of spatial dimensions.
         mode: interpolation.
+        threshold: as :py:class:`ViewTransform`.
 
     Raises:
         ValueError: for an invalid ``scale_range``, ``spatial_dims`` or ``mode``.
@@ -243,8 +252,10 @@ class RandZoomView(ViewTransform):
         back = zoom_in.inverse(view)      # original frame, border outside the view is 0
     """
 
-    def __init__(self, scale_range: Sequence[float], spatial_dims: int = 2, mode: str = "bilinear") -> None:
-        super().__init__(spatial_dims, mode)
+    def __init__(
+        self, scale_range: Sequence[float], spatial_dims: int = 2, mode: str = "bilinear", threshold: float = 0.5
+    ) -> None:
+        super().__init__(spatial_dims, mode, threshold)
         self.scale_range = _check_range(scale_range, "scale_range")
 
     def draw(self, n: int) -> ViewParams:
@@ -260,10 +271,13 @@ class RandFlipView(ViewTransform):
     Args:
         spatial_dims: number of spatial dimensions.
         spatial_axes: the axes that may be flipped (default: all).
+        threshold: as :py:class:`ViewTransform`.
     """
 
-    def __init__(self, spatial_dims: int = 2, spatial_axes: Sequence[int] | None = None) -> None:
-        super().__init__(spatial_dims)
+    def __init__(
+        self, spatial_dims: int = 2, spatial_axes: Sequence[int] | None = None, threshold: float = 0.5
+    ) -> None:
+        super().__init__(spatial_dims, threshold=threshold)
         self.spatial_axes = _check_axes(spatial_dims, spatial_axes)
 
     def draw(self, n: int) -> ViewParams:
@@ -286,6 +300,7 @@ class PLEViews(ViewTransform):
             :py:data:`DEFAULT_ZOOM_OUT_RANGE`); the two are drawn until they differ.
         flip_axes: axes the flip view may flip (default: all spatial axes).
         mode: interpolation of the zooms.
+        threshold: as :py:class:`ViewTransform`.
 
     Example::
 
@@ -304,8 +319,9 @@ class PLEViews(ViewTransform):
         zoom_out_range: Sequence[float] = DEFAULT_ZOOM_OUT_RANGE,
         flip_axes: Sequence[int] | None = None,
         mode: str = "bilinear",
+        threshold: float = 0.5,
     ) -> None:
-        super().__init__(spatial_dims, mode)
+        super().__init__(spatial_dims, mode, threshold)
         self.zoom_in_range = _check_range(zoom_in_range, "zoom_in_range", zoom_in=True)
         self.zoom_out_range = _check_range(zoom_out_range, "zoom_out_range", zoom_in=False)
         if self.zoom_out_range[0] == self.zoom_out_range[1]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -12,14 +12,16 @@ from monai.transforms import Randomizable, Transform
 from monai.utils import TransformBackends
 from torch import nn
 
-__all__ = ["FeatureDropout", "perturbed_forward"]
+from .traits import FeaturePerturbingTrait, WrappingTrait
+
+__all__ = ["FeatureDropout"]
 
 #: the encoder blocks of :py:class:`~monai_mlbseg.networks.NestedUNet` whose outputs UniMatch-style feature dropout
 #: perturbs by default: the first (low-level) and the deepest (high-level) encoder features
 NESTED_UNET_FEATURES = ("nodes.conv0_0", "nodes.conv4_0")
 
 
-class FeatureDropout(Randomizable, Transform):
+class FeatureDropout(Randomizable, Transform, WrappingTrait, FeaturePerturbingTrait):
     """
     A strong perturbation of the student's features (the feature perturbation of UniMatch): on a batch, it applies
     an optional input perturbation ``base``; inside :py:meth:`perturbing`, the outputs of the network's ``modules``
@@ -99,21 +101,3 @@ class FeatureDropout(Randomizable, Transform):
         finally:
             for handle in handles:
                 handle.remove()
-
-
-def perturbed_forward(augment: Any, network: nn.Module) -> Any:
-    """
-    The context in which ``network``'s forward of a batch perturbed by ``augment`` runs: the
-    :py:meth:`FeatureDropout.perturbing` of the first :py:class:`FeatureDropout` in ``augment``'s chain of ``base``
-    perturbations (e.g. inside a :py:class:`~monai_mlbseg.transforms.CutMix`), else a no-op.
-
-    Example::
-
-        with perturbed_forward(trainer.student_augment, trainer.network):
-            logits = trainer.forward(student_views)
-    """
-    while augment is not None:
-        if isinstance(augment, FeatureDropout):
-            return augment.perturbing(network)
-        augment = getattr(augment, "base", None)
-    return nullcontext()

@@ -1,4 +1,4 @@
-"""CutMix for the views of a batch, whose targets follow the same boxes (:py:func:`mix_targets`)."""
+"""CutMix for the views of a batch, whose targets follow the same boxes (:py:meth:`CutMix.targets`)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ import torch
 from monai.transforms import Randomizable, Transform
 from monai.utils import TransformBackends
 
-__all__ = ["CutMix", "mix_targets"]
+from .traits import PixelMovingTrait, WrappingTrait
+
+__all__ = ["CutMix"]
 
 
-class CutMix(Randomizable, Transform):
+class CutMix(Randomizable, Transform, WrappingTrait, PixelMovingTrait):
     """
     CutMix of a batch ``[N, C, *S]`` (2D or 3D), as the strong perturbation of semi-supervised segmentation
     (UniMatch, FixMatch for segmentation): after an optional ``base`` perturbation, each image gets, with probability
     ``prob``, a random box of another image of the batch pasted in (box volume a fraction ``U(*area)`` of the image,
     side ratios in ``[ratio, 1 / ratio]``). The boxes and partners of the last call are kept, and
     :py:meth:`targets` applies them to anything aligned with the batch (labels, a teacher's probabilities), so a
-    target follows the pixels it belongs to. In a :py:class:`~monai_mlbseg.engines.MetaTrainer`, as
+    target follows the pixels it belongs to (it declares :py:class:`~monai_mlbseg.transforms.traits.PixelMovingTrait`).
+    In a :py:class:`~monai_mlbseg.engines.MetaTrainer`, as
     ``student_augment`` the teacher's probabilities are mixed like the student's views (the weak-to-strong methods,
     whose label source is the teacher); as ``clean_augment`` the expert labels are.
 
@@ -104,9 +107,3 @@ class CutMix(Randomizable, Transform):
             raise RuntimeError("CutMix.targets needs a tensor aligned with the last batch the transform mixed.")
         mask = self.mask.to(tensor.dtype)
         return tensor * (1 - mask) + tensor[self.partner] * mask
-
-
-def mix_targets(augment: Callable | None, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` moved like the pixels of ``augment``'s last batch (a :py:class:`CutMix`'s ``targets``), or itself."""
-    targets = getattr(augment, "targets", None)
-    return tensor if targets is None else targets(tensor)

@@ -1,55 +1,20 @@
 """
 Stage-2 parts that measured no gain on real left-atrium scans (``docs/results.md``), kept for experiments and not
-used by any named method or bundle. Each docstring gives its measured effect; each plugs into
-:py:class:`~monai_mlbseg.engines.MetaTrainer` like the parts of :py:mod:`monai_mlbseg.engines.parts`.
+used by any named method or bundle; each docstring gives its measured effect.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from monai_mlbseg.engines.context import Stage2Context
-from monai_mlbseg.engines.guards import check_finite
-from monai_mlbseg.engines.parts import JointStep, MeanTeacherTerm, MetaWeighting, StepLosses, UnlabeledTerm
+from monai_mlbseg.engines.stage2 import JointStep, MeanTeacherTerm, Stage2Context, Stage2Host, StepLosses, UnlabeledTerm
 from monai_mlbseg.transforms import ple_pseudo_labels, random_box_masks
+from monai_mlbseg.utils import unwrap_network
 
-if TYPE_CHECKING:
-    from monai_mlbseg.engines import MetaTrainer
-
-__all__ = [
-    "AgreementMetaWeighting",
-    "CopyPasteTerm",
-    "EnsembleMeanTeacherTerm",
-    "PerTermClippedJointStep",
-    "SignMetaWeighting",
-    "freeze_batch_norm",
-]
-
-
-class SignMetaWeighting(MetaWeighting):
-    """
-    Meta weights with every pixel whose meta-gradient agrees weighted alike (summing to 1), instead of in proportion
-    to it. Measured (results.md finding 5, seed 0, 64 px): the weight on a wrong initial-label pixel falls to 1.06x
-    that on a right one (12-18x with the reference's rule), but validation Dice is 0.86 below the reference's
-    weights and 2.57 below labeled-only training; at 32 clean slices (finding 16) -0.27 against labeled-only.
-    """
-
-    rule = "sign"
-
-
-class AgreementMetaWeighting(MetaWeighting):
-    """
-    The reference's meta weights scaled to sum to the agreeing share of the meta-gradient mass (at most 1), so the
-    weighted term shrinks when the meta-gradient disagrees. Measured (finding 9, seed 0, with one joint step):
-    79.09 against 79.07 Dice for the reference's weights, 2.11 below labeled-only training (4/16 cases better).
-    """
-
-    rule = "agreement"
+__all__ = ["CopyPasteTerm", "EnsembleMeanTeacherTerm", "PerTermClippedJointStep", "freeze_batch_norm"]
 
 
 class EnsembleMeanTeacherTerm(MeanTeacherTerm):
@@ -92,43 +57,41 @@ class CopyPasteTerm(UnlabeledTerm):
         clean, views = ctx.clean(), ctx.unlabeled.views
         pick = torch.arange(views.shape[0], device=views.device) % clean.views.shape[0]
         box = random_box_masks(views.shape[0], views.shape[2:], self.fraction, device=views.device)
-        trainer = ctx.trainer
-        teacher = ctx.teacher_probs() if trainer.mean_teacher is not None else None
-        outside = ctx.pseudo if teacher is None else (teacher > trainer.threshold).float()
+        teacher = ctx.teacher_probs() if ctx.has_teacher else None
+        outside = ctx.pseudo if teacher is None else (teacher > ctx.threshold).float()
         images = box * clean.views[pick] + (1 - box) * views
         targets = box * clean.labels[pick] + (1 - box) * outside
-        return F.binary_cross_entropy_with_logits(trainer.forward(images), targets)
+        return F.binary_cross_entropy_with_logits(ctx.student(images), targets)
 
 
 class PerTermClippedJointStep(JointStep):
     """
     One joint step whose clean gradient and unlabeled gradient (weighted term plus unlabeled terms) are each clipped
-    to the trainer's ``grad_clip``, then added, as the reference's two steps are clipped each on its own. It costs
-    one more gradient buffer. Measured (finding 29, seed 0, 64 px, clip 0.2): 82.39 against 82.91 Dice for one clip
-    of the sum; on the demo +0.4 (finding 31).
+    to the schedule's ``grad_clip``, then added, as the reference's two steps are clipped each on its own. It costs
+    one more gradient buffer and runs without the AMP grad scaler. Measured (finding 29, seed 0, 64 px, clip 0.2):
+    82.39 against 82.91 Dice for one clip of the sum; on the demo +0.4 (finding 31).
+
+    Args:
+        grad_clip: the clip of each of the two gradients (``None``: none).
     """
 
-    def weighted_step(self, trainer: MetaTrainer, losses: StepLosses) -> None:
+    def weighted_step(self, host: Stage2Host, losses: StepLosses) -> None:
         unlabeled = losses.weighted if losses.unlabeled is None else losses.weighted + losses.unlabeled
         terms = [unlabeled, losses.joint]
-        check_finite(sum(terms), trainer, "weighted-step loss")
-        params = [p for p in trainer.network.parameters() if p.requires_grad]
-        scale = trainer.scaler.get_scale() if trainer.scaler is not None else 1.0
+        named = [(n, p) for n, p in unwrap_network(host.network).named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         total = [torch.zeros_like(p) for p in params]
         for term in terms:
             if not term.requires_grad:
                 continue
-            grads = torch.autograd.grad(term * scale, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g / scale for g, p in zip(grads, params)]
-            if trainer.grad_clip is not None:  # the coefficient of torch.nn.utils.clip_grad_norm_
-                coef = torch.clamp(trainer.grad_clip / (torch.nn.utils.get_total_norm(grads) + 1e-6), max=1.0)
+            grads = torch.autograd.grad(term, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            if self.grad_clip is not None:  # the coefficient of torch.nn.utils.clip_grad_norm_
+                coef = torch.clamp(self.grad_clip / (torch.nn.utils.get_total_norm(grads) + 1e-6), max=1.0)
                 grads = [g * coef for g in grads]
             total = [t + g for t, g in zip(total, grads)]
-        trainer.optimizer.zero_grad(set_to_none=trainer.optim_set_to_none)
-        for p, g in zip(params, total):
-            p.grad = g * scale
-        trainer.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        trainer.clip_and_step(scaled=trainer.scaler is not None, clip=False)
+        by_name = {n: g for (n, _), g in zip(named, total)}
+        host.apply_gradients(sum(terms), by_name, "weighted-step loss", IterationEvents.BACKWARD_COMPLETED, None)
 
 
 def freeze_batch_norm(network: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The stage-2 trainer of MLB-Seg: an iteration over the unlabeled views made of injected parts."""
+"""The stage-2 engine of MLB-Seg: an iteration over the unlabeled views made of injected parts."""
 
 from __future__ import annotations
 
@@ -11,40 +11,27 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.transforms import Randomizable
 from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from monai_mlbseg.losses import MetaReweightLoss
-from monai_mlbseg.transforms import (
-    PLEViews,
-    ViewTransform,
-    mix_targets,
-    perturbed_forward,
-    ple_pseudo_labels,
-    warp_to_views,
-)
-from monai_mlbseg.utils import describe_settings
+from monai_mlbseg.transforms import PLEViews, ViewTransform, ple_pseudo_labels, warp_to_views
+from monai_mlbseg.utils import describe_settings, unwrap_network
 
+from ..events import MetaIterationEvents
+from ..guards import check_finite
 from .context import LabeledViews, Stage2Context, ViewBatch
-from .events import MetaIterationEvents
-from .guards import check_finite
-from .parts import (
-    LabelSource,
-    MeanTeacher,
-    PixelWeighting,
-    StepLosses,
-    StepSchedule,
-    TwoSteps,
-    UniformWeighting,
-    UnlabeledTerm,
-    WeightMaps,
-)
+from .perturbations import Perturbation
+from .schedules import StepLosses, StepSchedule, TwoSteps
+from .sources import LabelSource
+from .teacher import MeanTeacher
+from .terms import UnlabeledTerm
+from .weightings import PixelWeighting, UniformWeighting, WeightMaps
 
 __all__ = ["MetaTrainer", "STAGE2_PHASES", "STAGE2_TERMS", "stage2_terms"]
 
@@ -81,14 +68,17 @@ def _sum(terms: Sequence[torch.Tensor]) -> torch.Tensor | None:
 class MetaTrainer(SupervisedTrainer):
     """
     Stage 2 of MLB-Seg (ALGORITHM steps A-E) as a MONAI ``SupervisedTrainer`` whose iteration is made of parts
-    handed in (:py:mod:`monai_mlbseg.engines.parts`): label sources, unlabeled terms, a pixel weighting, a step
-    schedule and a mean teacher. The named methods of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` are such
-    compositions: ``MetaTrainer(..., **stage2_method("mlbseg"))``.
+    handed in (:py:mod:`monai_mlbseg.engines.stage2`): label sources, unlabeled terms, a weighting, a step schedule,
+    a mean teacher and the perturbations the student sees. The named methods of
+    :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` are such compositions:
+    ``MetaTrainer(..., **stage2_method("mlbseg"))``. Computation parts see only the iteration's
+    :py:class:`~monai_mlbseg.engines.stage2.Stage2Context`; acting parts see the trainer through the declared
+    :py:class:`~monai_mlbseg.engines.stage2.Stage2Host` protocol, which it implements.
 
     Every iteration takes one batch of unlabeled images with their initial labels (``train_data_loader``) and one
     clean batch (``clean_data_loader``, cycled without being rebuilt), both through ``engine.prepare_batch``, and
     runs these phases, each in ``torch.profiler.record_function("mlbseg.<phase>")`` (:py:data:`STAGE2_PHASES`), on
-    one :py:class:`~monai_mlbseg.engines.Stage2Context`:
+    one :py:class:`~monai_mlbseg.engines.stage2.Stage2Context`:
 
     1. ``views``: the unlabeled batch expands into its views; the student runs once on them (on
        ``student_augment`` of them when given), through ``engine.inferer``; the PLE ensemble of its prediction;
@@ -96,7 +86,7 @@ class MetaTrainer(SupervisedTrainer):
     3. ``unlabeled_terms``: every unlabeled term on the views, and the schedule's joint loss (if any);
     4. ``weight_maps``: the pixel weighting's maps of the sources;
     5. ``weighted_step``: ``loss_function(logits, sources, weights)`` plus the weighted terms (plus the joint loss),
-       then the schedule's step (gradient-norm clip ``grad_clip``, optimizer step, EMA);
+       then the schedule's step (the schedule's gradient-norm clip, optimizer step, EMA);
     6. ``clean_step``: the schedule's clean step, if any (the clean loss :py:meth:`clean_loss`).
 
     Events keep ``SupervisedTrainer``'s contract with the weighted step as the iteration's model step:
@@ -107,8 +97,13 @@ class MetaTrainer(SupervisedTrainer):
     ``engine.state.output`` holds the scalars of :py:data:`STAGE2_TERMS`, each term's value under its name and
     ``weight_<name>`` per label source, as floats; ``engine.state.stage2`` the iteration's context (for handlers
     such as :py:class:`~monai_mlbseg.engines.GroundTruthMonitor`) and ``engine.state.weight_maps`` the latest
-    views, labels and weight maps (for visualisation). When the unlabeled loader is empty, the trainer trains
-    supervised on the clean loader (one clean step per iteration, MONAI's events as ``SupervisedTrainer``).
+    views, labels and weight maps (for visualisation). When the unlabeled loader is empty, or the schedule does not
+    use it (:py:class:`~monai_mlbseg.engines.stage2.LabeledOnly`), the trainer trains on the clean loader alone (one
+    clean step per iteration, MONAI's events as ``SupervisedTrainer``).
+
+    The view transform, the perturbations and the trainer's other randomness are seeded with
+    :py:meth:`set_random_state`; a trainer never seeded draws a seed from ``torch``'s global generator when it
+    starts, so that ``monai.utils.set_determinism`` makes runs repeatable.
 
     Args:
         device: training device.
@@ -116,26 +111,24 @@ class MetaTrainer(SupervisedTrainer):
         train_data_loader: unlabeled images with initial labels.
         clean_data_loader: clean images with expert labels.
         network: the student (logits out; may be DDP-wrapped).
-        optimizer: the optimizer (SGD for a :py:class:`~monai_mlbseg.engines.MetaWeighting`, whose look-ahead
+        optimizer: the optimizer (SGD for a :py:class:`~monai_mlbseg.engines.stage2.MetaWeighting`, whose look-ahead
             differentiates an SGD step).
         sources: the label sources of the weighted term (none: no weighted term).
         terms: the unlabeled terms, added in this order.
-        weighting: the pixel weighting of the sources; default :py:class:`~monai_mlbseg.engines.UniformWeighting`.
-        schedule: the step schedule; default :py:class:`~monai_mlbseg.engines.TwoSteps`.
+        weighting: the weighting of the sources; default :py:class:`~monai_mlbseg.engines.stage2.UniformWeighting`.
+        schedule: the step schedule, with its gradient clip; default
+            :py:class:`~monai_mlbseg.engines.stage2.TwoSteps`.
         mean_teacher: the mean teacher, for the parts that use one (``None``: none).
-        spatial_dims: 2 or 3.
-        views: the view transform (default :py:class:`~monai_mlbseg.transforms.PLEViews` with the reference ranges).
+        views: the view transform, with its spatial dimensions and label threshold (default
+            :py:class:`~monai_mlbseg.transforms.PLEViews` in 2D with the reference ranges).
         student_augment: a perturbation of the unlabeled views that the student sees instead of the views, e.g.
-            :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment`; it must keep every pixel in place, since the
-            teacher, the pseudo labels and the weight maps stay in the views' frame (a
-            :py:class:`~monai_mlbseg.transforms.CutMix` moves them with its pixels). A
-            :py:class:`~monai_mlbseg.transforms.FeatureDropout` in it also perturbs the features of that forward.
+            :py:class:`~monai_mlbseg.transforms.StrongIntensityAugment` (a
+            :py:class:`~monai_mlbseg.engines.stage2.Perturbation` reads its traits: a pixel-moving one such as
+            :py:class:`~monai_mlbseg.transforms.CutMix` moves the teacher's targets with its pixels, a
+            feature-perturbing one such as :py:class:`~monai_mlbseg.transforms.FeatureDropout` perturbs the student's
+            forward).
         clean_augment: the same for the clean views (the clean loss's forward and labeled-only training); the
             teacher and a look-ahead's meta loss keep the views themselves.
-        grad_clip: gradient-norm clip of every step (``None``: no clipping).
-        threshold: threshold of the pseudo labels and of labels warped into the views.
-        seed: seed of the view transform; default: drawn from ``torch``'s global generator, so that
-            ``monai.utils.set_determinism`` makes runs repeatable.
         loss_function: the weighted term ``loss_function(logits, sources, weights)`` (default
             ``MetaReweightLoss(reduction="sum")``: ``sum(w * l)``); a :py:class:`~monai_mlbseg.engines.MetaWeighting`
             differentiates its ``pixel_loss``.
@@ -172,13 +165,9 @@ class MetaTrainer(SupervisedTrainer):
         weighting: PixelWeighting | None = None,
         schedule: StepSchedule | None = None,
         mean_teacher: MeanTeacher | None = None,
-        spatial_dims: int = 2,
         views: ViewTransform | None = None,
         student_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         clean_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        grad_clip: float | None = 0.2,
-        threshold: float = 0.5,
-        seed: int | None = None,
         loss_function: Callable | None = None,
         event_names: list | None = None,
         decollate: bool = False,
@@ -205,8 +194,14 @@ class MetaTrainer(SupervisedTrainer):
                 "MetaTrainer needs accumulation_steps=1: the look-ahead differentiates the SGD step that follows it, "
                 f"so gradients cannot be accumulated across iterations; got {kwargs['accumulation_steps']}."
             )
-        self.supervised_only = _is_empty(train_data_loader)
-        if self.supervised_only:
+        self.supervised_only = not self.schedule.uses_unlabeled or _is_empty(train_data_loader)
+        if not self.schedule.uses_unlabeled:
+            logging.getLogger(__name__).info(
+                f"MetaTrainer: the {type(self.schedule).__name__} schedule trains on the clean data loader alone "
+                "(clean steps only); the unlabeled data loader is not read."
+            )
+            train_data_loader = clean_data_loader
+        elif self.supervised_only:
             logging.getLogger(__name__).warning(
                 "MetaTrainer: no unlabeled data; training supervised on the clean data loader (clean steps only)."
             )
@@ -226,15 +221,14 @@ class MetaTrainer(SupervisedTrainer):
         )
         self.clean_data_loader = clean_data_loader
         self._clean_batches: Iterator | None = None
-        self.spatial_dims = spatial_dims
-        self.views = views if views is not None else PLEViews(spatial_dims)
-        if self.views.spatial_dims != spatial_dims:
-            raise ValueError(f"views are {self.views.spatial_dims}D but spatial_dims is {spatial_dims}.")
+        self.views = views if views is not None else PLEViews(2)
         self.student_augment = student_augment
         self.clean_augment = clean_augment
-        self.grad_clip = grad_clip
-        self.threshold = threshold
-        self.set_random_state(int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed)
+        #: what the student sees of the unlabeled views, and of the clean views
+        self.student_perturbation = Perturbation(student_augment)
+        self.clean_perturbation = Perturbation(clean_augment)
+        self._seeded = False
+        self.add_event_handler(Events.STARTED, self._seed_unless_seeded)
         #: the ``torch.compile`` arguments of the plain forwards (the student's through ``SupervisedTrainer``)
         self.compile_kwargs = kwargs.get("compile_kwargs") or {}
         self.mean_teacher = mean_teacher
@@ -259,8 +253,6 @@ class MetaTrainer(SupervisedTrainer):
                 "views": self.views,
                 "student_augment": student_augment,
                 "clean_augment": clean_augment,
-                "grad_clip": grad_clip,
-                "threshold": threshold,
                 "supervised_only": self.supervised_only,
             }
         )
@@ -292,12 +284,34 @@ class MetaTrainer(SupervisedTrainer):
         """
         Seed the view transform, ``student_augment`` with ``seed + 1`` and ``clean_augment`` with ``seed + 2`` when
         they are MONAI ``Randomizable`` (the other randomness follows ``torch``'s global generator).
+
+        Returns:
+            the trainer.
         """
         self.views.set_random_state(seed)
-        for offset, augment in enumerate((self.student_augment, self.clean_augment), start=1):
-            if isinstance(augment, Randomizable):
-                augment.set_random_state(seed + offset)
+        self.student_perturbation.set_random_state(seed + 1)
+        self.clean_perturbation.set_random_state(seed + 2)
+        self._seeded = True
         return self
+
+    def _seed_unless_seeded(self, engine: Engine) -> None:
+        if not self._seeded:
+            self.set_random_state(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+
+    @property
+    def output(self) -> dict[str, Any]:
+        """The iteration's ``engine.state.output``."""
+        return self.state.output  # type: ignore[return-value]
+
+    @property
+    def spatial_dims(self) -> int:
+        """The spatial dimensions of the views."""
+        return self.views.spatial_dims
+
+    @property
+    def threshold(self) -> float:
+        """The views' threshold of binary labels and pseudo labels."""
+        return self.views.threshold
 
     def make_views(self, images: torch.Tensor, labels: torch.Tensor) -> ViewBatch:
         """``images`` expanded into their views (the view transform draws them) and ``labels`` warped into them."""
@@ -305,16 +319,30 @@ class MetaTrainer(SupervisedTrainer):
         params = self.views.params
         return ViewBatch(views, warp_to_views(labels, params, threshold=self.threshold), params)
 
+    def labeled_views(self) -> ViewBatch:
+        """The next clean batch (the clean loader is cycled) expanded into its views."""
+        return self.make_views(*self._prepare(self._next_clean(), "a clean batch"))
+
     def autocast(self) -> torch.autocast:
         """The trainer's autocast setting for plain forwards (disabled without ``amp``)."""
         if not self.amp:
             return torch.autocast(self.state.device.type, enabled=False)
         return torch.autocast(self.state.device.type, **self.amp_kwargs)
 
+    def run_network(self, module: Callable[..., torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """``module``'s logits (float32) of ``images`` through the inferer, under the trainer's autocast setting."""
+        with self.autocast():
+            return self.inferer(images, module).float()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The student's logits (float32) through the inferer, under the trainer's autocast setting."""
-        with self.autocast():
-            return self.inferer(images, self.network).float()
+        return self.run_network(self.network, images)
+
+    def _teacher_probs(self, views: torch.Tensor) -> torch.Tensor:
+        return self.mean_teacher.probs(views)  # type: ignore[union-attr]
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in unwrap_network(self.network).named_parameters() if p.requires_grad]
 
     def clean_loss(self, batch: ViewBatch) -> torch.Tensor:
         """
@@ -324,28 +352,37 @@ class MetaTrainer(SupervisedTrainer):
         """
         with record_function("mlbseg.clean_loss"):
             batch, student_views = self._clean_views(batch)
-            with perturbed_forward(self.clean_augment, self.network):
+            with self.clean_perturbation.forward(self.network):
                 logits = self.forward(student_views)
-            return self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits)))
+            return self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits), self._teacher))
+
+    @property
+    def _teacher(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return None if self.mean_teacher is None else self._teacher_probs
 
     def _clean_views(self, batch: ViewBatch) -> tuple[ViewBatch, torch.Tensor]:
-        """What the student sees of clean views (``clean_augment`` of them), and the batch with its labels moved
-        like their pixels (:py:func:`~monai_mlbseg.transforms.mix_targets`)."""
+        """What the student sees of clean views, and the batch with its labels moved like their pixels."""
         if self.clean_augment is None:
             return batch, batch.views
-        student_views = self.clean_augment(batch.views)
-        return batch._replace(labels=mix_targets(self.clean_augment, batch.labels)), student_views
+        student_views = self.clean_perturbation(batch.views)
+        return batch._replace(labels=self.clean_perturbation.targets(batch.labels)), student_views
 
     def _clean_loss(self, views: LabeledViews) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(views.logits, views.batch.labels)
         for term in self.terms:
-            value = term.clean(self, views)
+            value = term.clean(views)
             if value is not None:
                 loss = loss + term.weight * value
         return loss
 
-    def step(self, loss: torch.Tensor, what: str, event: Any) -> None:
-        """Check the loss, then backward, fire ``event``, clip, optimizer step (with the AMP grad scaler if any)."""
+    def step(self, loss: torch.Tensor, what: str, event: Any, grad_clip: float | None) -> None:
+        """
+        Check the loss, then backward, fire ``event``, clip the gradient norm to ``grad_clip``, optimizer step
+        (with the AMP grad scaler if any).
+
+        Raises:
+            FloatingPointError: when ``loss`` is not finite (before any step).
+        """
         check_finite(loss, self, what)
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         if self.scaler is not None:
@@ -354,13 +391,32 @@ class MetaTrainer(SupervisedTrainer):
         else:
             loss.backward()
         self.fire_event(event)
-        self.clip_and_step(scaled=self.scaler is not None)
+        self._clip_and_step(grad_clip, scaled=self.scaler is not None)
 
-    def clip_and_step(self, scaled: bool, clip: bool = True) -> None:
-        """Clip the gradient norm to ``grad_clip`` (when ``clip``), then the optimizer step (through the scaler)."""
-        if clip and self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+    def apply_gradients(
+        self, loss: torch.Tensor, grads: Mapping[str, torch.Tensor], what: str, event: Any, grad_clip: float | None
+    ) -> None:
+        """
+        Check ``loss`` (whose gradient ``grads`` is) is finite, set the student's gradients by parameter name (the
+        others none), fire ``event``, clip to ``grad_clip``, optimizer step (without the AMP scaler: the gradients
+        are unscaled).
+
+        Raises:
+            FloatingPointError: when ``loss`` is not finite (before any step).
+        """
+        check_finite(loss, self, what)
+        self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        for name, param in unwrap_network(self.network).named_parameters():
+            if name in grads:
+                param.grad = grads[name].detach().clone()
+        self.fire_event(event)
+        self._clip_and_step(grad_clip, scaled=False)
+
+    def _clip_and_step(self, grad_clip: float | None, scaled: bool) -> None:
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), grad_clip)
         if scaled:
+            assert self.scaler is not None
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
@@ -414,14 +470,28 @@ class MetaTrainer(SupervisedTrainer):
         images, initial = self._prepare(batchdata, "an unlabeled batch (the initial label)")
         clean_images, clean_labels = self._prepare(self._next_clean(), "a clean batch")
         unlabeled = self.make_views(images, initial)
-        student_views = unlabeled.views if self.student_augment is None else self.student_augment(unlabeled.views)
+        student_views = self.student_perturbation(unlabeled.views)
         self.state.output = {Keys.IMAGE: student_views, Keys.LABEL: unlabeled.labels}
-        with perturbed_forward(self.student_augment, self.network):
+        with self.student_perturbation.forward(self.network):
             logits = self.state.output[Keys.PRED] = self.forward(student_views)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         probs = torch.sigmoid(logits)
         ple = ple_pseudo_labels(probs, unlabeled.params, self.threshold)
-        ctx = Stage2Context(self, unlabeled, student_views, logits, probs, ple, clean_images, clean_labels)
+        teacher = None
+        if self.mean_teacher is not None:
+            teacher = functools.partial(_moved, self.student_perturbation, self._teacher_probs)
+        ctx = Stage2Context(
+            unlabeled,
+            student_views,
+            logits,
+            probs,
+            ple,
+            self.threshold,
+            labeled_views=functools.partial(self.make_views, clean_images, clean_labels),
+            teacher=teacher,
+            student=self.forward,
+            parameters=self._trainable,
+        )
         self.fire_event(MetaIterationEvents.PLE_COMPLETED)
         return ctx
 
@@ -493,12 +563,13 @@ class MetaTrainer(SupervisedTrainer):
             batch, student_views = self._clean_views(self.make_views(images, labels))
             self.state.output = {Keys.IMAGE: student_views, Keys.LABEL: batch.labels}
             self.fire_event(MetaIterationEvents.CLEAN_STEP_STARTED)
-            with perturbed_forward(self.clean_augment, self.network):
+            with self.clean_perturbation.forward(self.network):
                 logits = self.state.output[Keys.PRED] = self.forward(student_views)
             self.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss = self.state.output[Keys.LOSS] = self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits)))
+            views = LabeledViews(batch, logits, torch.sigmoid(logits), self._teacher)
+            loss = self.state.output[Keys.LOSS] = self._clean_loss(views)
             self.fire_event(IterationEvents.LOSS_COMPLETED)
-            self.step(loss, "clean-step loss", IterationEvents.BACKWARD_COMPLETED)
+            self.step(loss, "clean-step loss", IterationEvents.BACKWARD_COMPLETED, self.schedule.grad_clip)
             self.fire_event(MetaIterationEvents.CLEAN_STEP_COMPLETED)
         value = float(loss.detach())
         self.state.output.update(loss=value, loss_clean=value)
@@ -511,3 +582,10 @@ def _is_empty(loader: Iterable) -> bool:
         return len(loader) == 0  # type: ignore[arg-type]
     except TypeError:
         return False
+
+
+def _moved(
+    perturbation: Perturbation, probs: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor
+) -> torch.Tensor:
+    """``probs`` of ``views`` moved like the pixels of ``perturbation``'s last batch."""
+    return perturbation.targets(probs(views))
