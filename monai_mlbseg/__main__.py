@@ -3,34 +3,48 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import fire
 
 from monai_mlbseg.bundles import bundles
 from monai_mlbseg.data import check, make_synthetic_dataset, prepare
-from monai_mlbseg.demo import run_demo
+from monai_mlbseg.demo import demo
 from monai_mlbseg.evaluation import evaluate_files
 from monai_mlbseg.utils import InputError
 
 __all__ = ["main", "COMMANDS"]
 
 
-def _cli(fn: Callable) -> Callable:
-    """Run ``fn`` as a command: input errors become a message on stderr and exit status 2 (no traceback)."""
+def _cli(fn: Callable, show: Callable[[Any], None] | None = None) -> Callable:
+    """
+    Run ``fn`` as a command: input errors become a message on stderr and exit status 2 (no traceback); ``show``
+    prints what it returned.
+    """
 
     @functools.wraps(fn)
     def run(*args, **kwargs) -> None:
         try:
-            fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        if show is not None:
+            show(result)
 
     return run
+
+
+def _show_demo(report: Path) -> None:
+    """The demo's metrics table and the path of its report."""
+    summary = json.loads((report.parent / "summary.json").read_text(encoding="utf-8"))
+    print(summary["table"])
+    print(f"\nreport: {report}")
 
 
 def synth(
@@ -92,15 +106,17 @@ def evaluate(predictions: Sequence[str], labels: Sequence[str], out: str = ".", 
 
 
 COMMANDS = {
-    name: _cli(fn)
-    for name, fn in {
-        "demo": run_demo,
-        "prepare": prepare,
-        "check": check,
-        "synth": synth,
-        "evaluate": evaluate,
-        "bundles": bundles,
-    }.items()
+    "demo": _cli(demo, _show_demo),
+    **{
+        name: _cli(fn)
+        for name, fn in {
+            "prepare": prepare,
+            "check": check,
+            "synth": synth,
+            "evaluate": evaluate,
+            "bundles": bundles,
+        }.items()
+    },
 }
 
 

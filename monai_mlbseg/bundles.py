@@ -40,6 +40,8 @@ __all__ = [
     "BUNDLE_NAMES",
     "TEMPLATE_FILES",
     "measured_effects",
+    "RUN_IDS",
+    "ids_table",
     "methods_table",
     "render_bundle",
     "render_readme",
@@ -137,6 +139,42 @@ def render_bundle(name: str, values: Mapping[str, Any] | None = None) -> dict[st
     return files
 
 
+#: the top-level ids of ``configs/train.json`` that describe a run, with what each sets: a driver (the demo, the
+#: benchmarks, a MONAI Label task) sets these and no nested id (:py:func:`~monai_mlbseg.recipe.training_workflow`)
+RUN_IDS = {
+    "dataset_dir": "the data folder",
+    "data_format": "its layout (`uamt_h5`, `la_raw`, `msd_heart`, `promise12`, `msd_prostate`)",
+    "datalist_file": "a datalist JSON instead of the folder's own split (`null`: the split)",
+    "split": "the case lists and the number of labeled cases",
+    "device": "the training device",
+    "seed": "the seed of the whole run",
+    "image_size": "the slice size the network sees",
+    "features": "the network's widths per level",
+    "lr": "the learning rate of stage 2 (and of stage 1, unless `stage1_lr`)",
+    "stage1_lr": "the learning rate of stage 1",
+    "stage1_batch_size": "labeled slices per stage-1 step",
+    "unlabeled_batch_size": "unlabeled slices per stage-2 iteration",
+    "clean_batch_size": "labeled slices per stage-2 iteration",
+    "stage1_iterations": "stage-1 iterations (`null`: `stage1#max_epochs` epochs of the labeled slices)",
+    "stage2_steps": "stage-2 optimizer steps, turned into iterations by the method's schedule (`null`: 120 epochs of "
+    "the unlabeled slices)",
+    "max_epoch_length": "the longest epoch when a length is given in iterations or steps (stage 2's learning rate "
+    "decays per epoch)",
+    "stage2_method": "the stage-2 method, a key of `monai_mlbseg.engines.STAGE2_METHODS`",
+    "stage2_options": "options on top of the method (`grad_clip`, `student_augment`, `clean_augment`, `weighting`, "
+    "`cutmix`, `feature_dropout`, `reuse_meta_grad`, `meta_params`)",
+    "stage2_control": "train the labeled-only control matched to the method instead of the method",
+    "use_unlabeled": "read the unlabeled cases (`false`: no stage 1 or bootstrap, stage 2 on the labeled cases)",
+    "output_dir": "where runs are kept, one folder per data and settings",
+    "run_dir": "the run's folder (default: a folder of `output_dir` named by a fingerprint of the data and settings)",
+    "stage1_dir": "where stage 1's weights, checkpoints and the initial labels are (default: `run_dir`)",
+    "ckpt_dir": "where the final `model.pt` is written",
+    "progress": "progress bars while the slices are cached",
+}
+#: the markers around the table of run ids in a bundle's ``docs/README.md``
+IDS_BEGIN = "<!-- run-ids: generated from monai_mlbseg.bundles.RUN_IDS -->"
+IDS_END = "<!-- /run-ids -->"
+
 #: the markers around the table of stage-2 methods in a bundle's ``docs/README.md``
 TABLE_BEGIN = "<!-- stage2-methods: generated from monai_mlbseg.engines.STAGE2_METHODS -->"
 TABLE_END = "<!-- /stage2-methods -->"
@@ -180,18 +218,31 @@ def methods_table(default: str, effects: Mapping[str, Mapping[str, str]] | None 
     return "\n".join(rows)
 
 
+def ids_table() -> str:
+    """The markdown table of :py:data:`RUN_IDS`: the top-level ids that describe a run."""
+    rows = ["| id | what it sets |", "|---|---|"]
+    rows += [f"| `{key}` | {text} |" for key, text in RUN_IDS.items()]
+    return "\n".join(rows)
+
+
+def _replace(text: str, begin: str, end: str, table: str, where: str) -> str:
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"{where}: no generated table between {begin!r} and {end!r}.")
+    return text[: start + len(begin)] + "\n" + table + "\n" + text[stop:]
+
+
 def render_readme(text: str, default: str, where: str = "README") -> str:
     """
     ``text`` (a bundle's ``docs/README.md``) with the part between :py:data:`TABLE_BEGIN` and :py:data:`TABLE_END`
-    replaced by :py:func:`methods_table`.
+    replaced by :py:func:`methods_table`, and the part between :py:data:`IDS_BEGIN` and :py:data:`IDS_END` by
+    :py:func:`ids_table`.
 
     Raises:
         ValueError: when the markers are missing.
     """
-    start, end = text.find(TABLE_BEGIN), text.find(TABLE_END)
-    if start < 0 or end < start:
-        raise ValueError(f"{where}: no stage-2 methods table between {TABLE_BEGIN!r} and {TABLE_END!r}.")
-    return text[: start + len(TABLE_BEGIN)] + "\n" + methods_table(default) + "\n" + text[end:]
+    text = _replace(text, TABLE_BEGIN, TABLE_END, methods_table(default), where)
+    return _replace(text, IDS_BEGIN, IDS_END, ids_table(), where)
 
 
 def _readme(name: str, root: Path) -> tuple[Path, str] | None:

@@ -6,8 +6,10 @@ ships; only the overrides (sizes, lengths, learning rates, method) differ.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +18,37 @@ from monai.transforms import Randomizable
 from monai.utils import set_determinism
 from torch import nn
 
-from monai_mlbseg.engines import STAGE2_METHODS, WEIGHTINGS, pixel_weighting, stage2_method
+from monai_mlbseg.engines import WEIGHTINGS, load_weights, pixel_weighting, stage2_method
 from monai_mlbseg.engines.methods import as_matched_control
-from monai_mlbseg.engines.stage2 import MetaWeighting, TwoSteps
+from monai_mlbseg.engines.stage2 import MetaWeighting, StepSchedule, TwoSteps
 from monai_mlbseg.transforms import CutMix, FeatureDropout, StrongIntensityAugment
-from monai_mlbseg.utils import find_input_error
+from monai_mlbseg.utils import InputError, Problem, atomic_write_json, find_input_error
 
 __all__ = [
     "STAGE2_OPTIONS",
+    "TrainingRun",
+    "train_matched_control",
     "TRAINING_STEPS",
     "check_stage2_options",
     "trainer_overrides",
     "parsed",
     "reseed_stage2",
     "run_training_step",
+    "iterations_for_steps",
+    "stage_epoch_length",
+    "stage_epochs",
     "stage_length",
-    "stage_overrides",
-    "stage2_iterations",
     "stage2_parts",
     "training_workflow",
 ]
 
-#: the steps of a bundle's ``training`` list, in order
-TRAINING_STEPS = ("data check", "stage 1", "bootstrap", "stage 2")
+#: the steps of a bundle's ``training`` list, in order, and their top-level ids
+TRAINING_STEPS = {
+    "data check": "check_data",
+    "stage 1": "run_stage1",
+    "bootstrap": "run_bootstrap",
+    "stage 2": "run_stage2",
+}
 
 
 def parsed(workflow: ConfigWorkflow, id: str) -> Any:
@@ -58,16 +68,24 @@ def parsed(workflow: ConfigWorkflow, id: str) -> Any:
 
 def training_workflow(
     bundle: str | Path,
-    overrides: dict[str, Any],
+    overrides: Mapping[str, Any],
     configs: Sequence[str] = ("train.json",),
     workflow_type: str = "train",
+    user_overrides: Mapping[str, Any] | None = None,
 ) -> ConfigWorkflow:
     """
-    A ``ConfigWorkflow`` of the bundle's ``configs`` with ``overrides``, initialised.
+    A ``ConfigWorkflow`` of the bundle's ``configs`` with ``overrides``, initialised. A driver describes its run by
+    the bundle's documented top-level ids only (the bundle README's "Top-level ids"); a user's own overrides, any
+    id, come in ``user_overrides`` and win.
 
     Raises:
-        RuntimeError: for a training workflow whose ``training`` list is not :py:data:`TRAINING_STEPS`.
+        ValueError: for an id of ``overrides`` that is not top-level (it names a nested id with ``#``).
+        RuntimeError: for a training workflow whose ``training`` list is not the ids of :py:data:`TRAINING_STEPS`.
     """
+    nested = sorted(k for k in overrides if "#" in k)
+    if nested:
+        raise ValueError(f"a driver sets only top-level bundle ids; nested: {nested} (a user's go in user_overrides).")
+    overrides = {**overrides, **(user_overrides or {})}
     bundle = Path(bundle)
     workflow = ConfigWorkflow(
         config_file=[str(bundle / "configs" / c) for c in configs],
@@ -77,15 +95,15 @@ def training_workflow(
         **overrides,
     )
     workflow.initialize()
-    if workflow_type == "train" and len(workflow.parser["training"]) != len(TRAINING_STEPS):
-        steps = len(workflow.parser["training"])
-        raise RuntimeError(f"the bundle's training has {steps} steps, the recipe knows {TRAINING_STEPS}.")
+    expected = [f"@{id}" for id in TRAINING_STEPS.values()]
+    if workflow_type == "train" and list(workflow.parser["training"]) != expected:
+        raise RuntimeError(f"the bundle's training is {workflow.parser['training']}, the recipe knows {expected}.")
     return workflow
 
 
 def run_training_step(workflow: ConfigWorkflow, step: str) -> Any:
-    """Run one step of :py:data:`TRAINING_STEPS` of a training workflow; returns what the step returns."""
-    return parsed(workflow, f"training#{TRAINING_STEPS.index(step)}")
+    """Run one step of :py:data:`TRAINING_STEPS` of a training workflow (its top-level id); returns what it returns."""
+    return parsed(workflow, TRAINING_STEPS[step])
 
 
 def reseed_stage2(workflow: ConfigWorkflow, seed: int) -> None:
@@ -102,39 +120,35 @@ def reseed_stage2(workflow: ConfigWorkflow, seed: int) -> None:
 
 
 def stage_length(iterations: int, chunk: int) -> tuple[int, int]:
-    """``(epoch_length, max_epochs)`` giving exactly ``iterations`` iterations in epochs of at most ``chunk``."""
+    """
+    ``(epoch_length, max_epochs)`` of ``iterations`` iterations in whole epochs of ``min(chunk, iterations)``:
+    exactly ``iterations`` when ``chunk`` divides it, else rounded up to the next whole epoch.
+    """
     epoch_length = max(1, min(chunk, iterations))
     return epoch_length, math.ceil(iterations / epoch_length)
 
 
-def stage2_iterations(method: str, optimizer_steps: int) -> int:
+def iterations_for_steps(schedule: StepSchedule, optimizer_steps: int | None) -> int | None:
     """
-    The stage-2 iterations that make ``optimizer_steps`` optimizer steps with ``method`` (equal budgets compare
-    optimizer steps: a two-step iteration counts twice; the labeled-only control makes one step per iteration).
+    The stage-2 iterations that make ``optimizer_steps`` optimizer steps with ``schedule`` (equal budgets compare
+    optimizer steps: a two-step iteration counts twice); ``None`` for ``None``. The bundles' ``stage2_steps`` become
+    iterations here, and nowhere else.
     """
-    steps = STAGE2_METHODS[method].parts(None)["schedule"].steps_per_iteration
-    return max(1, optimizer_steps // steps)
+    if optimizer_steps is None:
+        return None
+    return max(1, int(optimizer_steps) // schedule.steps_per_iteration)
 
 
-def stage_overrides(
-    stage1_iterations: int | None = None,
-    stage2_iterations: int | None = None,
-    stage1_chunk: int = 50,
-    stage2_chunk: int = 50,
-) -> dict[str, int]:
-    """
-    The overrides that make stage 1 and/or stage 2 of a bundle's training run exactly these many iterations
-    (``None``: that stage keeps the bundle's length), in epochs of at most ``stage1_chunk`` / ``stage2_chunk``
-    iterations. Stage 2's learning rate decays per epoch, the reference's 120-epoch curve spread over its epochs.
-    """
-    out = {}
-    if stage1_iterations is not None:
-        length, epochs = stage_length(stage1_iterations, stage1_chunk)
-        out.update({"stage1#max_epochs": epochs, "stage1#trainer#epoch_length": length})
-    if stage2_iterations is not None:
-        length, epochs = stage_length(stage2_iterations, stage2_chunk)
-        out.update({"train#trainer#max_epochs": epochs, "train#trainer#epoch_length": length})
-    return out
+def stage_epochs(iterations: int | None, max_epoch_length: int, default: int) -> int:
+    """The ``max_epochs`` of a stage of ``iterations`` iterations (:py:func:`stage_length`); ``default`` for
+    ``None``."""
+    return default if iterations is None else stage_length(iterations, max_epoch_length)[1]
+
+
+def stage_epoch_length(iterations: int | None, max_epoch_length: int) -> int | None:
+    """The ``epoch_length`` of a stage of ``iterations`` iterations (:py:func:`stage_length`); ``None`` (a pass over
+    the loader) for ``None``."""
+    return None if iterations is None else stage_length(iterations, max_epoch_length)[0]
 
 
 #: the stage-2 options a run may set on top of its method, in JSON form (:py:func:`stage2_parts`)
@@ -242,3 +256,117 @@ def trainer_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
     """
     options = check_stage2_options(options)
     return {"stage2_options": options} if options else {}
+
+
+class TrainingRun:
+    """
+    A bundle's training workflow with a driver's top-level overrides (and a user's own), run step by step: data
+    check, stage 1, bootstrap, stage 2, stage 2 reseeded after the bootstrap so that its randomness does not depend
+    on whether stage 1 ran in this process. The demo and the benchmarks train through it.
+
+    Args:
+        bundle: the bundle folder.
+        overrides: top-level ids (:py:func:`training_workflow`).
+        seed: the run's seed (the bundle's ``seed`` too).
+        user_overrides: the user's own overrides, any id.
+
+    Example::
+
+        run = TrainingRun("bundles/mlbseg_la", {"dataset_dir": "/data/LA", "stage2_steps": 300}, seed=0)
+        run.get("train#trainer").add_event_handler(...)
+        run.run()
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        overrides: Mapping[str, Any],
+        seed: int = 0,
+        user_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.seed = int(seed)
+        self.workflow = training_workflow(bundle, {**overrides, "seed": self.seed}, user_overrides=user_overrides)
+        #: wall time of each step run, in seconds
+        self.timings: dict[str, float] = {}
+
+    def get(self, id: str) -> Any:
+        """The parsed content of a bundle id (:py:func:`parsed`)."""
+        return parsed(self.workflow, id)
+
+    def run(self, steps: Sequence[str] = tuple(TRAINING_STEPS), after: Callable[[str], None] | None = None) -> None:
+        """
+        Run ``steps`` of :py:data:`TRAINING_STEPS` in order, calling ``after(step)`` when each has finished.
+
+        Raises:
+            ValueError: for a step that is not one of :py:data:`TRAINING_STEPS`.
+        """
+        unknown = [s for s in steps if s not in TRAINING_STEPS]
+        if unknown:
+            raise ValueError(f"unknown training steps {unknown}; known: {', '.join(TRAINING_STEPS)}.")
+        for step in steps:
+            if step == "stage 2":
+                reseed_stage2(self.workflow, self.seed)
+            start = time.perf_counter()
+            run_training_step(self.workflow, step)
+            self.timings[step] = time.perf_counter() - start
+            if after is not None:
+                after(step)
+
+
+def train_matched_control(
+    bundle: str | Path,
+    overrides: Mapping[str, Any],
+    stage1_weights: str | Path,
+    folder: str | Path,
+    seed: int = 0,
+    user_overrides: Mapping[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """
+    The labeled-only control matched to a run's stage-2 method (the bundle's ``stage2_control``: the method's
+    perturbation on the labeled views, its labeled loss and gradient clip, the same optimizer and optimizer steps)
+    from the run's stage-1 weights, trained once: only the unlabeled volumes differ, so stage 2 against it is what
+    they added.
+
+    Args:
+        bundle: the bundle folder.
+        overrides: the run's top-level ids (its ``stage2_steps`` the control's budget too).
+        stage1_weights: the stage-1 weights the control starts from.
+        folder: the control's folder: its weights in ``model.pt`` with its settings in ``run_settings.json``, its
+            checkpoints in ``stage2/`` (a rerun continues; a finished control with the same settings is not trained
+            again).
+        seed: the run's seed (stage 2 is reseeded alike).
+        user_overrides: the user's own overrides (their stage-2 options apply to the control too).
+
+    Returns:
+        the path of the control's weights and its trainer's ``run_settings``.
+
+    Raises:
+        InputError: naming the folder, when it holds a finished control with other settings (e.g. of another
+            method), which would not be this run's control.
+    """
+    folder = Path(folder)
+    model = folder / "model.pt"
+    control = {
+        **overrides,
+        "stage2_control": True,
+        "use_unlabeled": False,
+        "ckpt_dir": str(folder),
+        "run_dir": str(folder),
+    }
+    run = TrainingRun(bundle, {**control, "stage1_dir": str(Path(stage1_weights).parent)}, seed, user_overrides)
+    trained = model.is_file()
+    if not trained:  # before the trainer is parsed: its mean teacher copies the network
+        load_weights(run.get("network"), stage1_weights)
+    trainer = run.get("train#trainer")
+    recorded = folder / "run_settings.json"
+    settings = json.loads(json.dumps(trainer.run_settings))
+    if trained and (not recorded.is_file() or json.loads(recorded.read_text(encoding="utf-8")) != settings):
+        problem = "holds a finished control with other (or unrecorded) settings than this run's matched control"
+        raise InputError(
+            [Problem(str(folder), f"{problem}; use another output folder, or move or delete this one")],
+            "the control cannot be reused",
+        )
+    if not trained:
+        atomic_write_json(recorded, settings)  # before training: a finished control always has its settings
+        run.run(["stage 2"])
+    return model, settings

@@ -64,7 +64,7 @@ def run_mode(out: Path, seed: int, mode: dict, demo_kwargs: dict) -> dict:
 
     start = time.perf_counter()
     # the fast modes approximate MLB-Seg's meta step, so every mode runs MLB-Seg, whatever the bundle's default
-    run_demo(out=str(out), seed=seed, progress=False, overrides=MLBSEG, **mode, **demo_kwargs)
+    run_demo(out=str(out), seed=seed, progress=False, overrides={**MLBSEG, "stage2_options": mode}, **demo_kwargs)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     stage1, stage2 = dice_per_case(out, "metrics_stage1"), dice_per_case(out, "metrics_stage2")
     return {
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     modes = {
         "faithful": {},
         "reuse_meta_grad": {"reuse_meta_grad": True},
-        f"meta_params={meta_params.replace(',', '+')}": {"meta_params": meta_params},
+        f"meta_params={meta_params.replace(',', '+')}": {"meta_params": meta_params.split(",")},
     }
     demo_kwargs = {"quick": args.quick}
     out_root = Path(args.out).resolve()

@@ -47,8 +47,6 @@ from monai_mlbseg.recipe import (
     parsed,
     reseed_stage2,
     run_training_step,
-    stage2_iterations,
-    stage_overrides,
     trainer_overrides,
     training_workflow,
 )
@@ -187,12 +185,11 @@ class Benchmark:
             "features": list(args.features),
             "device": str(self.device),
             "num_workers": 0,
-            "stage1#lr": args.lr1,
+            "stage1_lr": args.lr1,
             "lr": args.lr2,
-            "stage1#batch_size": args.stage1_batch,
+            "stage1_batch_size": args.stage1_batch,
             "val_interval": 10**9,  # the benchmark evaluates on the validation volumes itself, after training
-            "train#dataset#progress": False,
-            "train#unlabeled#dataset#progress": False,
+            "progress": False,
         }
 
     def stage1_folder(self, seed: int) -> Path:
@@ -203,11 +200,10 @@ class Benchmark:
         folder = self.stage1_folder(seed)
         return {
             **self.common,
-            **stage_overrides(stage1_iterations=self.args.stage1_iterations, stage1_chunk=200),
+            "stage1_iterations": self.args.stage1_iterations,
+            "max_epoch_length": 200,
             "seed": seed,
             "run_dir": str(folder),
-            "stage1#model": str(folder / "stage1.pt"),
-            "bootstrap#label_dir": str(folder / "initial_labels"),
         }
 
     def stage2_overrides(self, seed: int, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -217,13 +213,13 @@ class Benchmark:
         control = bool(spec.get("control", False))
         supervised = bool(spec.get("supervised", False))
         steps = round(2 * self.args.stage2_iterations * float(spec.get("iterations_factor", 1.0)))
-        iterations = steps if supervised or control else stage2_iterations(method, steps)
         options = dict(spec["trainer"])
         if options.get("meta_params") == "LAST":
             options["meta_params"] = [f"nodes.conv0_{len(self.args.features) - 1}", "final"]
         return {
             **self.common,
-            **stage_overrides(stage2_iterations=iterations, stage2_chunk=self.args.epoch_length),
+            "stage2_steps": steps,
+            "max_epoch_length": self.args.epoch_length,
             **trainer_overrides(options),
             "seed": seed,
             "stage2_method": method,
@@ -232,10 +228,8 @@ class Benchmark:
             "clean_batch_size": int(spec.get("clean_batch", 2)),
             "run_dir": str(folder),
             "ckpt_dir": str(folder),
-            "train#checkpoint_dir": str(folder / "checkpoints"),
-            "stage1#model": str(stage1 / "stage1.pt"),
-            "bootstrap#label_dir": str(stage1 / "initial_labels"),
-            **({"train#unlabeled#source": []} if supervised else {}),
+            "stage1_dir": str(stage1),
+            "use_unlabeled": not supervised,
             "stage2_control": control,
         }
 

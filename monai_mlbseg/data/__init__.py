@@ -25,6 +25,7 @@ from .formats import FORMATS, VolumeFormat, first_channel, get_format, load_volu
 from .prepare import check, prepare
 from .readers import H5_SUFFIXES, H5ImageReader, captured_stderr, metaimage_header_problem
 from .slices import SliceDataset, available_memory
+from .splits import folder_split, synthetic_split
 from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, synthetic_discs
 from .writers import AtomicNibabelWriter
 
@@ -45,6 +46,8 @@ __all__ = [
     "VolumeFormat",
     "available_memory",
     "build_datalist",
+    "folder_split",
+    "synthetic_split",
     "captured_stderr",
     "check",
     "check_datalist",

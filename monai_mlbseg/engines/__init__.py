@@ -12,6 +12,7 @@ from .methods import STAGE2_METHODS, Stage2Method, matched_control, stage2_metho
 from .monitor import GroundTruthMonitor
 from .stage2 import WEIGHTINGS, MetaTrainer, pixel_weighting, stage2_terms
 from .teacher import MeanTeacherHandler
+from .weight_maps import WeightMapKeeper
 
 __all__ = [
     "STAGE2_METHODS",
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteLossGuard",
     "ResumeFromCheckpoint",
     "Stage2Method",
+    "WeightMapKeeper",
     "bootstrap_labels",
     "check_finite",
     "initial_label_items",
