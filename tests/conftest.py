@@ -21,4 +21,5 @@ def la_run(tmp_path: Path) -> dict:
     """A private copy of the left-atrium bundle, a small UA-MT data set and the top-level ids of a tiny CPU run."""
     bundle = copy_bundle("mlbseg_la", tmp_path)
     data, split = make_data(tmp_path, "uamt_h5")
-    return {"bundle": bundle, "data": data, "split": split, "ids": {"dataset_dir": str(data), "split": split, **TINY}}
+    ids = {"bundle_root": str(bundle), "dataset_dir": str(data), "split": split, **TINY}
+    return {"bundle": bundle, "data": data, "split": split, "ids": ids}
