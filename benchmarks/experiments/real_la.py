@@ -63,7 +63,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "c_mean_teacher": {"method": "mean_teacher", "trainer": {}},
     "d_mlbseg": {"method": "mlbseg", "trainer": {}},
     "e_reuse_meta_grad": {"method": "mlbseg", "trainer": {"reuse_meta_grad": True}},
-    "e_meta_params_last": {"method": "mlbseg", "trainer": {"meta_params": "LAST"}},
     "f_weak_to_strong": {"method": "weak_to_strong", "trainer": {}},
     "g_instance_meta": {"method": "instance_meta", "trainer": {}},
     "h_quality_guided": {"method": "quality_guided", "trainer": {}},
@@ -214,8 +213,6 @@ class Benchmark:
         supervised = bool(spec.get("supervised", False))
         steps = round(2 * self.args.stage2_iterations * float(spec.get("iterations_factor", 1.0)))
         options = dict(spec["trainer"])
-        if options.get("meta_params") == "LAST":
-            options["meta_params"] = [f"nodes.conv0_{len(self.args.features) - 1}", "final"]
         return {
             **self.common,
             "stage2_steps": steps,

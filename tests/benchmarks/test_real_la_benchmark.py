@@ -88,12 +88,14 @@ def test_variant_options_become_the_methods_parts(tmp_path):
     from monai_mlbseg.recipe import parsed, training_workflow
 
     bench = _quick_benchmark(tmp_path)
-    for name in ("e_reuse_meta_grad", "e_meta_params_last"):
-        trainer = parsed(
-            training_workflow(bench.bundle, bench.stage2_overrides(0, name, real_la.VARIANTS[name])), "train#trainer"
-        )
-        assert trainer.schedule.reuse_meta_grad == (name == "e_reuse_meta_grad")
-        assert trainer.weighting.meta_params == (None if name == "e_reuse_meta_grad" else ["nodes.conv0_1", "final"])
+    trainer = parsed(
+        training_workflow(bench.bundle, bench.stage2_overrides(0, "e", real_la.VARIANTS["e_reuse_meta_grad"])),
+        "train#trainer",
+    )
+    assert trainer.schedule.reuse_meta_grad and trainer.weighting.meta_params is None
+    spec = real_la.parse_variant('e2=e_reuse_meta_grad:{"reuse_meta_grad": false, "meta_params": ["nodes.conv0_1"]}')[1]
+    trainer = parsed(training_workflow(bench.bundle, bench.stage2_overrides(0, "e2", spec)), "train#trainer")
+    assert not trainer.schedule.reuse_meta_grad and trainer.weighting.meta_params == ["nodes.conv0_1"]
     spec = real_la.parse_variant('a2=a_labeled_only:{"clean_augment": {"contrast": 0.3}}')[1]
     trainer = parsed(training_workflow(bench.bundle, bench.stage2_overrides(0, "a2", spec)), "train#trainer")
     assert trainer.supervised_only and trainer.clean_augment.contrast == 0.3 and trainer.schedule.grad_clip == 0.2
