@@ -13,7 +13,7 @@ MONAI bundle folder; its files not in the template (``docs/README.md``, the left
 ``python -m monai_mlbseg bundles --write`` regenerates the committed bundles (and the table of stage-2 methods in
 each bundle's ``docs/README.md``, from :py:data:`~monai_mlbseg.engines.STAGE2_METHODS` and the measured effects of
 ``docs/results/effects.json``), ``python -m monai_mlbseg
-bundles`` checks that they are up to date (``tests/test_bundles.py`` runs the check).
+bundles`` checks that they are up to date (``tests/bundles/test_bundles.py`` runs the check).
 
 Why placeholders and not MONAI's config merge (a shared base config plus a small per-bundle file of ``#``-path
 overrides, which ``ConfigParser.load_config_files`` supports): a bundle value reaches several files (the data folder

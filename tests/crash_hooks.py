@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import nibabel as nib
 from ignite.engine import Events
@@ -35,3 +36,15 @@ def kill_while_writing(nth: int) -> None:
         return save(img, filename, *args, **kwargs)
 
     nib.save = dying_save
+
+
+def pause_at_iteration(trainer, iteration: int, marker: str, seconds: float = 300.0):
+    """Write ``marker`` and sleep when ``trainer`` completes ``iteration``: a run that holds its folder meanwhile."""
+
+    def pause(engine) -> None:
+        with open(marker, "w") as f:
+            f.write("paused")
+        time.sleep(seconds)
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), pause)
+    return trainer

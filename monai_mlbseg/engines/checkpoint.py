@@ -12,26 +12,90 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointSaver
 from torch import nn
 
-from monai_mlbseg.utils import InputError, Problem, atomic_torch_save, atomic_write_json, unwrap_network
+from monai_mlbseg.utils import (
+    InputError,
+    Problem,
+    atomic_torch_save,
+    atomic_write_json,
+    digest_path,
+    digest_problem,
+    unwrap_network,
+    write_digest,
+)
+from monai_mlbseg.utils.io import TEMP_MARKER
 
-__all__ = ["AtomicCheckpointSaver", "ResumeFromCheckpoint", "latest_checkpoint", "load_weights", "save_weights"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "ResumeFromCheckpoint",
+    "checkpoints",
+    "latest_checkpoint",
+    "load_weights",
+    "save_weights",
+    "state_problem",
+]
 
 _FRESH_START = "; use another output folder, or move or delete this one to train from the start"
 
 _STEP = re.compile(r"(?:^|_)(?:final_)?iteration=(\d+)\.pt$")
 
 
+class _SafeDiskSaver(DiskSaver):
+    """
+    Ignite's atomic ``DiskSaver`` that records each checkpoint's digest once it is in place and removes the
+    checkpoints it replaces only after the new one is complete (Ignite removes the oldest before it saves: a kill in
+    between would leave none).
+    """
+
+    def __init__(self, saver: DiskSaver) -> None:
+        super().__init__(
+            saver.dirname, atomic=True, require_empty=False, save_on_rank=saver.save_on_rank, **saver.kwargs
+        )
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        digest_path(self.dirname / filename).unlink(missing_ok=True)
+        super().__call__(checkpoint, filename, metadata)
+        write_digest(self.dirname / filename)
+        pending, self._pending = self._pending, []
+        for name in pending:
+            if name != filename:
+                super().remove(name)
+                digest_path(self.dirname / name).unlink(missing_ok=True)
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(filename)
+
+
+def _remove_leftovers(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed save left in a checkpoint folder (Ignite's ``tmp*``, ours
+    ``*.partial-*``); returns them."""
+    if not folder.is_dir():
+        return []
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and (TEMP_MARKER in p.name or (p.name.startswith("tmp") and "." not in p.name))
+    ]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
     """
     MONAI's :py:class:`~monai.handlers.CheckpointSaver` with every file written atomically (temporary file, then
-    rename), so a process killed while saving never leaves a truncated checkpoint that a resume would read.
-    MONAI turns atomic saving off for file permissions; current Ignite restores group/other read access after the
-    rename. A run stopped by a non-finite loss (``FloatingPointError``) saves no final checkpoint of its poisoned
-    state. The engine the saver is attached to is saved too, under ``engine_key`` (its iteration and epoch are what
-    a resume needs; a bundle config cannot reference the trainer from the trainer's own handlers).
+    rename), so a process killed while saving never leaves a truncated checkpoint that a resume would read; each
+    checkpoint's content digest recorded next to it (``.sha256``), so damage is found before a resume uses it; the
+    checkpoints it replaces removed only once the new one is complete, so a kill at any instant keeps at least one;
+    and the temporary files of an earlier killed save removed when it is attached. MONAI turns atomic saving off for
+    file permissions; current Ignite restores group/other read access after the rename. A run stopped by a
+    non-finite loss (``FloatingPointError``) saves no final checkpoint of its poisoned state. The engine the saver is
+    attached to is saved too, under ``engine_key`` (its iteration and epoch are what a resume needs; a bundle config
+    cannot reference the trainer from the trainer's own handlers).
 
     Args:
         args: positional arguments of ``CheckpointSaver`` (``save_dir``, ``save_dict``, ...).
@@ -43,13 +107,15 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().__init__(*args, **kwargs)
         self.engine_key = engine_key
         for checkpoint in self._checkpoints():
-            checkpoint.save_handler._atomic = True
+            checkpoint.save_handler = _SafeDiskSaver(checkpoint.save_handler)
 
     def _checkpoints(self) -> list:
         found = (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint)
         return [c for c in found if c is not None]
 
     def attach(self, engine: Engine) -> None:
+        for path in _remove_leftovers(Path(self.save_dir)):
+            self.logger.warning(f"removed {path}, the temporary file of a save that was interrupted")
         if self.engine_key is not None:
             for checkpoint in self._checkpoints():
                 checkpoint.to_save[self.engine_key] = engine
@@ -65,16 +131,56 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().exception_raised(engine, e)
 
 
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+def checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """
-    The checkpoint of the highest iteration in ``checkpoint_dir`` (files ``*iteration=N.pt`` or
-    ``*final_iteration=N.pt`` as written by :py:class:`AtomicCheckpointSaver`), or ``None``.
+    The checkpoints in ``checkpoint_dir`` (files ``*iteration=N.pt`` or ``*final_iteration=N.pt`` as written by
+    :py:class:`AtomicCheckpointSaver`), newest first.
     """
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP.search(p.name)) and p.is_file()]
-    return max(found, key=lambda x: (x[0], "final" in x[1].name))[1] if found else None
+    return [p for _, p in sorted(found, key=lambda x: (x[0], "final" in x[1].name), reverse=True)]
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint in ``checkpoint_dir`` (:py:func:`checkpoints`), or ``None``."""
+    found = checkpoints(checkpoint_dir)
+    return found[0] if found else None
+
+
+def state_problem(state: Any, where: str = "") -> str | None:
+    """
+    The first non-finite floating-point tensor in a loaded state (nested mappings and sequences, e.g. a checkpoint's
+    network, teacher and optimizer states), as a sentence, or ``None``.
+    """
+    if torch.is_tensor(state):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            return f"holds non-finite values in {where or 'a tensor'}"
+        return None
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        problem = state_problem(value, f"{where}.{key}" if where else str(key))
+        if problem is not None:
+            return problem
+    return None
+
+
+def _read_checkpoint(path: Path, map_location: Any) -> tuple[Any, str | None]:
+    """A checkpoint's content and what is wrong with it (digest, readability, non-finite values)."""
+    problem = digest_problem(path)
+    if problem is not None:
+        return None, problem
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated, empty or foreign file
+        return None, f"is not a readable torch checkpoint ({type(e).__name__}: {e})"
+    return state, state_problem(state)
 
 
 class ResumeFromCheckpoint:
@@ -83,6 +189,10 @@ class ResumeFromCheckpoint:
     latest checkpoint in ``checkpoint_dir``, if there is one: rerunning an interrupted command continues the run.
     Attach it before handlers that look at the iteration count at start (MONAI registers ``train_handlers`` in
     order).
+
+    A checkpoint whose content does not match its recorded digest, that cannot be read, or that holds non-finite
+    values is skipped with a warning naming it and why, and the newest intact one is used: a resumed run never trains
+    on damaged state. When every checkpoint is damaged, the resume is refused naming the folder.
 
     An engine with a ``run_settings`` dict (:py:class:`~monai_mlbseg.engines.MetaTrainer`: its stage-2 method and
     options) has them recorded in ``checkpoint_dir/run_settings.json`` when a run starts, and a resume with other
@@ -98,8 +208,9 @@ class ResumeFromCheckpoint:
         engine_key: the attached engine's state is restored from this key (``None``: not restored).
 
     Raises:
-        InputError: when the engine's ``run_settings`` differ from those recorded with the checkpoints, or when
-            checkpoints exist without recorded settings (written by version 0.1.0, whose settings are unknown).
+        InputError: when the engine's ``run_settings`` differ from those recorded with the checkpoints, when
+            checkpoints exist without recorded settings (written by version 0.1.0, whose settings are unknown), or
+            when every checkpoint is damaged.
     """
 
     #: the file, in ``checkpoint_dir``, that records the engine's ``run_settings``
@@ -124,17 +235,41 @@ class ResumeFromCheckpoint:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        path = latest_checkpoint(self.checkpoint_dir)
+        found = checkpoints(self.checkpoint_dir)
         settings = getattr(engine, "run_settings", None)
         if settings is not None:
-            self._check_settings(dict(settings), resuming=path is not None)
-        if path is None:
+            self._check_settings(dict(settings), resuming=bool(found))
+        if not found:
             return
+        damaged = []
+        for path in found:
+            state, problem = _read_checkpoint(path, self.map_location)
+            if problem is None:
+                break
+            damaged.append(Problem(str(path), problem))
+            self.logger.warning(f"{path} {problem}: not used")
+        else:
+            what = "has no intact checkpoint (each is listed below); move or delete the folder to train from the start"
+            problems = [Problem(str(self.checkpoint_dir), what), *damaged]
+            raise InputError(problems, "stage cannot resume")
         load_dict = dict(self.load_dict)
         if self.engine_key is not None:
             load_dict[self.engine_key] = engine
-        CheckpointLoader(str(path), load_dict, map_location=self.map_location, strict=self.strict)(engine)
-        self.logger.info(f"resumed from {path} at iteration {engine.state.iteration} (epoch {engine.state.epoch})")
+        if len(load_dict) == 1 and next(iter(load_dict)) not in state:  # a plain state dict (MONAI's convention)
+            state = {next(iter(load_dict)): state}
+        prior_max_epochs = engine.state.max_epochs  # a finished run can be continued for longer
+        Checkpoint.load_objects(to_load=load_dict, checkpoint=state, strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            what = (
+                f"holds a run at epoch {engine.state.epoch}, beyond this run's {prior_max_epochs} epochs; give more "
+                "epochs to continue it"
+            )
+            raise InputError([Problem(str(path), what)], "stage cannot resume")
+        engine.state.max_epochs = prior_max_epochs
+        fallback = f", the newest intact checkpoint ({len(damaged)} newer damaged)" if damaged else ""
+        self.logger.info(
+            f"resumed from {path}{fallback} at iteration {engine.state.iteration} (epoch {engine.state.epoch})"
+        )
 
     def _check_settings(self, settings: dict[str, Any], resuming: bool) -> None:
         record = self.checkpoint_dir / self.settings_file
@@ -149,7 +284,11 @@ class ResumeFromCheckpoint:
                 "with the current settings (stage-2 method and options)"
             )
             raise InputError([Problem(str(self.checkpoint_dir), what + _FRESH_START)], context)
-        recorded = json.loads(record.read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            what = f"cannot be read as the run's recorded settings ({e})" + _FRESH_START
+            raise InputError([Problem(str(record), what)], context) from None
         current = json.loads(json.dumps(settings))
         changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
         if changed:
@@ -168,15 +307,20 @@ def load_weights(
 ) -> nn.Module:
     """
     Load weights into ``network`` from a plain state dict or a checkpoint holding one under ``key``
-    (``torch.load(..., weights_only=True)``: no code in the file is executed).
+    (``torch.load(..., weights_only=True)``: no code in the file is executed), after checking the file against its
+    recorded digest and the weights for non-finite values.
 
     Raises:
-        InputError: the file is missing, unreadable, not a state dict, or from another network (the message lists
-            missing/unexpected keys and shape mismatches).
+        InputError: the file is missing, unreadable, damaged (not its recorded digest), not a state dict, holds
+            non-finite values, or is from another network (the message lists missing/unexpected keys and shape
+            mismatches).
     """
     where = str(path)
     if not Path(path).is_file():
         raise InputError([Problem(where, "checkpoint file not found")], "cannot load weights")
+    damaged = digest_problem(path)
+    if damaged is not None:
+        raise InputError([Problem(where, damaged)], "cannot load weights")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -189,6 +333,9 @@ def load_weights(
         raise InputError(
             [Problem(where, "is not a state dict (a mapping of parameter names to tensors)")], "cannot load weights"
         )
+    non_finite = state_problem(state)
+    if non_finite is not None:
+        raise InputError([Problem(where, non_finite)], "cannot load weights")
     module = unwrap_network(network)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))

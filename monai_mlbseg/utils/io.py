@@ -27,6 +27,11 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_torch_save",
+    "DIGEST_SUFFIX",
+    "digest_path",
+    "digest_problem",
+    "file_digest",
+    "write_digest",
     "run_fingerprint",
     "describe_settings",
     "read_user_text",
@@ -132,10 +137,66 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+#: the suffix of the file that records a written file's content digest, next to it
+DIGEST_SUFFIX = ".sha256"
+
+
+def digest_path(path: str | os.PathLike) -> Path:
+    """The digest record of ``path``: ``<path>.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_digest(path: str | os.PathLike, digest: str | None = None) -> Path:
+    """Record ``path``'s content digest (``digest``, or computed) in :py:func:`digest_path`, atomically."""
+    digest = file_digest(path) if digest is None else digest
+    return atomic_write_text(digest_path(path), f"{digest}  {Path(path).name}\n")
+
+
+def digest_problem(path: str | os.PathLike) -> str | None:
+    """
+    What is wrong with ``path`` against its recorded digest: ``None`` when it matches or when no digest was recorded
+    (a file of an earlier version, or one whose writer was killed between the rename and the record: complete, since
+    it was renamed into place whole), else a sentence for an error message.
+    """
+    record = digest_path(path)
+    try:
+        recorded = record.read_text(encoding="utf-8").split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None if not record.exists() else f"its digest record {record.name} is unreadable"
+    try:
+        actual = file_digest(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if actual != recorded:
+        return (
+            f"its content does not match the digest recorded when it was written ({record.name}): the file was "
+            "damaged or changed since"
+        )
+    return None
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically. Returns the path."""
+    """
+    ``torch.save`` to ``path`` atomically, with its content digest recorded next to it (:py:func:`write_digest`):
+    the previous record is removed before the rename and the new one written after it, so a kill at any instant
+    leaves the previous file with its record, or a complete file without one, never a file with a wrong record.
+    Returns the path.
+    """
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        digest = file_digest(tmp)
+        digest_path(path).unlink(missing_ok=True)
+    write_digest(path, digest)
     return Path(path)
 
 

@@ -109,3 +109,37 @@ def test_killed_run_resumes_and_finishes(point, tmp_path):
     for path in labels:
         assert set(np.unique(np.asarray(nib.load(path).dataobj))) <= {0, 1}
     assert not list(bundle.rglob(f"*{TEMP_MARKER}*"))
+
+
+def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_finishes(tmp_path):
+    import time
+
+    bundle = copy_bundle("mlbseg_la", tmp_path)
+    data, split = make_data(tmp_path, "uamt_h5")
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    marker = tmp_path / "paused"
+    pause = {
+        "imports": [*train["imports"], "$import tests.crash_hooks as crash_hooks"],
+        "training": [f"$crash_hooks.pause_at_iteration(@stage1#trainer, 2, {str(marker)!r}, 20)", *train["training"]],
+    }
+    (tmp_path / "pause.json").write_text(json.dumps(pause))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command(bundle, data, split, tmp_path / "pause.json"), env=env, cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not marker.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert marker.exists(), "the first run reached stage 1"
+        second = run(command(bundle, data, split))
+        work = next((bundle / "work").iterdir())
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        said = second.stdout + second.stderr
+        assert str(work) in said and f"in use by process {first.pid}" in said, said[-3000:]
+        assert "Traceback" not in said
+        out, _ = first.communicate(timeout=600)
+        assert first.returncode == 0, out[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert trainer_iteration(latest_checkpoint(work / "stage2")) == STAGE2_ITERATIONS, "the first run was not disturbed"
