@@ -48,3 +48,22 @@ def pause_at_iteration(trainer, iteration: int, marker: str, seconds: float = 30
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), pause)
     return trainer
+
+
+def fill_disk_at_save(nth: int) -> None:
+    """Make the ``nth`` ``torch.save`` fail as on a full disk (``OSError(ENOSPC)`` with no file name, as a write
+    call raises it), after half the file is written."""
+    import errno
+
+    import torch
+
+    calls = {"n": 0}
+    save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    torch.save = full

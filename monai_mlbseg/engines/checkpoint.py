@@ -26,7 +26,7 @@ from monai_mlbseg.utils import (
     unwrap_network,
     write_digest,
 )
-from monai_mlbseg.utils.io import TEMP_MARKER
+from monai_mlbseg.utils.io import TEMP_MARKER, writing
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -58,7 +58,8 @@ class _SafeDiskSaver(DiskSaver):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         digest_path(self.dirname / filename).unlink(missing_ok=True)
-        super().__call__(checkpoint, filename, metadata)
+        with writing(self.dirname / filename):
+            super().__call__(checkpoint, filename, metadata)
         write_digest(self.dirname / filename)
         pending, self._pending = self._pending, []
         for name in pending:

@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable
 from types import TracebackType
 from typing import NamedTuple
 
-__all__ = ["Problem", "InputError", "DEBUG_ENV", "INPUT_ERROR_STATUS", "find_input_error", "exit_on_input_error"]
+__all__ = [
+    "Problem",
+    "InputError",
+    "DEBUG_ENV",
+    "INPUT_ERROR_STATUS",
+    "INTERRUPTED_STATUS",
+    "Terminated",
+    "environment_problem",
+    "find_input_error",
+    "exit_on_input_error",
+]
 
 #: environment variable that, set to anything but ``""`` or ``"0"``, shows the traceback of a refused input.
 DEBUG_ENV = "MLBSEG_DEBUG"
-#: exit status of a run refused for bad input (a crash exits with 1).
+#: exit status of a run refused for bad input, or stopped by its environment (a full disk, an unwritable folder); a
+#: crash exits with 1.
 INPUT_ERROR_STATUS = 2
+#: exit status of a run interrupted with Ctrl-C (the shell's convention, 128 + SIGINT).
+INTERRUPTED_STATUS = 130
+
+#: what to do after an environment error: the run kept its last complete checkpoint
+_RERUN = "then run the same command again: it continues from the last complete checkpoint"
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class Problem(NamedTuple):
@@ -68,12 +89,77 @@ def find_input_error(error: BaseException | None) -> InputError | None:
     return None
 
 
+class Terminated(BaseException):
+    """The process was asked to stop (``SIGTERM``), raised where it was so that it stops as after Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated("stopped by SIGTERM")
+
+
+def _chain(error: BaseException | None) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and all(error is not e for e in seen):
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def environment_problem(error: BaseException | None) -> tuple[str, int] | None:
+    """
+    The message and exit status of an error of the run's environment behind ``error`` (along its chain of causes):
+    a full disk or quota, a folder that cannot be written, Ctrl-C or ``SIGTERM``. ``None`` for any other error.
+
+    Example::
+
+        environment_problem(OSError(errno.ENOSPC, "No space left on device", "work/stage2/x.pt"))
+        # ("work/stage2/x.pt: no space left on the device; free some space ...", 2)
+    """
+    for link in _chain(error):
+        if isinstance(link, KeyboardInterrupt):
+            return f"interrupted (Ctrl-C); {_RERUN}", INTERRUPTED_STATUS
+        if isinstance(link, Terminated):
+            return f"stopped (SIGTERM); {_RERUN}", INPUT_ERROR_STATUS
+        if isinstance(link, OSError) and link.errno in _FULL + _DENIED:
+            where = link.filename or "the output folder"
+            if link.errno in _FULL:
+                what = "no space left on the device (or the quota is used up); free some space or give another output"
+                return f"{where}: {what} folder, {_RERUN}", INPUT_ERROR_STATUS
+            what = f"cannot be written ({link.strerror}); make the folder writable or give another output folder"
+            return f"{where}: {what}, {_RERUN}", INPUT_ERROR_STATUS
+    return None
+
+
+def _debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _quiet_environment_errors() -> None:
+    """Log an environment error without its traceback, whatever logger logs it (MONAI's ``StatsHandler`` logs the
+    exception that ends a run): the process ends with the short message instead. Installed once."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "_mlbseg_quiet", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if record.exc_info and environment_problem(record.exc_info[1]) is not None and not _debugging():
+            record.exc_info = None
+        return record
+
+    factory._mlbseg_quiet = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
 def exit_on_input_error(logger_name: str = "monai_mlbseg") -> None:
     """
     Make an uncaught :py:class:`InputError` (also one wrapped by MONAI's config parser) end the process cleanly: its
     problems are logged at ERROR, one per line, as the last lines of the output, without a traceback (unless the
     environment variable :py:data:`DEBUG_ENV` is set), and the process exits with :py:data:`INPUT_ERROR_STATUS`.
-    Other errors keep Python's usual report. Installing it twice is harmless.
+    An error of the environment (:py:func:`environment_problem`: a full disk, an unwritable folder, Ctrl-C, and
+    ``SIGTERM``, which is raised as :py:class:`Terminated` where the process is) ends the same way, with a message
+    that names the file and says what to do, and :py:data:`INTERRUPTED_STATUS` for Ctrl-C; loggers then log such an
+    error without its traceback. Other errors keep Python's usual report. Installing it twice is harmless.
 
     The bundles call it first thing in their ``initialize`` list, so that ``python -m monai.bundle run ...`` on bad
     data reads like ``python -m monai_mlbseg prepare``.
@@ -91,21 +177,26 @@ def exit_on_input_error(logger_name: str = "monai_mlbseg") -> None:
 
     def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
         input_error = find_input_error(error)
-        if input_error is None:
+        found = (str(input_error), INPUT_ERROR_STATUS) if input_error is not None else environment_problem(error)
+        if found is None:
             previous(kind, error, tb)
             return
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if _debugging():
             previous(kind, error, tb)
+        message, status = found
         logger = logging.getLogger(logger_name)
         if logger.disabled or not logger.isEnabledFor(logging.ERROR):  # e.g. silenced by a logging config
-            print(str(input_error), file=sys.stderr)
+            print(message, file=sys.stderr)
         else:
-            logger.error(str(input_error))
+            logger.error(message)
         for handler in logging.getLogger().handlers + logger.handlers:
             handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(INPUT_ERROR_STATUS)  # after the hook, Python would exit with 1, the status of a crash
+        os._exit(status)  # after the hook, Python would exit with 1, the status of a crash
 
     hook._mlbseg_input_error_hook = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+    _quiet_environment_errors()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)

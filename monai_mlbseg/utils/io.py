@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -32,6 +34,7 @@ __all__ = [
     "digest_problem",
     "file_digest",
     "write_digest",
+    "writing",
     "run_fingerprint",
     "describe_settings",
     "read_user_text",
@@ -185,6 +188,36 @@ def digest_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """
+    Within the block, an error writing ``path`` names it: an ``OSError`` without a file name gets ``path``, and
+    ``torch.save``'s stream error (``RuntimeError: ... PytorchStreamWriter failed writing file ... iostream error``,
+    which carries no errno) becomes ``OSError(ENOSPC)`` when the device holding ``path`` has less than 1 MiB free.
+
+    Example::
+
+        with writing("models/model.pt"):
+            torch.save(state, tmp)
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+    except RuntimeError as e:
+        text = str(e)
+        if "PytorchStreamWriter" in text or "iostream error" in text:
+            try:
+                full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
+            except OSError:
+                full = False
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """
     ``torch.save`` to ``path`` atomically, with its content digest recorded next to it (:py:func:`write_digest`):
@@ -192,7 +225,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     leaves the previous file with its record, or a complete file without one, never a file with a wrong record.
     Returns the path.
     """
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         torch.save(obj, tmp)
         digest = file_digest(tmp)
         digest_path(path).unlink(missing_ok=True)

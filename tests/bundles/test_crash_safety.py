@@ -143,3 +143,23 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_finish
         if first.poll() is None:
             first.kill()
     assert trainer_iteration(latest_checkpoint(work / "stage2")) == STAGE2_ITERATIONS, "the first run was not disturbed"
+
+
+def test_a_full_disk_during_stage_2_ends_with_a_message_and_the_rerun_continues(tmp_path):
+    bundle = copy_bundle("mlbseg_la", tmp_path)
+    data, split = make_data(tmp_path, "uamt_h5")
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    full = {
+        "imports": [*train["imports"], "$import tests.crash_hooks as crash_hooks"],
+        "training": ["$crash_hooks.fill_disk_at_save(12)", *train["training"]],
+    }
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    failed = run(command(bundle, data, split, tmp_path / "full.json"))
+    said = failed.stdout + failed.stderr
+    work = next((bundle / "work").iterdir())
+    assert failed.returncode == 2 and "no space left on the device" in said, said[-3000:]
+    assert str(work) in said and "run the same command again" in said and "Traceback" not in said
+    assert not list(work.rglob(f"*{TEMP_MARKER}*")) and not list(work.rglob("tmp*")), "no half file kept"
+    resumed = run(command(bundle, data, split))
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert trainer_iteration(latest_checkpoint(work / "stage2")) == STAGE2_ITERATIONS
