@@ -108,7 +108,7 @@ def test_bundle_train_task_trains_from_labeled_pairs_only(tmp_path, restore_sys_
     assert after.keys() == before.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "training updated the weights"
     run = next((bundle / "work").iterdir())
-    final = [p.name for p in (run / "stage2").iterdir() if "final" in p.name]
+    final = [p.name for p in (run / "stage2").glob("*final*.pt")]
     assert final, "the trainer ran to completion and saved its final checkpoint"
     checkpoint = torch.load(run / "stage2" / final[0], weights_only=True)
     # one epoch over the clean slices: 3 volumes x 8 slices in batches of 2 (supervised, no unlabeled data)
