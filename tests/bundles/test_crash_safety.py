@@ -63,18 +63,24 @@ def trainer_iteration(checkpoint):
     return torch.load(checkpoint, weights_only=True)["trainer"]["iteration"]
 
 
-@pytest.mark.parametrize("point", sorted(HOOKS))
-def test_killed_run_resumes_and_finishes(point, tmp_path):
+def hooked(tmp_path, hook):
+    """A bundle copy, its data and split, and an extra config that runs the ``crash_hooks`` expression ``hook``
+    before the training steps."""
     bundle = copy_bundle("mlbseg_la", tmp_path)
     data, split = make_data(tmp_path, "uamt_h5")
     train = json.loads((bundle / "configs" / "train.json").read_text())
-    kill = tmp_path / "kill.json"
+    config = tmp_path / "hooks.json"
     hooks = {
         "imports": [*train["imports"], "$import tests.crash_hooks as crash_hooks"],
-        "training": [HOOKS[point], *train["training"]],
+        "training": [hook, *train["training"]],
     }
-    kill.write_text(json.dumps(hooks))
+    config.write_text(json.dumps(hooks))
+    return bundle, data, split, config
 
+
+@pytest.mark.parametrize("point", sorted(HOOKS))
+def test_killed_run_resumes_and_finishes(point, tmp_path):
+    bundle, data, split, kill = hooked(tmp_path, HOOKS[point])
     killed = run(command(bundle, data, split, kill))
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     work = next((bundle / "work").iterdir())
@@ -114,17 +120,12 @@ def test_killed_run_resumes_and_finishes(point, tmp_path):
 def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_finishes(tmp_path):
     import time
 
-    bundle = copy_bundle("mlbseg_la", tmp_path)
-    data, split = make_data(tmp_path, "uamt_h5")
-    train = json.loads((bundle / "configs" / "train.json").read_text())
     marker = tmp_path / "paused"
-    pause = {
-        "imports": [*train["imports"], "$import tests.crash_hooks as crash_hooks"],
-        "training": [f"$crash_hooks.pause_at_iteration(@stage1#trainer, 2, {str(marker)!r}, 20)", *train["training"]],
-    }
-    (tmp_path / "pause.json").write_text(json.dumps(pause))
+    bundle, data, split, pause = hooked(
+        tmp_path, f"$crash_hooks.pause_at_iteration(@stage1#trainer, 2, {str(marker)!r}, 20)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(command(bundle, data, split, tmp_path / "pause.json"), env=env, cwd=REPO, text=True,
+    first = subprocess.Popen(command(bundle, data, split, pause), env=env, cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         deadline = time.time() + 300
@@ -146,15 +147,8 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_finish
 
 
 def test_a_full_disk_during_stage_2_ends_with_a_message_and_the_rerun_continues(tmp_path):
-    bundle = copy_bundle("mlbseg_la", tmp_path)
-    data, split = make_data(tmp_path, "uamt_h5")
-    train = json.loads((bundle / "configs" / "train.json").read_text())
-    full = {
-        "imports": [*train["imports"], "$import tests.crash_hooks as crash_hooks"],
-        "training": ["$crash_hooks.fill_disk_at_save(12)", *train["training"]],
-    }
-    (tmp_path / "full.json").write_text(json.dumps(full))
-    failed = run(command(bundle, data, split, tmp_path / "full.json"))
+    bundle, data, split, full = hooked(tmp_path, "$crash_hooks.fill_disk_at_save(12)")
+    failed = run(command(bundle, data, split, full))
     said = failed.stdout + failed.stderr
     work = next((bundle / "work").iterdir())
     assert failed.returncode == 2 and "no space left on the device" in said, said[-3000:]
