@@ -23,7 +23,7 @@ from .datalist import (
 )
 from .formats import FORMATS, VolumeFormat, first_channel, get_format, load_volume_transforms, write_case
 from .prepare import check, prepare
-from .readers import H5_SUFFIXES, H5ImageReader, captured_stderr, metaimage_header_problem
+from .readers import H5_SUFFIXES, H5ImageReader, NiftiReader, captured_stderr, metaimage_header_problem
 from .slices import SliceDataset, available_memory
 from .splits import folder_split, synthetic_split
 from .synthetic import ANATOMIES, AnatomyParams, make_synthetic_dataset, synthetic_case, synthetic_discs
@@ -39,6 +39,7 @@ __all__ = [
     "FORMATS",
     "H5ImageReader",
     "H5_SUFFIXES",
+    "NiftiReader",
     "PATH_KEYS",
     "REQUIRED_SPLITS",
     "SPLITS",

@@ -18,12 +18,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from monai.data import ImageReader, ITKReader, NibabelReader
+from monai.data import ImageReader, ITKReader
 from monai.transforms import AsDiscreted, Compose, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged
+from monai.utils import ensure_tuple
 from scipy import ndimage
 
 from ..utils.io import TEMP_MARKER
-from .readers import H5ImageReader
+from .readers import H5ImageReader, NiftiReader
 from .writers import write_h5, write_itk, write_nifti
 
 __all__ = [
@@ -124,7 +125,7 @@ def _reader_factory(kind: str) -> Callable[[str, Sequence[float] | None], ImageR
     def make(role: str, spacing: Sequence[float] | None) -> ImageReader:
         if kind == "h5":
             return H5ImageReader(dataset="image" if role == "image" else "label", spacing=spacing)
-        return ITKReader() if kind == "itk" else NibabelReader()
+        return ITKReader() if kind == "itk" else NiftiReader(spacing=spacing)
 
     return make
 
@@ -190,10 +191,12 @@ class VolumeFormat:
         discover_fn: ``root -> {case_id: (image_path, label_path or None)}``.
         write_fn: ``CaseFiles -> None``, writes the files of one case (see :py:meth:`write`).
         default_case_id: ``index -> case id`` in the naming style of the data set (for synthetic data).
-        image_channels: channels of the stored image (the method uses channel 0); default 1.
+        image_channels: channels of the stored image (the method uses channel 0, so an image of channel 0 alone, a
+            3D single-channel volume, is accepted too); default 1.
         label_values: the values a label file may hold (anything above 0 is foreground); default ``(0, 1)``.
         spatial_dims: spatial dimensions of the images; default 3.
-        has_geometry: whether the files store spacing/orientation (HDF5 does not); default ``True``.
+        has_geometry: whether the files store spacing/orientation (HDF5 does not; a NIfTI header may lack a
+            spacing); default ``True``.
         case_lists: whether the data set comes with UA-MT style ``train.list`` / ``test.list`` files (synthetic
             data sets of this format write them too); default ``False``.
     """
@@ -238,16 +241,23 @@ class VolumeFormat:
 
         Args:
             role: ``"image"``, or ``"label"`` for label maps (it matters for HDF5, where both live in one file).
-            spacing: voxel spacing for formats without geometry (``has_geometry`` false).
+            spacing: voxel spacing (mm, one per spatial axis) of the files that store none: every HDF5 file, and a
+                NIfTI file whose header gives no spacing (see :py:class:`~monai_mlbseg.data.readers.NiftiReader`);
+                ``None``: unit spacing for HDF5, nibabel's 1 mm for such a NIfTI file.
 
         Raises:
-            ValueError: when ``spacing`` is given for a format whose files store their own geometry.
+            ValueError: when ``spacing`` is not ``spatial_dims`` positive numbers, or is given for a format whose
+                files always store a spacing (ITK's NRRD and MetaImage).
         """
-        if spacing is not None and self.has_geometry:
-            raise ValueError(
-                f"format {self.name!r} stores its own geometry; spacing only applies to formats without it "
-                f"({', '.join(k for k, f in FORMATS.items() if not f.has_geometry)})."
-            )
+        if spacing is not None:
+            if self.reader_kind == "itk":
+                raise ValueError(
+                    f"format {self.name!r} reads files that always store their spacing; a spacing only applies to "
+                    "HDF5 files and NIfTI files whose header gives none "
+                    f"({', '.join(k for k, f in FORMATS.items() if f.reader_kind != 'itk')})."
+                )
+            if len(ensure_tuple(spacing)) != self.spatial_dims:
+                raise ValueError(f"spacing must be {self.spatial_dims} positive numbers (mm), got {spacing!r}.")
         return _reader_factory(self.reader_kind)(role, spacing)
 
     def write(
@@ -360,7 +370,8 @@ FORMATS: dict[str, VolumeFormat] = {
     ),
     "msd_prostate": VolumeFormat(
         name="msd_prostate",
-        description="MSD Task05_Prostate: D/imagesTr/prostate_NN.nii.gz (x,y,z,2: T2, ADC), D/labelsTr {0,1,2}",
+        description="MSD Task05_Prostate: D/imagesTr/prostate_NN.nii.gz (x,y,z,2: T2, ADC; or x,y,z: T2), "
+        "D/labelsTr {0,1,2}",
         anatomy="prostate",
         image_channels=2,
         label_values=(0, 1, 2),
@@ -424,7 +435,8 @@ def load_volume_transforms(
     MONAI transforms that load one datalist item of ``format``: ``keys[0]`` is the image, the other keys are label
     maps (e.g. ``("image", "label", "gt")``). Keys missing from an item are skipped, so unlabeled items work.
 
-    The image comes back as float32 ``[1, *S]`` (channel 0 of multi-channel images such as MSD prostate's T2/ADC),
+    The image comes back as float32 ``[1, *S]`` (channel 0 of multi-channel images such as MSD prostate's T2/ADC;
+    a single-channel image of such a format, e.g. T2 alone, is that channel),
     each label map as float32 ``[1, *S]`` binarised (``>= 0.5``, i.e. ``> 0`` for integer labels: the whole gland
     of MSD prostate's zones, 255 of the LA challenge). Both are MetaTensors carrying the file's affine. The on-disk
     axis order is kept (``x, y, z`` for ITK and NIfTI, as stored for HDF5), so slices along the last axis are the
@@ -433,14 +445,16 @@ def load_volume_transforms(
     Args:
         format: a key of :py:data:`FORMATS` or a :py:class:`VolumeFormat`.
         keys: the image key, then the label keys.
-        spacing: voxel spacing for formats without geometry (``uamt_h5``); ``None``: unit spacing.
+        spacing: voxel spacing (mm) of the files that store none: HDF5 (``uamt_h5``), NIfTI files whose header
+            gives none (``msd_heart``, ``msd_prostate``; files with a spacing keep theirs); ``None``: unit spacing
+            for HDF5, nibabel's 1 mm guess for such a NIfTI file (the data check refuses those).
         binarize: binarise the label maps (``False`` keeps their stored values, as float32).
 
     Returns:
         a ``Compose`` mapping ``{"image": path, "label": path, ...}`` to ``{"image": [1, *S], "label": [1, *S], ...}``.
 
     Raises:
-        ValueError: for an unknown format, empty ``keys``, or ``spacing`` with a format that stores geometry.
+        ValueError: for an unknown format, empty ``keys``, or a ``spacing`` :py:meth:`VolumeFormat.reader` refuses.
 
     Example::
 

@@ -39,6 +39,13 @@ def _counts(datalist: dict) -> str:
     return counts + (f" ({with_gt} of the unlabeled with ground truth for monitoring)" if with_gt else "")
 
 
+def _spacing_note(spacing: Sequence[float] | None) -> str:
+    """The reminder that a spacing given to ``prepare`` or ``check`` is not recorded in the datalist."""
+    if spacing is None:
+        return ""
+    return f'; files that store no spacing read as {list(spacing)} mm: give the bundles the same "spacing"'
+
+
 def prepare(
     data_dir: str,
     format: str = "uamt_h5",
@@ -54,6 +61,7 @@ def prepare(
     allow_no_unlabeled: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    spacing: Sequence[float] | None = None,
 ) -> str:
     """
     Build the datalist of ``data_dir`` (see :py:func:`~monai_mlbseg.data.datalist.build_datalist`), check it and
@@ -77,6 +85,9 @@ def prepare(
         allow_no_unlabeled: accept an empty unlabeled set (supervised training only).
         overwrite: replace an existing, different output file.
         progress: show progress while checking the files.
+        spacing: the voxel spacing (mm) of the files that store none (``--spacing SX,SY,SZ``): HDF5 files, and NIfTI
+            files whose header gives none, which are refused without it. The bundles need the same spacing (their
+            config id ``spacing``); the datalist does not record it.
 
     Returns:
         the path of the datalist file.
@@ -90,6 +101,8 @@ def prepare(
             --num_labeled 8
         python -m monai_mlbseg prepare /data/PROMISE12 --format promise12 --labeled Case29,Case14,Case05 \\
             --test Case16,Case35,Case34
+        python -m monai_mlbseg prepare /data/Task02_Heart --format msd_heart --labeled la_003,la_004 \\
+            --test la_005 --spacing 1.25,1.25,1.37
     """
     data_path = Path(os.path.expanduser(str(data_dir)))
     out = data_path / "datalist.json" if output is None else Path(os.path.expanduser(str(output)))
@@ -127,6 +140,7 @@ def prepare(
         allow_outside=allow_outside,
         require_unlabeled=not allow_no_unlabeled,
         progress=progress,
+        spacing=spacing,
     )
     if problems:
         raise InputError(problems, f"prepare: {data_path} failed the datalist check, nothing written")
@@ -136,7 +150,7 @@ def prepare(
         except OSError as e:
             problem = Problem(str(out.parent), f"cannot write {out.name} ({e.strerror or e}); {_USE_OUTPUT}")
             raise InputError([problem], "prepare: nothing written") from None
-    print(f"prepare: wrote {out} [{datalist['format']}]: {_counts(datalist)}")
+    print(f"prepare: wrote {out} [{datalist['format']}]: {_counts(datalist)}{_spacing_note(spacing)}")
     return str(out)
 
 
@@ -147,6 +161,7 @@ def check(
     allow_outside: bool = False,
     allow_no_unlabeled: bool = False,
     progress: bool = True,
+    spacing: Sequence[float] | None = None,
 ) -> str:
     """
     Check an existing datalist JSON and every file it names, with the checks of ``prepare``
@@ -161,6 +176,7 @@ def check(
         allow_outside: accept files outside ``data_dir``.
         allow_no_unlabeled: accept an empty unlabeled set (supervised training only).
         progress: show progress while checking the files.
+        spacing: the voxel spacing (mm) of the files that store none (``--spacing SX,SY,SZ``), as for ``prepare``.
 
     Returns:
         the path of the datalist file.
@@ -183,9 +199,15 @@ def check(
         problem = Problem(str(path), f"records no format: give --format (one of {', '.join(FORMATS)})")
         raise InputError([problem], f"check: {path}")
     problems = check_datalist(
-        loaded, fmt, root, allow_outside=allow_outside, require_unlabeled=not allow_no_unlabeled, progress=progress
+        loaded,
+        fmt,
+        root,
+        allow_outside=allow_outside,
+        require_unlabeled=not allow_no_unlabeled,
+        progress=progress,
+        spacing=spacing,
     )
     if problems:
         raise InputError(problems, f"check: {path} failed the datalist check")
-    print(f"check: {path} is usable [{fmt}]: {_counts(loaded)}")
+    print(f"check: {path} is usable [{fmt}]: {_counts(loaded)}{_spacing_note(spacing)}")
     return str(path)

@@ -1,6 +1,6 @@
 """
-A MONAI image reader for HDF5 volumes (the UA-MT left-atrium layout ``<case>/mri_norm2.h5``), and the diagnosis of
-broken MetaImage headers.
+MONAI image readers for HDF5 volumes (the UA-MT left-atrium layout ``<case>/mri_norm2.h5``) and for NIfTI files
+whose header gives no voxel spacing, and the diagnosis of broken MetaImage headers.
 """
 
 from __future__ import annotations
@@ -16,14 +16,43 @@ from typing import Any
 
 import numpy as np
 from monai.config import PathLike
-from monai.data import ImageReader
+from monai.data import ImageReader, NibabelReader
 from monai.data.utils import is_supported_format
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-__all__ = ["H5ImageReader", "H5_SUFFIXES", "captured_stderr", "declared_voxels", "metaimage_header_problem"]
+__all__ = [
+    "H5ImageReader",
+    "H5_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "NiftiReader",
+    "captured_stderr",
+    "declared_voxels",
+    "metaimage_header_problem",
+    "nifti_header",
+    "unspaced_axes",
+]
 
 #: file name endings :py:class:`H5ImageReader` claims in :py:meth:`~H5ImageReader.verify_suffix`.
 H5_SUFFIXES = ("h5", "hdf5")
+#: file name endings of NIfTI files.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _positive_spacing(spacing: Sequence[float] | float | None) -> tuple[float, ...] | None:
+    """``spacing`` as a tuple of floats (``None`` stays ``None``).
+
+    Raises:
+        ValueError: when an entry is not a positive finite number, or there is none.
+    """
+    if spacing is None:
+        return None
+    try:
+        values = tuple(float(s) for s in ensure_tuple(spacing))
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing must be positive numbers, got {spacing!r}.") from None
+    if not values or any(not np.isfinite(s) or s <= 0 for s in values):
+        raise ValueError(f"spacing must be positive numbers, got {spacing!r}.")
+    return values
 
 
 class _DeferredError:
@@ -79,12 +108,8 @@ class H5ImageReader(ImageReader):
         super().__init__()
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"dataset must be a non-empty string, got {dataset!r}.")
-        if spacing is not None:
-            spacing = tuple(float(s) for s in ensure_tuple(spacing))
-            if not spacing or any(not np.isfinite(s) or s <= 0 for s in spacing):
-                raise ValueError(f"spacing must be positive numbers, got {spacing}.")
         self.dataset = dataset
-        self.spacing = spacing
+        self.spacing = _positive_spacing(spacing)
         self.channel_dim = None if channel_dim == "no_channel" else channel_dim
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
@@ -189,6 +214,121 @@ class H5ImageReader(ImageReader):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dataset={self.dataset!r}, spacing={self.spacing})"
+
+
+def nifti_header(path: str | os.PathLike) -> Any:
+    """
+    The header of a NIfTI file as written: nibabel repairs a header while loading it (a ``pixdim`` of 0 is read as
+    1), this one is read without repairs.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file (NIfTI-1 or NIfTI-2).
+
+    Returns:
+        the nibabel header (``Nifti1Header`` or ``Nifti2Header``).
+
+    Raises:
+        OSError: when the file cannot be read (nibabel raises its own errors for a file that is not NIfTI).
+
+    Example::
+
+        nifti_header("imagesTr/la_003.nii.gz")["pixdim"][1:4]  # array([0., 0., 0.], dtype=float32)
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(os.fspath(path)) as f:
+        size = f.read(4)
+        f.seek(0)
+        nifti2 = 540 in (int.from_bytes(size, "little"), int.from_bytes(size, "big"))
+        return (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(f, check=False)
+
+
+def unspaced_axes(header: Any) -> tuple[int, ...]:
+    """
+    The spatial axes to which a NIfTI header (as :py:func:`nifti_header` reads it) gives no voxel spacing: it has no
+    sform (``sform_code`` 0), so the geometry comes from ``pixdim``, and ``pixdim`` is 0 there. nibabel reads such an
+    axis as 1 mm (with a warning), MONAI's ``NibabelReader`` keeps that guess.
+
+    Args:
+        header: a NIfTI header.
+
+    Returns:
+        the axes (0, 1, 2), empty when every spatial axis has a spacing.
+
+    Example::
+
+        unspaced_axes(nifti_header("imagesTr/la_003.nii.gz"))  # (0, 1, 2): pixdim 0, no qform, no sform
+    """
+    if int(header["sform_code"]) != 0:
+        return ()
+    return tuple(k for k in range(min(int(header["dim"][0]), 3)) if header["pixdim"][k + 1] == 0)
+
+
+def _with_spacing(img: Any, path: PathLike, spacing: tuple[float, ...]) -> Any:
+    """``img`` with ``spacing`` on the axes to which the header of file ``path`` gives no spacing."""
+    axes = unspaced_axes(nifti_header(path))
+    if not axes:
+        return img
+    if max(axes) >= len(spacing):
+        raise ValueError(f"spacing {spacing} does not give axis {max(axes)} of {os.fspath(path)} a spacing.")
+    header = img.header.copy()
+    for k in axes:
+        header["pixdim"][k + 1] = spacing[k]
+    return type(img)(img.dataobj, header.get_best_affine(), header=header)
+
+
+class NiftiReader(NibabelReader):
+    """
+    MONAI's ``NibabelReader``, with the voxel spacing of the files whose header gives none (see
+    :py:func:`unspaced_axes`; without ``spacing`` nibabel reads them as 1 mm). The given spacing stands in for the
+    header's missing ``pixdim`` values, and the affine is the one nibabel derives from the completed header (its
+    qform, or without one nibabel's default orientation centred on the volume). Files whose header gives a spacing
+    are read as ``NibabelReader`` reads them.
+
+    Args:
+        spacing: voxel spacing (mm) along the spatial axes, for the axes a header gives none; ``None``: nibabel's
+            1 mm.
+        kwargs: the arguments of ``NibabelReader``.
+
+    Raises:
+        ValueError: when ``spacing`` has a non-positive entry.
+
+    Example::
+
+        from monai.transforms import LoadImage
+
+        img = LoadImage(image_only=True, reader=NiftiReader(spacing=(1.25, 1.25, 1.37)))("la_003.nii.gz")
+        img.pixdim  # tensor([1.2500, 1.2500, 1.3700]) for a header with pixdim 0
+    """
+
+    def __init__(self, spacing: Sequence[float] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spacing = _positive_spacing(spacing)
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
+        """
+        ``NibabelReader.read``, then every image whose header gives an axis no spacing gets ``spacing`` there.
+
+        Args:
+            data: file name or a list of file names.
+            kwargs: the arguments of ``nibabel.load``.
+
+        Returns:
+            a nibabel image, or a list of them.
+
+        Raises:
+            ValueError: when ``spacing`` does not cover the spatial axes of a file.
+        """
+        images = super().read(data, **kwargs)
+        spacing = self.spacing
+        if spacing is None:
+            return images
+        spaced = [_with_spacing(img, name, spacing) for img, name in zip(ensure_tuple(images), self.filenames)]
+        return spaced if len(spaced) > 1 else spaced[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spacing={self.spacing})"
 
 
 #: bytes per element of the MetaImage ``ElementType`` values.

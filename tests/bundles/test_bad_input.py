@@ -20,7 +20,9 @@ from monai.transforms import LoadImage
 from monai_mlbseg.__main__ import main
 from monai_mlbseg.data import build_datalist, captured_stderr, make_synthetic_dataset, training_datalist, write_case
 from monai_mlbseg.networks import NestedUNet
+from monai_mlbseg.recipe import parsed, run_training_step
 from tests.bundle_utils import REPO, bundle_command, copy_bundle, make_data, overrides, run_command, workflow
+from tests.nifti_headers import write_sform, write_without_spacing
 
 SHAPE = (16, 16, 8)
 
@@ -322,6 +324,49 @@ def nifti_bad_crc(tmp_path):
     return ["--format", "msd_heart", "--labeled", ids[0], "--test", ids[3]], expected
 
 
+def singular_sform(tmp_path):
+    """Image and label of a labeled case with the same singular sform (axis 2 without spacing, qform unset, pixdim
+    1.37 there): MONAI's reader would read the unset qform instead and find nothing wrong."""
+    data, ids = heart(tmp_path)
+    image = first_nifti(data, "imagesTr")
+    for path in (image, data / "labelsTr" / image.name):
+        write_sform(path, np.diag([1.25, 1.25, 0.0, 1.0]), (1.25, 1.25, 1.37))
+    expected = [f"{image.name}: labeled[0] (case {ids[0]}) image: singular orientation", "axis 2 no voxel spacing"]
+    return ["--format", "msd_heart", "--labeled", ids[0], "--test", ids[3]], expected
+
+
+def nifti_without_spacing(tmp_path):
+    """A test image with pixdim 0 and neither qform nor sform: nibabel would read it as 1 mm."""
+    data, ids = heart(tmp_path)
+    image = data / "imagesTr" / f"{ids[3]}.nii.gz"
+    write_without_spacing(image)
+    expected = [f"{image.name}: test[0] (case {ids[3]}) image: the header gives no voxel spacing", "--spacing SX,SY,SZ"]
+    return ["--format", "msd_heart", "--labeled", ids[0], "--test", ids[3]], expected
+
+
+def label_most_of_a_voxel_off(tmp_path):
+    """A label whose origin is 0.8 mm (0.8 of a 1 mm voxel) off its image's."""
+    data, ids = heart(tmp_path)
+    label = data / "labelsTr" / f"{ids[0]}.nii.gz"
+    img = nib.load(label)
+    affine = img.affine.copy()
+    affine[0, 3] += 0.8
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), label)
+    expected = [label.name, "are not aligned", "0.8 image voxels (0.8 mm)", "more than the tolerance of 0.5 voxel"]
+    return ["--format", "msd_heart", "--labeled", ids[0], "--test", ids[3]], expected
+
+
+def prostate_three_channels(tmp_path):
+    data = tmp_path / "data"
+    ids = make_synthetic_dataset(data, "msd_prostate", num_cases=4, shape=SHAPE, seed=0)
+    image = first_nifti(data, "imagesTr")
+    img = nib.load(image)
+    both = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.concatenate([both, both[..., :1]], axis=-1), img.affine), image)
+    expected = [image.name, "3 channels", "expected 2 channels, or 1 (channel 0 alone"]
+    return ["--format", "msd_prostate", "--labeled", ids[0], "--test", ids[3]], expected
+
+
 PREPARE_CASES = [
     missing_file,
     truncated_nifti,
@@ -361,6 +406,10 @@ PREPARE_CASES = [
     nifti_bad_crc,
     no_data_sentinels,
     label_without_background,
+    singular_sform,
+    nifti_without_spacing,
+    label_most_of_a_voxel_off,
+    prostate_three_channels,
 ]
 
 
@@ -455,6 +504,36 @@ def test_bundle_refuses_a_missing_data_folder(tmp_path):
     assert_nothing_trained(bundle)
 
 
+def test_the_bundles_spacing_is_the_spacing_of_nifti_files_that_store_none(tmp_path):
+    """MSD heart files without spacing: training and inference refuse them, naming the file and the ``spacing`` id;
+    with ``spacing`` set, the data check passes and the volumes are loaded with that spacing."""
+    bundle = copy_bundle("mlbseg_la", tmp_path)
+    data, split = make_data(tmp_path, "msd_heart")
+    for case in (*split["labeled"], *split["test"]):
+        for folder in ("imagesTr", "labelsTr"):
+            write_without_spacing(data / folder / f"{case}.nii.gz")
+    over = overrides(bundle, data, "msd_heart", split)
+    message = run_training(bundle, over)
+    labeled_image = data / "imagesTr" / f"{split['labeled'][0]}.nii.gz"
+    assert f"{labeled_image}: labeled[0]" in message and "the header gives no voxel spacing" in message
+    assert 'the config id "spacing"' in message
+    assert_nothing_trained(bundle)
+    spacing = [1.25, 1.25, 1.37]
+    wf = workflow(bundle, ["train.json"], "train", run_id="training", **over, spacing=spacing)
+    run_training_step(wf, "data check")
+    item = parsed(wf, "load_volume")(parsed(wf, "train#dataset#data")[0])
+    np.testing.assert_allclose(item["image"].pixdim.numpy(), spacing, rtol=1e-6)
+    test_image = data / "imagesTr" / f"{split['test'][0]}.nii.gz"
+    for extra, fragment in (({}, f"{test_image}: test[0]"), ({"spacing": spacing}, "model.pt")):
+        with pytest.raises(Exception) as info:  # no weights: inference gets as far as loading them
+            workflow(bundle, ["inference.json"], "infer", **over, **extra)
+        chain, error = [], info.value
+        while error is not None:
+            chain.append(str(error))
+            error = error.__cause__
+        assert fragment in "\n".join(chain) and ("no voxel spacing" in "\n".join(chain)) == (not extra)
+
+
 @pytest.mark.parametrize("kind", ["not a state dict", "another network", "not a checkpoint"])
 def test_inference_refuses_a_bad_checkpoint(kind, tmp_path):
     bundle, data, split = bundle_with_data(tmp_path)
@@ -495,6 +574,77 @@ def test_prepare_warns_about_extreme_anisotropy_and_accepts(tmp_path, caplog):
     assert (data / "datalist.json").exists()
     assert any(image.name in r.getMessage() and "extremely anisotropic (ratio 25 > 20)" in r.getMessage()
                for r in caplog.records if r.levelno == logging.WARNING)  # fmt: skip
+
+
+def _moved_label(tmp_path, shift_mm):
+    """A heart data set of 1.25 mm voxels whose first label's origin is ``shift_mm`` off its image's."""
+    data, ids = heart(tmp_path)
+    for path in (first_nifti(data, "imagesTr"), first_nifti(data, "labelsTr")):
+        affine = np.diag([1.25, 1.25, 1.25, 1.0])
+        affine[0, 3] = shift_mm if "labelsTr" in path.parts else 0.0
+        nib.save(nib.Nifti1Image(np.asarray(nib.load(path).dataobj), affine), path)
+    return data, ids, first_nifti(data, "labelsTr")
+
+
+@pytest.mark.parametrize("shift_mm, warned", [(0.01, False), (0.1, True)], ids=["0.01mm", "0.1mm"])
+def test_prepare_and_check_accept_a_label_a_fraction_of_a_voxel_off(shift_mm, warned, tmp_path, capsys, caplog):
+    """0.01 mm of a 1.25 mm voxel (0.008 voxel) is accepted silently; 0.1 mm (0.08 voxel) with a WARNING naming the
+    label file and the displacement."""
+    data, ids, label = _moved_label(tmp_path, shift_mm)
+    with caplog.at_level(logging.WARNING):
+        main(["prepare", "--data_dir", str(data), "--format", "msd_heart", "--labeled", ids[0], "--test", ids[3],
+              "--progress", "False"])  # fmt: skip
+        main(["check", str(data / "datalist.json"), "--progress", "False"])
+    out = capsys.readouterr().out
+    assert f"prepare: wrote {data / 'datalist.json'}" in out and "is usable [msd_heart]" in out
+    assert json.loads((data / "datalist.json").read_text())["labeled"][0]["label"] == f"labelsTr/{label.name}"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and str(label) in r.getMessage()]
+    if warned:
+        assert len(warnings) == 2, warnings  # prepare, then check
+        assert all("slightly misaligned" in w and "0.08 image voxels (0.1 mm)" in w for w in warnings)
+    else:
+        assert warnings == []
+
+
+def test_prepare_and_check_accept_a_nifti_without_spacing_only_with_a_spacing(tmp_path, capsys):
+    """Refused without ``--spacing`` (naming the file and the option), accepted with it, by prepare and check."""
+    data, ids = heart(tmp_path)
+    files = [data / folder / f"{ids[0]}.nii.gz" for folder in ("imagesTr", "labelsTr")]
+    for path in files:
+        write_without_spacing(path)
+    args = ["--format", "msd_heart", "--labeled", ids[0], "--test", ids[3], "--progress", "False"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--data_dir", str(data), *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not (data / "datalist.json").exists()
+    for path in files:
+        assert f"{path}: labeled[0] (case {ids[0]}) " in err
+    assert err.count("the header gives no voxel spacing (pixdim [0.0, 0.0, 0.0], no sform)") == 2
+    assert "--spacing SX,SY,SZ" in err
+    main(["prepare", "--data_dir", str(data), *args, "--spacing", "1.25,1.25,1.37"])
+    out = capsys.readouterr().out
+    assert f"prepare: wrote {data / 'datalist.json'}" in out and "read as [1.25, 1.25, 1.37] mm" in out
+    datalist = str(data / "datalist.json")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", datalist, "--progress", "False"])
+    assert exit_info.value.code == 2 and "the header gives no voxel spacing" in capsys.readouterr().err
+    main(["check", datalist, "--progress", "False", "--spacing", "1.25,1.25,1.37"])
+    assert "is usable [msd_heart]: 1 labeled" in capsys.readouterr().out
+
+
+def test_prepare_and_check_accept_prostate_images_of_t2_alone(tmp_path, capsys):
+    """MSD prostate images of T2 alone (3D, as PROMISE12's), next to T2+ADC ones."""
+    data = tmp_path / "data"
+    ids = make_synthetic_dataset(data, "msd_prostate", num_cases=4, shape=SHAPE, seed=0)
+    for case in ids[:2]:
+        image = data / "imagesTr" / f"{case}.nii.gz"
+        img = nib.load(image)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine), image)
+    main(["prepare", "--data_dir", str(data), "--format", "msd_prostate", "--labeled", f"{ids[0]},{ids[2]}",
+          "--test", ids[3], "--progress", "False"])  # fmt: skip
+    main(["check", str(data / "datalist.json"), "--progress", "False"])
+    out = capsys.readouterr().out
+    assert "prepare: wrote" in out and "is usable [msd_prostate]: 2 labeled, 1 unlabeled, 1 test" in out
 
 
 @pytest.mark.parametrize("how", ["not writable", "write fails", "not a folder"])

@@ -216,6 +216,33 @@ def test_check_and_validate_take_the_same_arguments(la_dir, tmp_path, monkeypatc
         validate_datalist(absolute, "uamt_h5", tmp_path)
 
 
+def test_check_refuses_a_spacing_the_files_cannot_take(la_dir, tmp_path):
+    dl = _good(la_dir)
+    assert check_datalist(dl, "uamt_h5", la_dir, spacing=(0.625, 0.625, 0.625)) == []
+    assert _messages(check_datalist(dl, "uamt_h5", la_dir, spacing=(0.625, 0.625))) == [
+        "spacing: spacing must be 3 positive numbers (mm), got (0.625, 0.625)."
+    ]
+    ids = make_synthetic_dataset(tmp_path, "promise12", num_cases=3, shape=SHAPE, seed=1)
+    promise = build_datalist(tmp_path, "promise12", labeled=ids[:1], test=ids[2:])
+    msgs = _messages(check_datalist(promise, "promise12", tmp_path, spacing=(1.0, 1.0, 1.0)))
+    assert len(msgs) == 1 and msgs[0].startswith("spacing: format 'promise12' reads files that always store their")
+
+
+def test_validate_inputs_refuses_a_test_image_without_spacing_unless_given(tmp_path):
+    from monai_mlbseg.data import validate_inputs
+    from tests.nifti_headers import write_without_spacing
+
+    ids = make_synthetic_dataset(tmp_path, "msd_heart", num_cases=2, shape=SHAPE, seed=1)
+    image = tmp_path / "imagesTr" / f"{ids[1]}.nii.gz"
+    write_without_spacing(image)
+    items = [{"image": str(tmp_path / "imagesTr" / f"{i}.nii.gz")} for i in ids]
+    with pytest.raises(InputError) as err:
+        validate_inputs(items, "msd_heart")
+    assert [p.where for p in err.value.problems] == [str(image)]
+    assert "the header gives no voxel spacing" in err.value.problems[0].what
+    assert validate_inputs(items, "msd_heart", spacing=(1.25, 1.25, 1.37)) is items
+
+
 def test_check_items_without_image_or_label(la_dir):
     dl = _good(la_dir)
     dl["labeled"].append({"case_id": "noimg", "label": "case004/mri_norm2.h5"})

@@ -75,6 +75,22 @@ def test_msd_prostate_channel_zero_and_whole_gland(tmp_path):
     np.testing.assert_array_equal(out["label"][0].numpy(), (zones > 0).astype(np.float32))
 
 
+def test_msd_prostate_t2_alone_loads_as_channel_zero_of_t2_and_adc(tmp_path):
+    """A 3D T2-only image (PROMISE12-style) loads as the same [1, *S] T2 array as the 4D T2+ADC image."""
+    image, label = _case(kind="prostate")
+    both = _abs(tmp_path, write_case(tmp_path, "prostate_00", image, label, "msd_prostate", spacing=SPACING))
+    stored = nib.load(both["image"])
+    t2_only = str(tmp_path / "imagesTr" / "prostate_01.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(stored.dataobj)[..., 0], stored.affine), t2_only)
+    assert nib.load(t2_only).shape == SHAPE
+    load = load_volume_transforms("msd_prostate")
+    from_both, from_t2 = load(both), load({**both, "image": t2_only})
+    assert from_both["image"].shape == from_t2["image"].shape == (1, *SHAPE)
+    np.testing.assert_array_equal(from_t2["image"].numpy(), from_both["image"].numpy())
+    np.testing.assert_allclose(from_t2["image"][0].numpy(), image, atol=1e-6)
+    np.testing.assert_allclose(from_t2["image"].affine.numpy(), from_both["image"].affine.numpy())
+
+
 def test_promise12_mhd_raw_pair(tmp_path):
     image, label = _case(kind="prostate")
     write_case(tmp_path, "Case07", image, label, "promise12")
@@ -106,8 +122,21 @@ def test_uamt_unlabeled_file_and_spacing(tmp_path):
     assert get_format("uamt_h5").discover(tmp_path) == {"x": ("x/mri_norm2.h5", None)}
     out = load_volume_transforms("uamt_h5", spacing=(0.625, 0.625, 0.625))(_abs(tmp_path, entry))
     np.testing.assert_allclose(out["image"].pixdim.numpy(), [0.625] * 3)
-    with pytest.raises(ValueError, match="stores its own geometry"):
-        load_volume_transforms("msd_heart", spacing=(1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "fmt, spacing, message",
+    [
+        ("promise12", (1.0, 1.0, 1.0), "'promise12' reads files that always store their spacing"),
+        ("la_raw", (1.0, 1.0, 1.0), "'la_raw' reads files that always store their spacing"),
+        ("msd_heart", (1.0, 1.0), "spacing must be 3 positive numbers"),
+        ("uamt_h5", (1.0, 0.0, 1.0), "spacing must be positive numbers"),
+        ("msd_heart", "1.25 1.25 1.5", "spacing must be 3 positive numbers"),
+    ],
+)
+def test_a_spacing_the_files_cannot_take_is_refused(fmt, spacing, message):
+    with pytest.raises(ValueError, match=message):
+        load_volume_transforms(fmt, spacing=spacing)
 
 
 def test_discovery_skips_hidden_and_partial_files(tmp_path):

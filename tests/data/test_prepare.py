@@ -12,8 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from monai_mlbseg.data import load_datalist, make_synthetic_dataset, prepare
+from monai_mlbseg.data import load_datalist, load_volume_transforms, make_synthetic_dataset, prepare
+from monai_mlbseg.data.datalist.check import GEOMETRY_MAX_VOXELS, GEOMETRY_WARN_VOXELS
 from monai_mlbseg.utils import InputError
+from tests.nifti_headers import write_sform, write_without_spacing
 
 # ITK (SWIG) warns on import under Python 3.11+
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig:DeprecationWarning")
@@ -176,7 +178,14 @@ def test_spacing_mismatch(data):
     path = root / "labelsTr" / "la_000.nii.gz"
     label, _ = _read_nifti(path)
     _nifti(path, label, np.diag([1.0, 1.0, 2.5, 1.0]))
-    _fails(root, HEART, str(path), "label spacing [1.0, 1.0, 2.5] differs from image spacing [1.0, 1.0, 1.0]")
+    _fails(
+        root,
+        HEART,
+        str(path),
+        "label spacing [1.0, 1.0, 2.5] differs from image spacing [1.0, 1.0, 1.0]",
+        "a label voxel lies up to 16.5 image voxels (16.5 mm)",  # the last slice (11) at 27.5 mm instead of 11 mm
+        "more than the tolerance of 0.5 voxel",
+    )
 
 
 def test_affine_mismatch(data):
@@ -186,31 +195,75 @@ def test_affine_mismatch(data):
     affine = affine.copy()
     affine[:3, 3] = [5.0, 0.0, 0.0]
     _nifti(path, label, affine)
-    _fails(root, HEART, str(path), "test[0] (case la_003) label: label origin differs from the image's by up to 5 mm")
+    _fails(
+        root,
+        HEART,
+        str(path),
+        f"test[0] (case la_003) label: label and image ({root / 'imagesTr' / 'la_003.nii.gz'}) are not aligned",
+        "label origin differs from the image's by up to 5 mm: a label voxel lies up to 5 image voxels (5 mm)",
+    )
 
 
-def test_a_small_origin_offset_is_refused_with_the_measured_difference_and_the_tolerance(data):
-    root = data("msd_heart")
+def _shifted_label_case(root, shift_mm, turn_degrees=0.0):
+    """Case la_000 with 1.25 x 1.25 x 1.5 mm voxels, its label's origin moved by ``shift_mm`` along x and its axes
+    turned by ``turn_degrees`` about z (around the volume's centre); returns the label's path."""
+    spacing = np.diag([1.25, 1.25, 1.5, 1.0])
+    image, _ = _read_nifti(root / "imagesTr" / "la_000.nii.gz")
+    _nifti(root / "imagesTr" / "la_000.nii.gz", image, spacing)
     path = root / "labelsTr" / "la_000.nii.gz"
-    label, affine = _read_nifti(path)
-    affine = affine.copy()
-    affine[:3, 3] += [0.01, 0.0, 0.0]
-    _nifti(path, label, affine)
-    _fails(root, HEART, str(path), "label origin differs from the image's by up to 0.01 mm (tolerance 0.001 + 0.0001")
+    label, _ = _read_nifti(path)
+    t = np.radians(turn_degrees)
+    turn = np.array([[np.cos(t), -np.sin(t), 0, 0], [np.sin(t), np.cos(t), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    centre = np.eye(4)
+    centre[:3, 3] = spacing[:3, :3] @ (np.array(SHAPE) - 1) / 2
+    moved = centre @ turn @ np.linalg.inv(centre) @ spacing
+    moved[0, 3] += shift_mm
+    _nifti(path, label, moved)
+    return path
+
+
+@pytest.mark.parametrize(
+    "shift_mm, turn_degrees, warned",
+    [(0.01, 0.0, None), (-0.1, 0.0, "0.08 image voxels (0.1 mm)"), (0.0, 0.3, "label axes turned by up to 0.3 deg")],
+    ids=["0.01mm-silent", "0.1mm-warned", "0.3deg-warned"],
+)
+def test_a_label_less_than_half_a_voxel_off_its_image_is_accepted(data, caplog, shift_mm, turn_degrees, warned):
+    """Below GEOMETRY_WARN_VOXELS silently (a 0.01 mm shift is 0.008 of a 1.25 mm voxel), up to GEOMETRY_MAX_VOXELS
+    with a WARNING naming the label file and the displacement: every label voxel still lies on its own image voxel."""
+    assert (GEOMETRY_WARN_VOXELS, GEOMETRY_MAX_VOXELS) == (0.01, 0.5)
+    root = data("msd_heart")
+    path = _shifted_label_case(root, shift_mm, turn_degrees)
+    with caplog.at_level("WARNING", logger="monai_mlbseg.data.datalist"):
+        prepare(str(root), progress=False, **HEART)
+    assert (root / "datalist.json").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and str(path) in r.getMessage()]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "slightly misaligned" in warnings[0] and warned in warnings[0], warnings
+        assert "accepted (at most 0.5 voxel" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "shift_mm, turn_degrees, expected",
+    [
+        (1.0, 0.0, "by up to 1 mm: a label voxel lies up to 0.8 image voxels (1 mm)"),
+        (0.0, 3.0, "label axes turned by up to 3 degrees from the image's: a label voxel lies up to 0.618 image"),
+    ],
+    ids=["1mm", "3deg"],
+)
+def test_a_label_more_than_half_a_voxel_off_its_image_is_refused(data, shift_mm, turn_degrees, expected):
+    root = data("msd_heart")
+    path = _shifted_label_case(root, shift_mm, turn_degrees)
+    _fails(root, HEART, str(path), "label and image", "are not aligned", expected, "tolerance of 0.5 voxel")
 
 
 def _with_affine(path, change):
-    """Rewrite ``path`` with its sform changed by ``change`` (written into the header fields: nibabel refuses to
-    build an image from an affine it cannot decompose), no qform."""
-    array, affine = _read_nifti(path)
+    """Rewrite ``path`` with its sform changed by ``change``, no qform."""
+    _, affine = _read_nifti(path)
     affine = affine.copy()
     change(affine)
-    header = nib.Nifti1Image(array, np.eye(4)).header.copy()
-    header.set_sform(np.eye(4), code=1)
-    header.set_qform(None, code=0)
-    for row, name in enumerate(("srow_x", "srow_y", "srow_z")):
-        header[name] = affine[row]
-    nib.save(nib.Nifti1Image(array, None, header=header), str(path))
+    write_sform(path, affine, (1.0, 1.0, 1.0))
 
 
 @pytest.mark.parametrize(
@@ -218,8 +271,18 @@ def _with_affine(path, change):
     [
         ("imagesTr", "la_000", lambda a: a.__setitem__((0, 3), np.nan), "holds NaN or inf values"),
         ("labelsTr", "la_001", lambda a: a.__setitem__((0, 3), np.nan), "holds NaN or inf values"),
-        ("imagesTr", "la_002", lambda a: a.__setitem__((slice(0, 3), 2), 0.0), "gives axis 2 no voxel spacing"),
-        ("imagesTr", "la_002", lambda a: a.__setitem__((slice(0, 3), 1), a[:3, 0]), "orientation matrix is singular"),
+        (
+            "imagesTr",
+            "la_002",
+            lambda a: a.__setitem__((slice(0, 3), 2), 0.0),
+            "singular orientation: the header gives axis 2 no voxel spacing",
+        ),
+        (
+            "imagesTr",
+            "la_002",
+            lambda a: a.__setitem__((slice(0, 3), 1), a[:3, 0]),
+            "singular orientation: two axes of the header's orientation matrix point the same way",
+        ),
     ],
     ids=["nan-origin-image", "nan-origin-label", "no-spacing-unlabeled", "parallel-axes-unlabeled"],
 )
@@ -229,6 +292,80 @@ def test_a_header_geometry_that_cannot_place_the_volume_is_refused(data, folder,
     path = root / folder / f"{case}.nii.gz"
     _with_affine(path, change)
     _fails(root, HEART, str(path), expected)
+
+
+def test_a_singular_sform_is_refused_although_monai_reads_the_unset_qform_instead(data):
+    """Image and label of a labeled case with the same singular sform (axis 2 without spacing, qform unset) and a
+    pixdim of 1.37 mm on that axis: MONAI's reader finds the sform's spacing at odds with pixdim and reads the unset
+    qform instead (a plausible diagonal affine), so the file itself must be judged by its header."""
+    from monai.transforms import LoadImage
+
+    root = data("msd_heart")
+    singular = np.diag([1.25, 1.25, 0.0, 1.0])
+    paths = [root / "imagesTr" / "la_000.nii.gz", root / "labelsTr" / "la_000.nii.gz"]
+    for path in paths:
+        write_sform(path, singular, (1.25, 1.25, 1.37))
+    read = LoadImage(image_only=True)(str(paths[0])).affine.numpy()
+    np.testing.assert_allclose(read, np.diag([1.25, 1.25, 1.37, 1.0]), rtol=1e-6)  # what MONAI makes of it
+    problems = _fails(root, HEART, str(paths[0]), "image: singular orientation", "axis 2 no voxel spacing")
+    assert any(p.where == str(paths[1]) and "label: singular orientation" in p.what for p in problems)
+
+
+def test_an_sform_monai_would_replace_by_the_qform_is_refused(data):
+    """A valid sform (1.25 x 1.25 x 1.37 mm, origin 10 mm) with a stale pixdim of 1 mm: MONAI's reader would read the
+    unset qform (1 mm, origin 0) instead, silently."""
+    root = data("msd_heart")
+    path = root / "imagesTr" / "la_002.nii.gz"  # an unlabeled image: no label to compare with
+    sform = np.diag([1.25, 1.25, 1.37, 1.0])
+    sform[:3, 3] = 10.0
+    write_sform(path, sform, (1.0, 1.0, 1.0))
+    expected = (
+        "MONAI's reader does not read the geometry of the header's sform: the sform's spacing [1.25, 1.25, 1.37] "
+        "disagrees with pixdim [1.0, 1.0, 1.0], so it reads the unset qform instead (spacing [1.0, 1.0, 1.0], origin "
+        "[0.0, 0.0, 0.0]); make the sform and pixdim agree"
+    )
+    _fails(root, HEART, str(path), "unlabeled[0] (case la_002) image: " + expected)
+
+
+def test_a_nifti_without_spacing_is_refused_in_any_split_and_read_with_a_given_spacing(data):
+    """pixdim 0 without qform or sform: nibabel guesses 1 mm. Refused for the labeled, unlabeled and test cases
+    alike; accepted with ``spacing``, and the loader then reads the volume with that spacing."""
+    root = data("msd_heart")
+    cases = {"la_000": "labeled[0]", "la_002": "unlabeled[0]", "la_003": "test[0]"}
+    for case in cases:
+        for folder in ("imagesTr", "labelsTr"):
+            write_without_spacing(root / folder / f"{case}.nii.gz")
+    problems = _fails(root, HEART, str(root / "imagesTr" / "la_000.nii.gz"), "no voxel spacing (pixdim [0.0, 0.0, 0.0]")
+    for case, where in cases.items():
+        image = [p for p in problems if p.where == str(root / "imagesTr" / f"{case}.nii.gz")]
+        assert len(image) == 1 and f"{where} (case {case}) image: the header gives no voxel spacing" in image[0].what
+        assert "give the spacing (prepare and check: --spacing SX,SY,SZ" in image[0].what
+    with pytest.raises(InputError, match="spacing must be 3 positive numbers"):
+        prepare(str(root), progress=False, spacing=(1.25, 1.25), **HEART)
+    spacing = (1.25, 1.25, 1.37)
+    prepare(str(root), progress=False, spacing=spacing, **HEART)
+    labeled = load_datalist(root / "datalist.json")["labeled"][0]
+    assert labeled["case_id"] == "la_000"
+    item = load_volume_transforms("msd_heart", spacing=spacing)({k: labeled[k] for k in ("image", "label")})
+    for key in ("image", "label"):
+        np.testing.assert_allclose(item[key].pixdim.numpy(), spacing, rtol=1e-6)
+    np.testing.assert_allclose(item["image"].affine.numpy(), item["label"].affine.numpy())
+    with_spacing = load_volume_transforms("msd_heart", spacing=spacing)({"image": str(root / "imagesTr/la_001.nii.gz")})
+    np.testing.assert_allclose(with_spacing["image"].pixdim.numpy(), [1.0, 1.0, 1.0])  # a header's spacing is kept
+
+
+def test_a_qform_without_spacing_on_one_axis_is_refused_naming_the_axis(data):
+    root = data("msd_heart")
+    path = root / "imagesTr" / "la_002.nii.gz"
+    array = np.asarray(nib.load(str(path)).dataobj)
+    header = nib.Nifti1Header()
+    header.set_data_shape(array.shape)
+    header.set_data_dtype(array.dtype)
+    header.set_qform(np.eye(4), code=1)
+    header["pixdim"][1:4] = [1.0, 1.0, 0.0]
+    header["vox_offset"] = 352
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + array.tobytes(order="F")))
+    _fails(root, HEART, str(path), "the header gives axis 2 no spacing (pixdim [1.0, 1.0, 0.0], no sform)")
 
 
 def test_unexpected_label_values(data):
@@ -280,12 +417,22 @@ def test_4d_file_where_3d_expected(data):
     _fails(root, HEART, str(path), "(case la_000) image: 2 channels", "expected a 3D single-channel volume")
 
 
-def test_prostate_needs_two_channels(data):
+def test_prostate_images_of_t2_alone_are_accepted_other_channel_counts_refused(data):
+    """MSD prostate images are T2 and ADC; the method reads T2 (channel 0) alone, so a 3D T2 volume will do."""
     root = data("msd_prostate")
     path = root / "imagesTr" / "prostate_01.nii.gz"
     image, affine = _read_nifti(path)
     _nifti(path, image[..., 0], affine)
-    _fails(root, {"format": "msd_prostate", "labeled": "prostate_00"}, str(path), "1 channels", "expected 2 channels")
+    prepare(str(root), format="msd_prostate", labeled="prostate_00,prostate_01", progress=False)
+    assert [it["case_id"] for it in load_datalist(root / "datalist.json")["labeled"]] == ["prostate_00", "prostate_01"]
+    os.remove(root / "datalist.json")
+    _nifti(path, np.concatenate([image, image[..., :1]], axis=-1), affine)
+    _fails(
+        root,
+        {"format": "msd_prostate", "labeled": "prostate_00"},
+        str(path),
+        "3 channels (shape (3, 24, 24, 12)), expected 2 channels, or 1 (channel 0 alone",
+    )
 
 
 def test_zero_labeled(data):

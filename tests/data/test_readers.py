@@ -1,4 +1,5 @@
-"""H5ImageReader: round trips through LoadImaged, meta data, reader lists, errors."""
+"""H5ImageReader: round trips through LoadImaged, meta data, reader lists, errors; NiftiReader: a spacing for NIfTI
+headers that give none."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from monai.data import MetaTensor
 from monai.data.utils import is_no_channel
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
 
-from monai_mlbseg.data import H5ImageReader, write_case
+from monai_mlbseg.data import H5ImageReader, NiftiReader, write_case
+from monai_mlbseg.data.readers import nifti_header, unspaced_axes
+from tests.nifti_headers import write_without_spacing
 
 # ITK (SWIG) warns on import under Python 3.11+
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig:DeprecationWarning")
@@ -130,3 +133,27 @@ def test_channel_dim_and_stacking(tmp_path, arrays):
     np.testing.assert_array_equal(out[1].numpy(), -image)
     with pytest.raises(ValueError, match="spacing"):
         H5ImageReader(spacing=(1.0, 1.0)).get_data(image)
+
+
+def test_nifti_reader_gives_a_header_without_spacing_the_given_spacing(tmp_path, arrays):
+    image, _ = arrays
+    path = tmp_path / "no_spacing.nii.gz"
+    write_without_spacing(path, image)
+    assert unspaced_axes(nifti_header(path)) == (0, 1, 2)
+    guessed = LoadImage(image_only=True)(str(path), reader=NiftiReader())
+    np.testing.assert_allclose(guessed.pixdim.numpy(), [1.0, 1.0, 1.0])  # nibabel's guess, as MONAI's own reader
+    spaced = LoadImage(image_only=True)(str(path), reader=NiftiReader(spacing=(0.5, 0.6, 2.0)))
+    np.testing.assert_allclose(spaced.pixdim.numpy(), [0.5, 0.6, 2.0])
+    np.testing.assert_allclose(np.abs(np.diag(spaced.affine.numpy())), [0.5, 0.6, 2.0, 1.0])
+    np.testing.assert_array_equal(spaced.numpy(), image)
+    with pytest.raises(ValueError, match="spacing must be positive numbers"):
+        NiftiReader(spacing=(1.0, -1.0, 1.0))
+
+
+def test_nifti_reader_keeps_the_spacing_a_header_gives(tmp_path, arrays):
+    image, _ = arrays
+    path = tmp_path / "spaced.nii"
+    nib.save(nib.Nifti1Image(image, np.diag([0.7, 0.8, 2.5, 1.0])), str(path))
+    assert unspaced_axes(nifti_header(path)) == ()
+    img = LoadImage(image_only=True)(str(path), reader=NiftiReader(spacing=(0.5, 0.6, 2.0)))
+    np.testing.assert_allclose(img.affine.numpy(), np.diag([0.7, 0.8, 2.5, 1.0]), rtol=1e-6)

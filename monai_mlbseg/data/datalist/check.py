@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -20,13 +21,20 @@ from tqdm.auto import tqdm
 
 from ...utils.errors import InputError, Problem
 from ..formats import VolumeFormat, get_format
-from ..readers import captured_stderr, declared_voxels, metaimage_header_problem
+from ..readers import (
+    NIFTI_SUFFIXES,
+    captured_stderr,
+    declared_voxels,
+    metaimage_header_problem,
+    nifti_header,
+    unspaced_axes,
+)
 from .build import PATH_KEYS, REQUIRED_SPLITS, SPLITS, from_decathlon, is_decathlon, item_location
 from .paths import is_inside, resolve_path
 
 __all__ = [
-    "GEOMETRY_ATOL",
-    "GEOMETRY_RTOL",
+    "GEOMETRY_WARN_VOXELS",
+    "GEOMETRY_MAX_VOXELS",
     "MIN_SPATIAL_SIZE",
     "MAX_ANISOTROPY",
     "check_datalist",
@@ -84,6 +92,7 @@ def validate_datalist(
     require_unlabeled: bool = False,
     allow_outside: bool = False,
     progress: bool = True,
+    spacing: Sequence[float] | None = None,
 ) -> dict:
     """
     :py:func:`check_datalist` (same arguments, same defaults), raising instead of returning: the bundles' check
@@ -106,6 +115,7 @@ def validate_datalist(
         require_unlabeled=require_unlabeled,
         allow_outside=allow_outside,
         progress=progress,
+        spacing=spacing,
     )
     if problems:
         raise InputError(problems, "the training data failed the checks (nothing was trained or written)")
@@ -117,6 +127,7 @@ def validate_inputs(
     format: str | VolumeFormat,
     keys: Sequence[str] = ("image",),
     progress: bool = False,
+    spacing: Sequence[float] | None = None,
 ) -> Sequence[dict]:
     """
     Check the files of inference or evaluation items (``{"image": path, "label": path}``, absolute paths or relative
@@ -129,6 +140,7 @@ def validate_inputs(
         keys: the keys whose files are needed: ``("image",)`` for inference, ``("image", "label")`` for evaluation
             (an empty label is accepted: a test case without foreground is legitimate).
         progress: show a progress bar while reading the files.
+        spacing: the voxel spacing (mm) of files that store none, as :py:func:`check_datalist` takes it.
 
     Returns:
         ``items`` unchanged.
@@ -150,7 +162,7 @@ def validate_inputs(
             problems.append(Problem(f"input {item_location('test', i, it)}", f"needs {', '.join(map(repr, missing))}"))
         else:
             entries.append(("test", i, {k: it[k] for k in ("case_id", *keys) if k in it}))
-    problems += _check_files(entries, os.getcwd(), get_format(format), True, progress)
+    problems += _check_files(entries, os.getcwd(), get_format(format), True, progress, spacing)
     if problems:
         raise InputError(problems, "the input failed the checks (nothing was written)")
     return items
@@ -306,13 +318,26 @@ class _Volume(NamedTuple):
     has_foreground: bool
 
 
+def _rounded(values: np.ndarray) -> list[float]:
+    """``values`` rounded to 4 decimals, as a list (for messages)."""
+    return np.round(np.asarray(values, dtype=float), 4).tolist()
+
+
+#: how to give the spacing of files that store none
+_SPACING_HINT = (
+    'give the spacing (prepare and check: --spacing SX,SY,SZ; the bundles: the config id "spacing") if you know it, '
+    "or fix the header"
+)
+
+
 class _VolumeChecker:
     """Reads a file and checks it on its own; the summary feeds the image/label comparisons."""
 
-    def __init__(self, spec: VolumeFormat) -> None:
+    def __init__(self, spec: VolumeFormat, spacing: Sequence[float] | None = None) -> None:
         self.spec = spec
+        self.spacing = spacing
         self.loader = LoadImage(image_only=True, ensure_channel_first=True)
-        self.readers = {role: spec.reader(role) for role in ("image", "label")}
+        self.readers = {role: spec.reader(role, spacing) for role in ("image", "label")}
         # label maps from other sources (initial labels, MONAI Label) are binary {0, 1}; the format's own values too
         self.label_values = sorted(set(spec.label_values) | {0, 1})
 
@@ -345,9 +370,14 @@ class _VolumeChecker:
         if len(spatial) != self.spec.spatial_dims:
             problems.append(Problem(path, f"{what}: {len(spatial)}D array of shape {spatial}, expected a 3D volume"))
             return None
-        channels = self.spec.image_channels if role == "image" else 1
-        if img.shape[0] != channels:
-            expect = "a 3D single-channel volume" if channels == 1 else f"{channels} channels"
+        # the method reads channel 0 alone, so an image of that channel only is as good as the format's full image
+        channels = {1, self.spec.image_channels} if role == "image" else {1}
+        if img.shape[0] not in channels:
+            expect = (
+                "a 3D single-channel volume"
+                if channels == {1}
+                else f"{self.spec.image_channels} channels, or 1 (channel 0 alone, the only one the method uses)"
+            )
             problems.append(
                 Problem(path, f"{what}: {img.shape[0]} channels (shape {tuple(img.shape)}), expected {expect}")
             )
@@ -363,7 +393,8 @@ class _VolumeChecker:
             )
             return None
         affine = np.asarray(img.affine, dtype=float)
-        unusable = _unusable_geometry(affine)
+        unusable = self._nifti_header_problem(path, affine) if path.lower().endswith(NIFTI_SUFFIXES) else None
+        unusable = unusable or _unusable_geometry(affine)
         if unusable is not None:
             problems.append(Problem(path, f"{what}: {unusable}"))
             return None
@@ -417,9 +448,43 @@ class _VolumeChecker:
                 )
         return _Volume(spatial, affine, has_foreground)
 
+    def _nifti_header_problem(self, path: str, read: np.ndarray) -> str | None:
+        """
+        What the geometry of a NIfTI file's header, as written, lacks (``None``: nothing): a spacing (nibabel reads
+        1 mm, unless ``spacing`` is given), a usable sform, or one that MONAI's reader keeps (``read``: its affine).
+        """
+        header = nifti_header(path)
+        axes = unspaced_axes(header)
+        if axes and self.spacing is None:
+            pixdim = header["pixdim"][1 : min(int(header["dim"][0]), 3) + 1].tolist()
+            which = "no voxel spacing" if len(axes) == len(pixdim) else f"axis {', '.join(map(str, axes))} no spacing"
+            return (
+                f"the header gives {which} (pixdim {pixdim}, no sform): a reader would guess 1 mm, which rescales the "
+                f"anatomy against scans of another spacing; {_SPACING_HINT}"
+            )
+        if int(header["sform_code"]) == 0:
+            return None
+        sform = header.get_sform()
+        unusable = _unusable_geometry(sform)
+        if unusable is not None:
+            return unusable
+        if np.allclose(read, sform, rtol=1e-5, atol=1e-5):
+            return None
+        qform = "unset qform" if int(header["qform_code"]) == 0 else "qform"
+        sform_spacing, read_spacing = (_rounded(np.linalg.norm(a[:-1, :-1], axis=0)) for a in (sform, read))
+        return (
+            f"MONAI's reader does not read the geometry of the header's sform: the sform's spacing {sform_spacing} "
+            f"disagrees with pixdim {_rounded(header['pixdim'][1:4])}, so it reads the {qform} instead (spacing "
+            f"{read_spacing}, origin {_rounded(read[:-1, -1])}); make the sform and pixdim agree"
+        )
 
-#: image and label geometry must agree to ``atol + rtol * |value|`` in every affine entry (mm for the origin)
-GEOMETRY_ATOL, GEOMETRY_RTOL = 1e-3, 1e-4
+
+#: image and label geometries that place every label voxel within this many image voxels of the image voxel of the
+#: same index agree (headers written in float32, or by tools that round, differ by less)
+GEOMETRY_WARN_VOXELS = 0.01
+#: beyond this displacement (in image voxels) some label voxel lies nearer another image voxel than its own: the label
+#: does not describe the image it is paired with, and the pair is refused; in between, a WARNING names it
+GEOMETRY_MAX_VOXELS = 0.5
 
 
 def _unusable_geometry(affine: np.ndarray) -> str | None:
@@ -430,34 +495,67 @@ def _unusable_geometry(affine: np.ndarray) -> str | None:
     spacing = np.linalg.norm(linear, axis=0)
     if (spacing == 0).any():
         axes = ", ".join(str(i) for i in np.flatnonzero(spacing == 0))
-        return f"the header gives axis {axes} no voxel spacing (a zero column of its orientation matrix)"
+        return f"singular orientation: the header gives axis {axes} no voxel spacing (a zero column of its matrix)"
     if abs(np.linalg.det(linear)) <= 1e-6 * float(np.prod(spacing)):
-        return "the header's orientation matrix is singular (two axes point the same way)"
+        return "singular orientation: two axes of the header's orientation matrix point the same way"
     return None
 
 
+def _displacement(image_affine: np.ndarray, label_affine: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float]:
+    """
+    How far the label's voxels lie from the image voxels of the same index: the corners of the voxel grid mapped
+    through the label's affine and back through the image's inverse (the largest displacement of an affine map over
+    a box is at a corner), as the largest displacement along an image axis in image voxels, and in mm.
+    """
+    corners = np.array(list(itertools.product(*[(0, s - 1) for s in shape])), dtype=float)
+    grid = np.concatenate([corners, np.ones((len(corners), 1))], axis=1)
+    world = grid @ label_affine.T
+    voxels = np.abs((world @ np.linalg.inv(image_affine).T)[:, :-1] - corners).max()
+    mm = np.linalg.norm(world[:, :-1] - (grid @ image_affine.T)[:, :-1], axis=1).max()
+    return float(voxels), float(mm)
+
+
+def _differences(image_affine: np.ndarray, label_affine: np.ndarray) -> str:
+    """What differs between two affines, in words: the spacings, the origins, the directions of the axes."""
+    sa, sb = np.linalg.norm(image_affine[:-1, :-1], axis=0), np.linalg.norm(label_affine[:-1, :-1], axis=0)
+    shift = float(np.abs(image_affine[:-1, -1] - label_affine[:-1, -1]).max())
+    cosines = np.sum(image_affine[:-1, :-1] / sa * (label_affine[:-1, :-1] / sb), axis=0)
+    angle = float(np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0))).max())
+    parts = []
+    if not np.allclose(sa, sb, rtol=1e-5, atol=0.0):
+        parts.append(f"label spacing {np.round(sb, 4).tolist()} differs from image spacing {np.round(sa, 4).tolist()}")
+    if shift > 1e-5:
+        parts.append(f"label origin differs from the image's by up to {shift:.4g} mm")
+    if angle > 1e-3:
+        parts.append(f"label axes turned by up to {angle:.3g} degrees from the image's")
+    return "; ".join(parts) or "the label's affine differs from the image's"
+
+
 def _geometry(img: _Volume, lab: _Volume, img_path: str, lab_path: str, what: str) -> Problem | None:
+    """
+    The shapes must be equal; the label's voxels must lie within :py:data:`GEOMETRY_MAX_VOXELS` image voxels of the
+    image voxels of the same index (a WARNING above :py:data:`GEOMETRY_WARN_VOXELS`).
+    """
     if img.shape != lab.shape:
         return Problem(lab_path, f"{what}: label shape {lab.shape} differs from image shape {img.shape} ({img_path})")
-    a, b = img.affine, lab.affine
-    if a.shape != b.shape or np.allclose(a, b, rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL):
+    voxels, mm = _displacement(img.affine, lab.affine, img.shape)
+    if voxels <= GEOMETRY_WARN_VOXELS:
         return None
-    tolerance = f"tolerance {GEOMETRY_ATOL:g} + {GEOMETRY_RTOL:g} x the value"
-    sa, sb = np.linalg.norm(a[:-1, :-1], axis=0), np.linalg.norm(b[:-1, :-1], axis=0)
-    if not np.allclose(sa, sb, rtol=GEOMETRY_RTOL, atol=GEOMETRY_RTOL):
-        msg = (
-            f"label spacing {np.round(sb, 4).tolist()} differs from image spacing {np.round(sa, 4).tolist()} "
-            f"(by up to {np.abs(sa - sb).max():.4g} mm)"
+    found = (
+        f"{_differences(img.affine, lab.affine)}: a label voxel lies up to {voxels:.3g} image voxels ({mm:.3g} mm) "
+        "from the image voxel of the same index"
+    )
+    if voxels <= GEOMETRY_MAX_VOXELS:
+        logger.warning(
+            f"{lab_path}: {what}: label and image ({img_path}) are slightly misaligned: {found}; accepted (at most "
+            f"{GEOMETRY_MAX_VOXELS:g} voxel: every label voxel still lies on its own image voxel)"
         )
-    elif not np.allclose(a[:-1, -1], b[:-1, -1], rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL):
-        shift = np.abs(a[:-1, -1] - b[:-1, -1]).max()
-        msg = f"label origin differs from the image's by up to {shift:.4g} mm ({tolerance})"
-    else:
-        msg = (
-            f"label orientation differs from the image's by up to {np.abs(a[:-1, :-1] - b[:-1, :-1]).max():.4g} per "
-            f"matrix entry ({tolerance})"
-        )
-    return Problem(lab_path, f"{what}: {msg} ({img_path})")
+        return None
+    return Problem(
+        lab_path,
+        f"{what}: label and image ({img_path}) are not aligned: {found}, more than the tolerance of "
+        f"{GEOMETRY_MAX_VOXELS:g} voxel",
+    )
 
 
 def check_datalist(
@@ -468,6 +566,7 @@ def check_datalist(
     require_unlabeled: bool = False,
     allow_outside: bool = False,
     progress: bool = True,
+    spacing: Sequence[float] | None = None,
 ) -> list[Problem]:
     """
     Check a datalist and every file it names before any work starts. Every problem names the file or case.
@@ -480,16 +579,19 @@ def check_datalist(
     file whose CRC or length does not match, HDF5 without ``image``/``label``, missing ``.raw``, a MetaImage header
     with a missing or inconsistent ``NDims``, ``DimSize`` or ``ElementType``, a data file not exactly the size the
     header implies, a compressed one whose zlib checksum fails); 2D files, or extra channels where a 3D
-    single-channel volume is expected (MSD prostate images have 2); images smaller than
+    single-channel volume is expected (MSD prostate images have 2, or 1: channel 0, T2, alone); images smaller than
     :py:data:`MIN_SPATIAL_SIZE`; constant images (zero intensity range, e.g. a labeled case whose image is blank
     while its label has foreground); NaN/inf intensities; no-data values (magnitude at least
     :py:data:`NO_DATA_MAGNITUDE`, whose min-max range overflows); labels with no background voxel; label values
     other than the format's; empty labels in the labeled set; a header geometry that cannot place the volume (NaN or
-    inf, an axis without spacing, a singular orientation) in any file; image/label shape, spacing, origin or
-    orientation mismatches beyond :py:data:`GEOMETRY_ATOL` + :py:data:`GEOMETRY_RTOL` x the value (the message gives
-    the measured difference).
-    A voxel spacing more anisotropic than :py:data:`MAX_ANISOTROPY` is logged as a warning. A datalist in MONAI's
-    decathlon form is checked as :py:func:`from_decathlon` reads it.
+    inf, an axis without spacing, a singular orientation; for NIfTI the header as written, also where MONAI's reader
+    would read another geometry than its sform) in any file; a NIfTI header without spacing (``pixdim`` 0, no sform),
+    unless ``spacing`` gives it; image/label shape mismatches; image/label spacing, origin or orientation mismatches
+    that move a label voxel more than :py:data:`GEOMETRY_MAX_VOXELS` image voxels from the image voxel of the same
+    index (the message gives the displacement in voxels and mm, and what differs).
+    A voxel spacing more anisotropic than :py:data:`MAX_ANISOTROPY`, and an image/label displacement above
+    :py:data:`GEOMETRY_WARN_VOXELS` (up to :py:data:`GEOMETRY_MAX_VOXELS`), are logged as warnings. A datalist in
+    MONAI's decathlon form is checked as :py:func:`from_decathlon` reads it.
 
     Each file is read once (a file used by several items is checked once per role).
 
@@ -506,6 +608,11 @@ def check_datalist(
             supervised run does not).
         allow_outside: accept files outside ``data_dir``.
         progress: show a progress bar while reading the files.
+        spacing: the voxel spacing (mm, one per spatial axis) of the files that store none: HDF5 files and NIfTI
+            files whose header gives none, which are read with it (as
+            :py:func:`~monai_mlbseg.data.formats.load_volume_transforms` reads them given the same ``spacing``);
+            ``None``: such a NIfTI file is a problem. A spacing for a format whose files always store one (NRRD,
+            MetaImage) is a problem.
 
     Returns:
         the problems found (empty when the datalist is usable).
@@ -536,7 +643,7 @@ def check_datalist(
         if isinstance(it, dict) and isinstance(it.get("image"), str) and it["image"]
     ]
     root = os.getcwd() if data_dir is None else os.fspath(data_dir)
-    return problems + _check_files(entries, root, spec, allow_outside or data_dir is None, progress)
+    return problems + _check_files(entries, root, spec, allow_outside or data_dir is None, progress, spacing)
 
 
 def _check_files(
@@ -545,6 +652,7 @@ def _check_files(
     spec: VolumeFormat,
     allow_outside: bool,
     progress: bool,
+    spacing: Sequence[float] | None,
 ) -> list[Problem]:
     """The file checks of :py:func:`check_datalist` for ``(split, index, item)`` entries."""
     problems: list[Problem] = []
@@ -566,7 +674,10 @@ def _check_files(
                 paths[(split, i, key)] = path
     problems.extend(_duplicates(entries, paths))
     problems.extend(_same_file_in_two_splits(entries, paths))
-    check = _VolumeChecker(spec)
+    try:
+        check = _VolumeChecker(spec, spacing)
+    except ValueError as e:
+        return [*problems, Problem("spacing", str(e))]
     volumes: dict[tuple[str, str], _Volume | None] = {}
     n_files = len({(p, k == "image") for (_, _, k), p in paths.items()})
     with tqdm(total=n_files, desc="checking files", unit="file", disable=not progress) as bar:
