@@ -2,7 +2,8 @@
 Evaluation of binary segmentations: per-case Dice, Jaccard, 95% Hausdorff distance and average symmetric surface
 distance (in voxels and, given the voxel spacing, in millimetres; :py:mod:`.metrics`), a report that accumulates,
 summarises and writes them (:py:mod:`.report`), an Ignite handler that fills a report from a MONAI evaluator
-(:py:mod:`.handler`), the evaluation of saved files for a command line (:py:mod:`.files`), and comparisons of two
+(:py:mod:`.handler`), the parts that make an inference or evaluation go on past a volume that fails mid-run
+(:py:mod:`.failures`), the evaluation of saved files for a command line (:py:mod:`.files`), and comparisons of two
 results in words and by slice (:py:mod:`.compare`).
 
 The metric values come from MONAI (:py:class:`~monai.metrics.DiceMetric`, :py:class:`~monai.metrics.MeanIoU`,
@@ -26,12 +27,19 @@ leaves open:
 """
 
 from .compare import PROSE_METRICS, compare_in_words, most_different_slices
+from .failures import FAILED_CASES, FAILED_KEY, FailedCase, FailedCasesHandler, KeepGoingDataset, failure_reason
 from .files import evaluate_files
 from .handler import SegmentationReportHandler
 from .metrics import METRIC_KEYS, case_metrics, dice_score, selection_auc, spacing_from_affine
 from .report import SegmentationReport, compare_markdown
 
 __all__ = [
+    "FAILED_CASES",
+    "FAILED_KEY",
+    "FailedCase",
+    "FailedCasesHandler",
+    "KeepGoingDataset",
+    "failure_reason",
     "METRIC_KEYS",
     "PROSE_METRICS",
     "compare_in_words",

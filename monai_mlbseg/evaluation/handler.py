@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.utils import convert_to_tensor
 
+from .failures import FAILED_CASES, FailedCase
 from .metrics import spacing_from_affine
 from .report import CASE_ID, SegmentationReport, case_id_from_path, plus_minus
 
@@ -33,6 +34,11 @@ def _foreground(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"{name} must have 1 channel (or 2, background/foreground), got shape {tuple(x.shape)}.")
 
 
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class SegmentationReportHandler:
     """
     Ignite handler filling a :py:class:`SegmentationReport` from a MONAI evaluator
@@ -47,9 +53,13 @@ class SegmentationReportHandler:
     from the label's affine (:py:func:`spacing_from_affine`). A case id already in the report (e.g. padding of a
     ``DistributedSampler``) is skipped.
 
-    At ``STARTED`` the report is reset, so a validator run at every epoch reports its last run. At ``COMPLETED``
-    the rows of all ranks are gathered (under ``torch.distributed``), and rank 0 writes ``<prefix>.csv`` /
-    ``<prefix>.json`` to ``output_dir`` (when given) and logs the summary.
+    At ``STARTED`` the report is reset, so a validator run at every epoch reports its last run, and rank 0 removes
+    the report files of an earlier run from ``output_dir``, so that a run that stops part-way leaves no report that
+    looks like its own. At ``COMPLETED`` the rows of all ranks are gathered (under ``torch.distributed``), with the
+    cases that failed mid-run (``engine.state.failed_cases``, kept by
+    :py:class:`~monai_mlbseg.evaluation.FailedCasesHandler`), which the report lists with their reason
+    (:py:meth:`SegmentationReport.add_failure`), and rank 0 writes ``<prefix>.csv`` / ``<prefix>.json`` to
+    ``output_dir`` (when given, each atomically) and logs the summary.
 
     Args:
         output_dir: folder of the report files; ``None``: nothing is written (see :py:attr:`report`).
@@ -103,10 +113,13 @@ class SegmentationReportHandler:
         self.iteration_completed(engine)
 
     def reset(self, engine: Engine | None = None) -> None:
-        """Start a new report."""
+        """Start a new report; at the start of a run (``engine`` given), remove the report files of an earlier one."""
         self.report = SegmentationReport()
         self.written = {}
         self._seen = 0
+        if engine is not None and self.output_dir is not None and _rank() == 0:
+            for ext in ("csv", "json"):
+                (self.output_dir / f"{self.prefix}.{ext}").unlink(missing_ok=True)
 
     @staticmethod
     def _items(data: Any) -> list[Mapping[str, Any]]:
@@ -171,29 +184,35 @@ class SegmentationReportHandler:
             except ValueError as e:
                 raise ValueError(f"case {case_id!r}: {e}") from e
 
-    def _gather_rows(self) -> list[dict[str, Any]]:
+    def _gather(self, engine: Engine) -> tuple[list[dict[str, Any]], list[FailedCase]]:
         rows = self.report.rows
+        failed: list[FailedCase] = list(getattr(engine.state, FAILED_CASES, None) or [])
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return rows
+            return rows, failed
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rows)
-        return [r for rank_rows in gathered for r in (rank_rows or [])]
+        dist.all_gather_object(gathered, (rows, failed))
+        return [r for g in gathered for r in g[0]], [c for g in gathered for c in g[1]]
 
     def completed(self, engine: Engine) -> None:
-        """Gather all ranks' cases; on rank 0 write the report and log its summary."""
-        rows = self._gather_rows()
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        """Gather all ranks' cases and failed cases; on rank 0 write the report and log its summary."""
+        rows, failed = self._gather(engine)
+        if _rank() != 0:
             return
         merged = SegmentationReport(ddof=self.report.ddof)
         for row in rows:
             if row[CASE_ID] not in merged:
                 merged.add_row(row)
+        for case in failed:
+            if case.case_id not in merged:
+                merged.add_failure(case.case_id, str(case))
         self.report = merged
         if self.output_dir is not None:
             self.written = merged.write(self.output_dir, self.prefix)
         summary = merged.summary()
         parts = [f"{k} {plus_minus(s['mean'], s['std'], 4)}" for k, s in summary.items()]
+        missing = f"; {len(merged.failed)} failed, not in the means: {', '.join(merged.failed)}" if failed else ""
         where = f"; written to {self.written['csv']}" if self.written else ""
-        self.logger.info(f"segmentation report ({len(merged)} cases): {', '.join(parts)}{where}")
+        self.logger.info(
+            f"segmentation report ({len(merged)} cases): {', '.join(parts) or 'no metric'}{missing}{where}"
+        )

@@ -21,10 +21,12 @@ from monai_mlbseg.utils import atomic_write_json, atomic_write_text
 
 from .metrics import METRIC_KEYS, case_metrics
 
-__all__ = ["CASE_ID", "SegmentationReport", "case_id_from_path", "compare_markdown", "plus_minus"]
+__all__ = ["CASE_ID", "FAILED", "SegmentationReport", "case_id_from_path", "compare_markdown", "plus_minus"]
 
 #: the key of the case id in a report row.
 CASE_ID = "case_id"
+#: the column of the CSV (and the key of a JSON entry) that says why a case failed.
+FAILED = "failed"
 _SUMMARY_ROWS = ("mean", "std")
 
 
@@ -65,7 +67,8 @@ def plus_minus(mean: float, std: float, digits: int, scale: float = 1.0) -> str:
 
 class SegmentationReport:
     """
-    Per-case metrics of a test set, with a summary, CSV/JSON output and markdown tables.
+    Per-case metrics of a test set, with a summary, CSV/JSON output and markdown tables. Cases that could not be
+    evaluated (:py:meth:`add_failure`) are listed with their reason, apart from the metrics and their summary.
 
     Args:
         ddof: delta degrees of freedom of the standard deviations (0: population std, as ``numpy.std``).
@@ -85,12 +88,18 @@ class SegmentationReport:
         self.ddof = int(ddof)
         self._rows: list[dict[str, Any]] = []
         self._ids: set[str] = set()
+        self._failed: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __contains__(self, case_id: object) -> bool:
-        return str(case_id) in self._ids
+        return str(case_id) in self._ids or str(case_id) in self._failed
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """The cases that could not be evaluated: case id -> reason (a copy), in the order they were added."""
+        return dict(self._failed)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -122,7 +131,7 @@ class SegmentationReport:
         case_id = str(row[CASE_ID])
         if case_id in _SUMMARY_ROWS:
             raise ValueError(f"case id {case_id!r} is reserved for the summary rows of the CSV.")
-        if case_id in self._ids:
+        if case_id in self:
             raise ValueError(f"case {case_id!r} is already in the report.")
         new = {CASE_ID: case_id, **{k: v for k, v in row.items() if k != CASE_ID}}
         for k in METRIC_KEYS:
@@ -159,9 +168,24 @@ class SegmentationReport:
         clash = sorted(set(extra_columns) & {*METRIC_KEYS, CASE_ID})
         if clash:
             raise ValueError(f"extra columns {clash} clash with the report's own columns.")
-        if str(case_id) in self._ids:
+        if case_id in self:
             raise ValueError(f"case {case_id!r} is already in the report.")
         return self.add_row({CASE_ID: case_id, **case_metrics(pred, label, spacing), **extra_columns})
+
+    def add_failure(self, case_id: str, reason: str) -> None:
+        """
+        Add a case that could not be evaluated (e.g. its image could not be read mid-run): it has no metrics, is
+        left out of the summary, and is listed with ``reason`` in the files and the markdown table.
+
+        Raises:
+            ValueError: when the case is already in the report, or its id is reserved.
+        """
+        case_id = str(case_id)
+        if case_id in _SUMMARY_ROWS:
+            raise ValueError(f"case id {case_id!r} is reserved for the summary rows of the CSV.")
+        if case_id in self:
+            raise ValueError(f"case {case_id!r} is already in the report.")
+        self._failed[case_id] = str(reason)
 
     def summary(self) -> dict[str, dict[str, float | int]]:
         """
@@ -172,25 +196,32 @@ class SegmentationReport:
         return {k: _finite_stats((r[k] for r in self._rows if k in r), self.ddof) for k in self.metric_keys}
 
     def _csv_text(self) -> str:
-        columns = self.columns
+        columns = self.columns + ([FAILED] if self._failed else [])
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(columns)
         for r in self._rows:
             writer.writerow([_fmt(r.get(c)) for c in columns])
+        for case_id, reason in self._failed.items():
+            writer.writerow([case_id] + [""] * (len(columns) - 2) + [reason])
         summary = self.summary()
         for stat in _SUMMARY_ROWS:
             writer.writerow([stat] + [_fmt(summary[c][stat]) if c in summary else "" for c in columns[1:]])
         return buf.getvalue()
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"cases": rows, "summary": summary()}`` with NaN as ``None`` (strict JSON)."""
-        return _json_safe({"cases": self.rows, "summary": self.summary()})
+        """
+        ``{"cases": rows, "summary": summary()}`` with NaN as ``None`` (strict JSON), and ``"failed": [{"case_id":
+        ..., "failed": reason}]`` when some cases could not be evaluated.
+        """
+        failed = [{CASE_ID: c, FAILED: r} for c, r in self._failed.items()]
+        return _json_safe({"cases": self.rows, **({"failed": failed} if failed else {}), "summary": self.summary()})
 
     def write(self, out_dir: str | os.PathLike, prefix: str = "metrics") -> dict[str, Path]:
         """
-        Write ``<prefix>.csv`` (one row per case, then ``mean`` and ``std`` rows; NaN as ``nan``) and
-        ``<prefix>.json`` (``{"cases": [...], "summary": {...}}``, NaN as ``null``), each atomically.
+        Write ``<prefix>.csv`` (one row per case, then one per failed case with empty metrics and the reason in a
+        last ``failed`` column, then ``mean`` and ``std`` rows of the evaluated cases; NaN as ``nan``) and
+        ``<prefix>.json`` (:py:meth:`to_dict`, NaN as ``null``), each atomically.
 
         Returns:
             ``{"csv": path, "json": path}``.
@@ -218,12 +249,14 @@ class SegmentationReport:
         report = cls(ddof=ddof)
         for row in data["cases"]:
             report.add_row(row)
+        for entry in data.get("failed", []):
+            report.add_failure(entry[CASE_ID], entry[FAILED])
         return report
 
     def to_markdown(self, columns: Sequence[str] | None = None, digits: int = 4) -> str:
         """
         A markdown table of the summary: one line per metric with ``mean ± std`` and the number of cases it is
-        computed from.
+        computed from; under it, the cases that failed, if any.
 
         Args:
             columns: the metrics to show (default: all present).
@@ -242,14 +275,18 @@ class SegmentationReport:
             s = summary[k]
             n = f"{s['count']}" + (f" (+{s['nan_count']} NaN)" if s["nan_count"] else "")
             lines.append(f"| {k} | {plus_minus(s['mean'], s['std'], digits)} | {n} |")
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        if self._failed:
+            text += f"\n{len(self._failed)} case(s) failed and are not in the table: {', '.join(self._failed)}.\n"
+        return text
 
 
 def compare_markdown(reports: Mapping[str, SegmentationReport], digits: int = 2, unit: str = "voxel") -> str:
     """
     A markdown table comparing methods: one row per report with Dice (%), Jaccard (%), 95HD and ASD as
     ``mean ± std``. Cases with NaN distances (exactly one empty mask) are excluded from the distance columns; a
-    note under the table says how many.
+    note under the table says how many. Failed cases (:py:meth:`SegmentationReport.add_failure`) are in no column; a
+    note names them.
 
     Args:
         reports: method name -> report, e.g. ``{"labeled only (stage 1)": r1, "MLB-Seg (stage 2)": r2}``.
@@ -270,7 +307,7 @@ def compare_markdown(reports: Mapping[str, SegmentationReport], digits: int = 2,
     cols = [("dice", "Dice (%)", 100.0), ("jaccard", "Jaccard (%)", 100.0)]
     cols += [(f"hd95_{unit}", f"95HD ({unit})", 1.0), (f"asd_{unit}", f"ASD ({unit})", 1.0)]
     lines = ["| Method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    notes = []
+    notes, failed = [], []
     for name, report in reports.items():
         summary = report.summary()
         missing = [k for k, _, _ in cols if k not in summary]
@@ -281,9 +318,13 @@ def compare_markdown(reports: Mapping[str, SegmentationReport], digits: int = 2,
         n_nan = max(summary[k]["nan_count"] for k, _, _ in cols)
         if n_nan:
             notes.append(f"{name}: {n_nan} of {len(report)} case(s) with an empty prediction or label")
+        if report.failed:
+            failed.append(f"{name}: {', '.join(report.failed)}")
     text = "\n".join(lines) + "\n"
     if notes:
         text += "\nDistances exclude cases where they are undefined (" + "; ".join(notes) + ").\n"
+    if failed:
+        text += "\nFailed cases, in no column (" + "; ".join(failed) + ").\n"
     return text
 
 

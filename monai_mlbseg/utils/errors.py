@@ -15,10 +15,13 @@ from typing import NamedTuple
 __all__ = [
     "Problem",
     "InputError",
+    "CasesFailed",
     "DEBUG_ENV",
     "INPUT_ERROR_STATUS",
+    "CASES_FAILED_STATUS",
     "INTERRUPTED_STATUS",
     "Terminated",
+    "debugging",
     "environment_problem",
     "find_input_error",
     "exit_on_input_error",
@@ -29,6 +32,9 @@ DEBUG_ENV = "MLBSEG_DEBUG"
 #: exit status of a run refused for bad input, or stopped by its environment (a full disk, an unwritable folder); a
 #: crash exits with 1.
 INPUT_ERROR_STATUS = 2
+#: exit status of a run that went on past cases that failed mid-run (each named in the output) and finished the
+#: others.
+CASES_FAILED_STATUS = 3
 #: exit status of a run interrupted with Ctrl-C (the shell's convention, 128 + SIGINT).
 INTERRUPTED_STATUS = 130
 
@@ -72,6 +78,47 @@ class InputError(ValueError):
         super().__init__(f"{context} ({len(self.problems)} problem{'s' if len(self.problems) > 1 else ''}):\n{lines}")
 
 
+class CasesFailed(RuntimeError):
+    """
+    Some cases of a run failed mid-run (a volume that could not be read, predicted or written) while the run went on
+    with the others, which are finished. The command-line entry points print the message (no traceback) and exit
+    with status 3 (:py:data:`CASES_FAILED_STATUS`).
+
+    Args:
+        problems: one problem per failed case (at least one), ``where`` being its file.
+        total: the number of cases of the run, failed ones included.
+
+    Raises:
+        ValueError: for no problems, or more problems than cases.
+
+    Example::
+
+        raise CasesFailed([Problem("/data/la_b.h5", "truncated file")], total=3)
+        # 1 of 3 cases failed (the other 2 are done):
+        #   - /data/la_b.h5: truncated file
+    """
+
+    def __init__(self, problems: Iterable[Problem], total: int) -> None:
+        self.problems = list(problems)
+        self.total = int(total)
+        if not 0 < len(self.problems) <= self.total:
+            raise ValueError(f"CasesFailed needs 1 to {self.total} problems, got {len(self.problems)}.")
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        done = self.total - len(self.problems)
+        rest = f" (the other {done} are done)" if done else ""
+        super().__init__(f"{len(self.problems)} of {self.total} cases failed{rest}:\n{lines}")
+
+
+def _find(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def find_input_error(error: BaseException | None) -> InputError | None:
     """
     The :py:class:`InputError` behind ``error``: ``error`` itself or the first one along its chain of causes and
@@ -80,13 +127,7 @@ def find_input_error(error: BaseException | None) -> InputError | None:
     Returns:
         the input error, or ``None`` when the chain holds none.
     """
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, InputError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    return _find(error, InputError)  # type: ignore[return-value]
 
 
 class Terminated(BaseException):
@@ -130,20 +171,23 @@ def environment_problem(error: BaseException | None) -> tuple[str, int] | None:
     return None
 
 
-def _debugging() -> bool:
+def debugging() -> bool:
+    """Whether :py:data:`DEBUG_ENV` asks for the tracebacks of the errors reported in the product's words."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def _quiet_environment_errors() -> None:
-    """Log an environment error without its traceback, whatever logger logs it (MONAI's ``StatsHandler`` logs the
-    exception that ends a run): the process ends with the short message instead. Installed once."""
+    """Log an environment error or an :py:class:`InputError` without its traceback, whatever logger logs it (MONAI's
+    ``StatsHandler`` logs the exception that ends a run, e.g. data changed under it): the process ends with the
+    short message instead. Installed once."""
     previous = logging.getLogRecordFactory()
     if getattr(previous, "_mlbseg_quiet", False):
         return
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        if record.exc_info and environment_problem(record.exc_info[1]) is not None and not _debugging():
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (environment_problem(error) or find_input_error(error)) and not debugging():
             record.exc_info = None
         return record
 
@@ -156,6 +200,8 @@ def exit_on_input_error(logger_name: str = "monai_mlbseg") -> None:
     Make an uncaught :py:class:`InputError` (also one wrapped by MONAI's config parser) end the process cleanly: its
     problems are logged at ERROR, one per line, as the last lines of the output, without a traceback (unless the
     environment variable :py:data:`DEBUG_ENV` is set), and the process exits with :py:data:`INPUT_ERROR_STATUS`.
+    A :py:class:`CasesFailed` (a run that went on past failed cases) ends the same way, with its list of failed cases
+    and :py:data:`CASES_FAILED_STATUS`.
     An error of the environment (:py:func:`environment_problem`: a full disk, an unwritable folder, Ctrl-C, and
     ``SIGTERM``, which is raised as :py:class:`Terminated` where the process is) ends the same way, with a message
     that names the file and says what to do, and :py:data:`INTERRUPTED_STATUS` for Ctrl-C; loggers then log such an
@@ -176,12 +222,17 @@ def exit_on_input_error(logger_name: str = "monai_mlbseg") -> None:
         return
 
     def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
-        input_error = find_input_error(error)
-        found = (str(input_error), INPUT_ERROR_STATUS) if input_error is not None else environment_problem(error)
+        input_error, failed = find_input_error(error), _find(error, CasesFailed)
+        if input_error is not None:
+            found: tuple[str, int] | None = (str(input_error), INPUT_ERROR_STATUS)
+        elif failed is not None:
+            found = (str(failed), CASES_FAILED_STATUS)
+        else:
+            found = environment_problem(error)
         if found is None:
             previous(kind, error, tb)
             return
-        if _debugging():
+        if debugging():
             previous(kind, error, tb)
         message, status = found
         logger = logging.getLogger(logger_name)
