@@ -166,8 +166,10 @@ RUN_IDS = {
     "stage2_control": "train the labeled-only control matched to the method instead of the method",
     "use_unlabeled": "read the unlabeled cases (`false`: no stage 1 or bootstrap, stage 2 on the labeled cases)",
     "output_dir": "where runs are kept, one folder per data and settings",
-    "run_dir": "the run's folder (default: a folder of `output_dir` named by a fingerprint of the data and settings)",
-    "stage1_dir": "where stage 1's weights, checkpoints and the initial labels are (default: `run_dir`)",
+    "run_dir": "the run's folder (default: a folder of `output_dir` named by a fingerprint of the data files' names "
+    "and content and the settings)",
+    "stage1_dir": "where stage 1's weights, checkpoints and the initial labels are (default: `run_dir`); give an "
+    "earlier run's folder to keep its stage 1 after correcting labels",
     "ckpt_dir": "where the final `model.pt` is written",
     "progress": "progress bars while the slices are cached",
 }

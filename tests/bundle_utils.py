@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from monai.bundle import ConfigWorkflow
 
 from monai_mlbseg.data import make_synthetic_dataset
@@ -49,6 +52,11 @@ def make_data(root: Path, format: str, shape=(40, 36, 8)) -> tuple[Path, dict]:
     data = root / f"data_{format}"
     make_synthetic_dataset(data, format, num_cases=len(ids), shape=shape, seed=1, case_ids=ids)
     return data, split
+
+
+def run_folders(bundle: Path) -> list[Path]:
+    """The run folders of a bundle copy's ``work/`` (beside them: the digest cache of the data files)."""
+    return sorted(p for p in (bundle / "work").iterdir() if p.is_dir())
 
 
 def overrides(bundle: Path, data: Path, format: str, split: dict, **extra) -> dict:
@@ -107,9 +115,31 @@ def bundle_command(bundle: Path, kind: str, data: Path, format: str, split: dict
     return args
 
 
-def run_command(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    """Run a command from the repository root on one CPU thread; stdout and stderr come back as one text."""
+def run_command(cmd: list[str], cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+    """Run a command (from the repository root by default) on one CPU thread; stdout and stderr come back as one
+    text."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=full_env, cwd=REPO
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=full_env, cwd=cwd
     )
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "16m", read_only: bool = False) -> Iterator[Path]:
+    """A small tmpfs mounted at ``path`` (created) for the block: a device that really fills up, or that really is
+    read-only (which a folder's mode is not for root). Skips the test, with the reason, where mounting is not
+    permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+        )
+    except OSError as e:
+        pytest.skip(f"no mount command here ({e}): the write-call test covers this fault")
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): the write-call test covers this fault")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

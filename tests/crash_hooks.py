@@ -67,3 +67,31 @@ def fill_disk_at_save(nth: int) -> None:
         return save(obj, f, *args, **kwargs)
 
     torch.save = full
+
+
+def replace_file_at_iteration(trainer, iteration: int, path: str, replacement: str):
+    """Copy ``replacement`` over the data file ``path`` when ``trainer`` completes ``iteration``: the data change
+    under a running stage (a volume replaced, or a label corrected in place, while training)."""
+    import shutil
+
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(once=iteration), lambda engine: shutil.copyfile(replacement, path)
+    )
+    return trainer
+
+
+def fill_disk_at_iteration(trainer, iteration: int, filler: str):
+    """Fill the device that holds ``filler`` when ``trainer`` completes ``iteration``, with a file of that name: the
+    next write on that device fails as on a real full disk."""
+
+    def fill(engine) -> None:
+        fd, size = os.open(filler, os.O_WRONLY | os.O_CREAT), 1 << 20
+        while size:
+            try:
+                os.write(fd, b"\0" * size)
+            except OSError:
+                size //= 2
+        os.close(fd)
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), fill)
+    return trainer

@@ -7,7 +7,7 @@ from . import stage2
 from .bootstrap import bootstrap_labels, initial_label_items, run_stage
 from .checkpoint import AtomicCheckpointSaver, ResumeFromCheckpoint, latest_checkpoint, load_weights, save_weights
 from .events import MetaIterationEvents
-from .guards import NonFiniteLossGuard, check_finite
+from .guards import DataUnchangedGuard, NonFiniteLossGuard, check_finite
 from .methods import STAGE2_METHODS, Stage2Method, matched_control, stage2_method
 from .monitor import GroundTruthMonitor
 from .stage2 import WEIGHTINGS, MetaTrainer, pixel_weighting, stage2_terms
@@ -23,6 +23,7 @@ __all__ = [
     "MetaIterationEvents",
     "MetaTrainer",
     "NonFiniteLossGuard",
+    "DataUnchangedGuard",
     "ResumeFromCheckpoint",
     "Stage2Method",
     "WeightMapKeeper",

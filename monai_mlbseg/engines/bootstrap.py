@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from monai_mlbseg.data.writers import AtomicNibabelWriter
 from monai_mlbseg.utils import unwrap_network
-from monai_mlbseg.utils.io import TEMP_MARKER
+from monai_mlbseg.utils.io import TEMP_MARKER, digest_path, digest_problem, recorded_source, write_digest
 
 from .checkpoint import load_weights, save_weights
 
@@ -100,13 +100,17 @@ def bootstrap_labels(
     threshold: float = 0.5,
     progress: bool = True,
     postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    source_digest: Callable[[str], str | None] | None = None,
 ) -> list[dict]:
     """
     Stage-1 bootstrap: predict every unlabeled image and write the thresholded prediction as its initial label,
     to the new file named by the item's ``label_key`` (see :py:func:`initial_label_items`), with the image's
-    affine. Files are written atomically; existing ones are kept (a rerun continues where it stopped). The input
-    data are never modified. Under ``torch.distributed`` every rank writes its share of the files (with the
-    unwrapped network) and all ranks wait for each other.
+    affine. Files are written atomically, each with its content digest recorded next to it
+    (:py:func:`~monai_mlbseg.utils.write_digest`), and with the digest of the image it was made from when
+    ``source_digest`` gives one. An existing label is kept (a rerun continues where it stopped) unless it no longer
+    matches its digest (damaged, truncated) or was made from another version of its image: then it is written
+    again, with a warning naming it. The input data are never modified. Under ``torch.distributed`` every rank
+    writes its share of the files (with the unwrapped network) and all ranks wait for each other.
 
     Args:
         network: the stage-1 network (put in eval mode for the predictions, restored afterwards).
@@ -120,11 +124,13 @@ def bootstrap_labels(
         postprocess: applied to every binary mask (``[1, *S]``, uint8, on the CPU) before it is written, e.g.
             ``monai.transforms.KeepLargestConnectedComponent()`` to drop the detached false positives of a
             slice-wise network; default: none (the reference writes the thresholded prediction).
+        source_digest: the content digest of an image file, e.g. :py:meth:`~monai_mlbseg.utils.DataManifest.digest_of`;
+            default: the images' versions are not recorded or compared.
 
     Returns:
         the items (unchanged), for chaining in configs.
     """
-    todo = [item for item in items if not Path(item[label_key]).is_file()]
+    todo = [item for item in items if _outdated(item[label_key], item[image_key], source_digest)]
     if _rank() == 0:
         for folder in {Path(item[label_key]).parent for item in todo}:
             for stale in folder.glob(f".*{TEMP_MARKER}*"):  # left by a killed write; never read by anything
@@ -146,13 +152,31 @@ def bootstrap_labels(
             writer = AtomicNibabelWriter(output_dtype=torch.uint8)
             writer.set_data_array(mask, channel_dim=0)
             writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+            digest_path(item[label_key]).unlink(missing_ok=True)
             writer.write(item[label_key], verbose=False)
+            write_digest(item[label_key], source=source_digest(item[image_key]) if source_digest else None)
     finally:
         module.train(was_training)
     _barrier()
     if todo:
         logger.info(f"wrote {len(todo)} initial labels")
     return list(items)
+
+
+def _outdated(label: str, image: str, source_digest: Callable[[str], str | None] | None) -> bool:
+    """Whether the initial label ``label`` of ``image`` must be written: it is missing, damaged or made from another
+    version of the image (a warning names it in the last two cases)."""
+    if not Path(label).is_file():
+        return True
+    problem = digest_problem(label)
+    if problem is None and source_digest is not None:
+        made_from, now = recorded_source(label), source_digest(image)
+        if made_from and now and made_from != now:
+            problem = f"it was made from another version of {image}"
+    if problem is not None:
+        logger.warning(f"initial label {label}: {problem}; it is written again")
+        return True
+    return False
 
 
 def _rank() -> int:

@@ -1,14 +1,16 @@
-"""Stop training on a non-finite loss before it reaches the weights."""
+"""Stop training before a non-finite loss reaches the weights, or when the data change under a run."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
-__all__ = ["NonFiniteLossGuard", "check_finite"]
+from monai_mlbseg.utils.manifest import DataManifest
+
+__all__ = ["NonFiniteLossGuard", "DataUnchangedGuard", "check_finite"]
 
 
 def check_finite(loss: torch.Tensor | float, engine: Engine, what: str = "loss") -> None:
@@ -43,3 +45,31 @@ class NonFiniteLossGuard:
 
     def __call__(self, engine: Engine) -> None:
         check_finite(engine.state.output["loss"], engine)
+
+
+class DataUnchangedGuard:
+    """
+    Ignite handler: stop a training stage when a data file of its run changed since the run's
+    :py:class:`~monai_mlbseg.utils.DataManifest` was made (a volume replaced, a label corrected in place): at the
+    start, after every iteration (before the checkpoint savers attached after it) and at the end, before the
+    stage's weights are saved. Only sizes and modification times are read unless one differs, so the check costs
+    a ``stat`` per file. The run folder is keyed to the content the manifest recorded, so its checkpoints never
+    hold a step on the new content, and the same command rerun starts a new run on it.
+
+    Args:
+        manifest: the run's data manifest.
+
+    Example::
+
+        DataUnchangedGuard(manifest).attach(trainer)  # first among the train handlers
+    """
+
+    def __init__(self, manifest: DataManifest) -> None:
+        self.manifest = manifest
+
+    def attach(self, engine: Engine) -> None:
+        for event in (Events.STARTED, Events.ITERATION_COMPLETED, Events.COMPLETED):
+            engine.add_event_handler(event, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.manifest.verify(f"training (iteration {engine.state.iteration})")

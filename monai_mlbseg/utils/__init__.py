@@ -13,14 +13,20 @@ from .io import (
     digest_problem,
     file_digest,
     read_user_text,
+    recorded_source,
     run_fingerprint,
     write_digest,
 )
 from .lock import LOCK_FILE, lock_folder, release_folder
+from .manifest import DIGEST_CACHE_FILE, MANIFEST_FILE, DataManifest
 from .network import unwrap_network
 from .profiling import SCOPE_PREFIX, profiled
 
 __all__ = [
+    "DataManifest",
+    "DIGEST_CACHE_FILE",
+    "MANIFEST_FILE",
+    "recorded_source",
     "DEBUG_ENV",
     "DIGEST_SUFFIX",
     "LOCK_FILE",

@@ -33,6 +33,7 @@ __all__ = [
     "digest_path",
     "digest_problem",
     "file_digest",
+    "recorded_source",
     "write_digest",
     "writing",
     "run_fingerprint",
@@ -159,10 +160,24 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_digest(path: str | os.PathLike, digest: str | None = None) -> Path:
-    """Record ``path``'s content digest (``digest``, or computed) in :py:func:`digest_path`, atomically."""
+def write_digest(path: str | os.PathLike, digest: str | None = None, source: str | None = None) -> Path:
+    """
+    Record ``path``'s content digest (``digest``, or computed) in :py:func:`digest_path`, atomically, with the
+    digest of the file it was made from (``source``, e.g. the image of an initial label) when given.
+    """
     digest = file_digest(path) if digest is None else digest
-    return atomic_write_text(digest_path(path), f"{digest}  {Path(path).name}\n")
+    text = f"{digest}  {Path(path).name}\n" + (f"source {source}\n" if source else "")
+    return atomic_write_text(digest_path(path), text)
+
+
+def recorded_source(path: str | os.PathLike) -> str | None:
+    """The digest of the file ``path`` was made from, as :py:func:`write_digest` recorded it; ``None`` if none."""
+    try:
+        lines = digest_path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    sources = [line.split()[1] for line in lines[1:] if line.startswith("source ") and len(line.split()) == 2]
+    return sources[0] if sources else None
 
 
 def digest_problem(path: str | os.PathLike) -> str | None:

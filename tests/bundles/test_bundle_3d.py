@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser, verify_net_in_out
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset
 from monai_mlbseg.inferers import MinMaxSlidingWindowInferer
 from monai_mlbseg.networks import NestedUNet
-from tests.bundle_utils import BUNDLES, REPO, TINY, copy_bundle, make_data, workflow
+from tests.bundle_utils import BUNDLES, REPO, TINY, copy_bundle, make_data, run_folders, workflow
 
 LA = BUNDLES["mlbseg_la"]
 TRAIN_3D = ["train.json", "3d.json"]
@@ -87,10 +87,10 @@ def test_3d_bundle_trains_end_to_end_and_infers_with_the_sliding_window(tmp_path
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     NestedUNet(3, features=(4, 8)).load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
-    run = next((bundle / "work").iterdir())
+    run = run_folders(bundle)[0]
     assert (run / "stage1.pt").is_file(), "stage 1 ran on 3D patches"
-    initial = sorted(p.name for p in (run / "initial_labels").iterdir())
-    assert len(initial) == 3 and all(p.endswith(".nii.gz") for p in initial), "one initial label per unlabeled case"
+    initial = sorted(p.name for p in (run / "initial_labels").glob("*.nii.gz"))
+    assert len(initial) == 3, "one initial label per unlabeled case"
     final = [p.name for p in (run / "stage2").iterdir()]
     assert any("final_iteration=2" in p for p in final), final
     label = nib.load(run / "initial_labels" / initial[0])

@@ -18,7 +18,17 @@ from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.pipeline import slice_preprocessing
 from monai_mlbseg.transforms import StrongIntensityAugment
 from monai_mlbseg.utils import InputError
-from tests.bundle_utils import BUNDLES, REPO, bundle_command, copy_bundle, make_data, overrides, run_command, workflow
+from tests.bundle_utils import (
+    BUNDLES,
+    REPO,
+    bundle_command,
+    copy_bundle,
+    make_data,
+    overrides,
+    run_command,
+    run_folders,
+    workflow,
+)
 
 FORMATS = {"mlbseg_la": ["uamt_h5", "la_raw", "msd_heart"], "mlbseg_prostate": ["promise12", "msd_prostate"]}
 DEFAULT_FORMAT = {"mlbseg_la": "uamt_h5", "mlbseg_prostate": "promise12"}
@@ -202,12 +212,13 @@ def test_train_then_infer_on_every_format(name, fmt, tmp_path):
     model = bundle / "models" / "model.pt"
     state = torch.load(model, weights_only=True)
     NestedUNet(2, features=(4, 8)).load_state_dict(state)
-    runs = list((bundle / "work").iterdir())
+    runs = run_folders(bundle)
     assert len(runs) == 1
     run = runs[0]
     assert (run / "stage1.pt").is_file(), "stage 1 ran and saved its weights"
     initial = sorted(p.name for p in (run / "initial_labels").iterdir())
-    assert initial and all(p.endswith(".nii.gz") for p in initial)
+    labels = [p for p in initial if p.endswith(".nii.gz")]
+    assert labels and initial == sorted(labels + [p + ".sha256" for p in labels]), "each label with its digest"
     assert not list(data.rglob("*.partial-*")) and not list(bundle.rglob("*.partial-*"))
     final = [p.name for p in (run / "stage2").iterdir()]
     assert any("final_iteration=3" in p for p in final), final
@@ -243,15 +254,15 @@ def test_evaluate_writes_per_case_metrics(name, tmp_path):
 
 def test_rerun_skips_completed_stages_and_resumes(tmp_path):
     bundle, data, over = run_bundle("mlbseg_la", "uamt_h5", tmp_path)
-    run = next((bundle / "work").iterdir())
+    run = run_folders(bundle)[0]
     stamps = {p: p.stat().st_mtime_ns for p in [run / "stage1.pt", *(run / "initial_labels").iterdir()]}
     wf = workflow(bundle, ["train.json"], "train", run_id="run", **over)
     wf.run()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "stage 1 and the initial labels are reused"
-    assert len(list((bundle / "work").iterdir())) == 1
+    assert len(run_folders(bundle)) == 1
     changed = {**over, "features": [4, 8, 16]}
     workflow(bundle, ["train.json"], "train", run_id="run", **changed).run()
-    assert len(list((bundle / "work").iterdir())) == 2, "other settings start a separate run"
+    assert len(run_folders(bundle)) == 2, "other settings start a separate run"
 
 
 def test_training_refuses_bad_data_before_it_starts(tmp_path):
@@ -295,7 +306,7 @@ def test_monai_label_style_overrides_train_from_labeled_pairs_only(tmp_path):
     wf = workflow(bundle, ["train.json"], "train", run_id="run", **over)
     wf.run()
     assert (bundle / "models" / "model.pt").is_file()
-    run = next((bundle / "work").iterdir())
+    run = run_folders(bundle)[0]
     assert not (run / "stage1.pt").exists(), "no unlabeled data: stage 1 and the bootstrap are skipped"
     assert any("final_iteration" in p.name for p in (run / "stage2").iterdir())
 
@@ -355,7 +366,7 @@ def test_the_labeled_only_method_trains_on_the_labeled_data_alone_through_the_bu
     bundle, data, split = la_run["bundle"], la_run["data"], la_run["split"]
     result = run_command(bundle_command(bundle, "training", data, "uamt_h5", split, stage2_method="labeled_only"))
     assert result.returncode == 0, result.stdout[-3000:]
-    (run,) = list((bundle / "work").iterdir())
+    (run,) = run_folders(bundle)
     settings = json.loads((run / "stage2" / "run_settings.json").read_text())
     assert settings["supervised_only"] is True and settings["sources"] == []
     assert settings["schedule"]["_target_"].endswith("LabeledOnly") and settings["schedule"]["grad_clip"] == 0.2

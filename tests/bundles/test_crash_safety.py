@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from monai_mlbseg.engines import latest_checkpoint
 from monai_mlbseg.utils.io import TEMP_MARKER
-from tests.bundle_utils import REPO, copy_bundle, make_data
+from tests.bundle_utils import REPO, copy_bundle, make_data, run_folders, tmpfs
 
 STAGE1_ITERATIONS = 12  # 3 epochs x (2 labeled volumes x 8 slices / batch 4)
 STAGE2_ITERATIONS = 12  # 2 epochs of 6
@@ -83,7 +84,7 @@ def test_killed_run_resumes_and_finishes(point, tmp_path):
     bundle, data, split, kill = hooked(tmp_path, HOOKS[point])
     killed = run(command(bundle, data, split, kill))
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
-    work = next((bundle / "work").iterdir())
+    work = run_folders(bundle)[0]
     assert not (bundle / "models" / "model.pt").exists()
     if point == "stage1":
         assert not (work / "stage1.pt").exists()
@@ -133,7 +134,7 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_finish
             time.sleep(0.5)
         assert marker.exists(), "the first run reached stage 1"
         second = run(command(bundle, data, split))
-        work = next((bundle / "work").iterdir())
+        work = run_folders(bundle)[0]
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         said = second.stdout + second.stderr
         assert str(work) in said and f"in use by process {first.pid}" in said, said[-3000:]
@@ -150,10 +151,33 @@ def test_a_full_disk_during_stage_2_ends_with_a_message_and_the_rerun_continues(
     bundle, data, split, full = hooked(tmp_path, "$crash_hooks.fill_disk_at_save(12)")
     failed = run(command(bundle, data, split, full))
     said = failed.stdout + failed.stderr
-    work = next((bundle / "work").iterdir())
+    work = run_folders(bundle)[0]
     assert failed.returncode == 2 and "no space left on the device" in said, said[-3000:]
     assert str(work) in said and "run the same command again" in said and "Traceback" not in said
     assert not list(work.rglob(f"*{TEMP_MARKER}*")) and not list(work.rglob("tmp*")), "no half file kept"
     resumed = run(command(bundle, data, split))
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert trainer_iteration(latest_checkpoint(work / "stage2")) == STAGE2_ITERATIONS
+
+
+def test_a_really_full_disk_during_stage_2_ends_with_a_message_and_the_rerun_continues(tmp_path):
+    """The same on a small tmpfs filled for real after stage-2 iteration 3: the next checkpoint write fails in the
+    kernel (``torch.save``'s stream error, no errno of its own)."""
+    with tmpfs(tmp_path / "disk", size="8m") as disk:
+        filler = disk / "filler"
+        bundle, data, split, full = hooked(
+            disk, f"$crash_hooks.fill_disk_at_iteration(@train#trainer, 3, {str(filler)!r})"
+        )
+        failed = run(command(bundle, data, split, full))
+        said = failed.stdout + failed.stderr
+        work = run_folders(bundle)[0]
+        assert filler.stat().st_size > 0 and shutil.disk_usage(disk).free < (1 << 20), "the disk was full"
+        assert failed.returncode == 2 and "no space left on the device" in said, said[-3000:]
+        assert str(work / "stage2") in said and "run the same command again" in said and "Traceback" not in said
+        assert trainer_iteration(latest_checkpoint(work / "stage2")) == 2, "the last complete checkpoint is kept"
+        filler.unlink()
+        resumed = run(command(bundle, data, split))
+        assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+        assert "at iteration 2" in resumed.stdout + resumed.stderr
+        assert trainer_iteration(latest_checkpoint(work / "stage2")) == STAGE2_ITERATIONS
+        assert not list(bundle.rglob(f"*{TEMP_MARKER}*")) and not list(work.rglob("tmp*"))

@@ -13,7 +13,7 @@ from torch.utils.data.distributed import DistributedSampler
 from monai_mlbseg.engines import MetaTrainer, stage2_method
 from monai_mlbseg.networks import NestedUNet
 from monai_mlbseg.utils import unwrap_network
-from tests.bundle_utils import copy_bundle, make_data
+from tests.bundle_utils import copy_bundle, make_data, run_folders
 from tests.helpers import corrupt, disc_samples
 
 
@@ -104,6 +104,6 @@ def test_bundle_multi_gpu_config_runs_under_torchrun_on_cpu(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (bundle / "models" / "model.pt").is_file()
-    run = next((bundle / "work").iterdir())
+    run = run_folders(bundle)[0]
     assert (run / "stage1.pt").is_file() and list((run / "initial_labels").iterdir())
     torch.load(bundle / "models" / "model.pt", weights_only=True)

@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +11,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized, 
 from monai_mlbseg.data.slices import SliceDataset
 from monai_mlbseg.engines import bootstrap_labels, initial_label_items
 from monai_mlbseg.inferers import SliceResizeInferer, minmax_slices
+from monai_mlbseg.utils import digest_problem, recorded_source
 
 
 def volume_items(n=2, shape=(10, 12, 6), seed=0):
@@ -197,7 +199,40 @@ def test_bootstrap_writes_new_label_files_with_the_image_affine(tmp_path):
     stamp = (tmp_path / "initial" / "case1.nii.gz").stat().st_mtime_ns
     bootstrap_labels(Positive(), SliceResizeInferer(roi_size=(8, 8)), targets, load, progress=False)
     assert (tmp_path / "initial" / "case1.nii.gz").stat().st_mtime_ns == stamp, "existing labels are kept"
-    assert sorted(p.name for p in (tmp_path / "initial").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+    names = sorted(p.name for p in (tmp_path / "initial").iterdir())
+    assert names == ["case0.nii.gz", "case0.nii.gz.sha256", "case1.nii.gz", "case1.nii.gz.sha256"]
+    assert digest_problem(targets[0]["label"]) is None, "each label's digest is recorded next to it"
+
+
+def test_bootstrap_writes_again_a_damaged_label_and_one_made_from_another_image(tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    items = []
+    for i in range(3):
+        img = np.random.default_rng(i).normal(size=(12, 10, 4)).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, np.eye(4)), data / f"img{i}.nii.gz")
+        items.append({"case_id": f"case{i}", "image": str(data / f"img{i}.nii.gz")})
+    targets = initial_label_items(items, tmp_path / "initial")
+    load = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")])
+    versions = {item["image"]: "v1" for item in items}
+    network, inferer = torch.nn.Identity(), SliceResizeInferer(roi_size=(8, 8))
+    bootstrap_labels(network, inferer, targets, load, progress=False, source_digest=versions.get)
+    assert all(recorded_source(t["label"]) == "v1" for t in targets)
+    stamps = [Path(t["label"]).stat().st_mtime_ns for t in targets]
+
+    damaged = Path(targets[0]["label"])
+    damaged.write_bytes(damaged.read_bytes()[:40])  # truncated
+    versions[items[1]["image"]] = "v2"  # the image was replaced since its label was made
+    with caplog.at_level(logging.WARNING):
+        bootstrap_labels(network, inferer, targets, load, progress=False, source_digest=versions.get)
+    assert f"initial label {targets[0]['label']}: its content does not match" in caplog.text
+    assert (
+        f"initial label {targets[1]['label']}: it was made from another version of {items[1]['image']}" in caplog.text
+    )
+    assert targets[2]["label"] not in caplog.text
+    assert nib.load(damaged).shape == (12, 10, 4) and digest_problem(damaged) is None
+    assert recorded_source(targets[1]["label"]) == "v2"
+    assert Path(targets[2]["label"]).stat().st_mtime_ns == stamps[2], "an intact, current label is kept"
 
 
 def test_initial_label_items_moves_ground_truth_and_rejects_duplicates(tmp_path):
