@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,6 +124,20 @@ def run_command(cmd: list[str], cwd: Path = REPO, **env: str) -> subprocess.Comp
     return subprocess.run(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=full_env, cwd=cwd
     )
+
+
+@functools.lru_cache(maxsize=1)
+def tmpfs_permitted() -> bool:
+    """Whether this process may mount a tmpfs (root with the capability, and a ``mount`` command)."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", folder], capture_output=True)
+        except OSError:
+            return False
+        if done.returncode:
+            return False
+        subprocess.run(["umount", "-l", folder], capture_output=True)
+        return True
 
 
 @contextlib.contextmanager

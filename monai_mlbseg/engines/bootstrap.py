@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_mlbseg.data.writers import AtomicNibabelWriter
-from monai_mlbseg.utils import unwrap_network
+from monai_mlbseg.utils import InputError, unwrap_network
 from monai_mlbseg.utils.io import TEMP_MARKER, digest_path, digest_problem, recorded_source, write_digest
 
 from .checkpoint import load_weights, save_weights
@@ -36,7 +36,9 @@ def run_stage(
     Run a training stage and save its final weights (a plain state dict) atomically to ``model_path``.
 
     With ``skip_if_done`` and an existing ``model_path`` the stage is not run again; its weights are loaded into
-    ``network`` instead. An interrupted stage continues from its last checkpoint when the trainer carries a
+    ``network`` instead, unless the file is damaged (its digest or a non-finite value, see
+    :py:func:`~monai_mlbseg.engines.load_weights`): then the stage runs again, with a warning naming the file, and
+    resumes from its newest intact checkpoint (at its end, for a finished stage) to write the weights again. An interrupted stage continues from its last checkpoint when the trainer carries a
     :py:class:`~monai_mlbseg.engines.ResumeFromCheckpoint` handler. Under ``torch.distributed`` only rank 0
     writes, and all ranks wait for it.
 
@@ -51,9 +53,16 @@ def run_stage(
     """
     network = network if network is not None else trainer.network
     if skip_if_done and Path(model_path).is_file():
-        load_weights(network, model_path)
-        logger.info(f"{model_path} exists: stage skipped, weights loaded")
-        return False
+        try:
+            load_weights(network, model_path)
+        except InputError as damaged:
+            logger.warning(
+                f"{model_path} cannot be used ({'; '.join(p.what for p in damaged.problems)}): the stage runs "
+                "again from its newest intact checkpoint to write it"
+            )
+        else:
+            logger.info(f"{model_path} exists: stage skipped, weights loaded")
+            return False
     trainer.run()
     if _rank() == 0:
         save_weights(network, model_path)

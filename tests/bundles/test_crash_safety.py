@@ -14,7 +14,7 @@ import torch
 
 from monai_mlbseg.engines import latest_checkpoint
 from monai_mlbseg.utils.io import TEMP_MARKER
-from tests.bundle_utils import REPO, copy_bundle, make_data, run_folders, tmpfs
+from tests.bundle_utils import REPO, copy_bundle, make_data, run_folders, tmpfs, tmpfs_permitted
 
 STAGE1_ITERATIONS = 12  # 3 epochs x (2 labeled volumes x 8 slices / batch 4)
 STAGE2_ITERATIONS = 12  # 2 epochs of 6
@@ -147,6 +147,7 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_finish
     assert trainer_iteration(latest_checkpoint(work / "stage2")) == STAGE2_ITERATIONS, "the first run was not disturbed"
 
 
+@pytest.mark.skipif(tmpfs_permitted(), reason="a disk filled for real is tested instead (the next test)")
 def test_a_full_disk_during_stage_2_ends_with_a_message_and_the_rerun_continues(tmp_path):
     bundle, data, split, full = hooked(tmp_path, "$crash_hooks.fill_disk_at_save(12)")
     failed = run(command(bundle, data, split, full))

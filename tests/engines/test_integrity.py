@@ -114,3 +114,22 @@ def test_truncated_run_settings_are_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="recorded settings") as refused:
         build(tmp_path)[0].run()
     assert str(tmp_path / "run_settings.json") in str(refused.value)
+
+
+def test_damaged_stage_weights_are_written_again_from_the_stage_checkpoints_and_say_so(tmp_path, caplog):
+    import logging
+
+    from monai_mlbseg.engines import run_stage
+
+    trainer, net, *_ = build(tmp_path / "stage")
+    weights = tmp_path / "stage.pt"
+    assert run_stage(trainer, weights) is True
+    finished = {k: v.clone() for k, v in net.state_dict().items()}
+    _flip_a_weight(weights)
+    trainer, net, *_ = build(tmp_path / "stage", seed=1)  # a fresh process: other initial weights
+    with caplog.at_level(logging.INFO):
+        assert run_stage(trainer, weights) is True, "the stage ran again instead of loading damaged weights"
+    assert f"{weights} cannot be used (its content does not match the digest" in caplog.text
+    assert "resumed from" in caplog.text and "at iteration" in caplog.text, "from its final checkpoint, not from zero"
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in finished.items()), "the stage's own final weights"
+    load_weights(NestedUNet(2, features=(4, 8)), weights)
