@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,11 @@ def la_run(tmp_path: Path) -> dict:
     data, split = make_data(tmp_path, "uamt_h5")
     ids = {"bundle_root": str(bundle), "dataset_dir": str(data), "split": split, **TINY}
     return {"bundle": bundle, "data": data, "split": split, "ids": ids}
+
+
+@pytest.fixture
+def restore_sys_path():
+    """Undo the ``sys.path`` entries MONAI Label's bundle tasks add (the bundle folder, for its ``scripts``)."""
+    before = list(sys.path)
+    yield
+    sys.path[:] = before

@@ -2,8 +2,6 @@
 
 import json
 import os
-import sys
-import types
 
 import nibabel as nib
 import numpy as np
@@ -11,35 +9,17 @@ import pytest
 import torch
 
 from monai_mlbseg.networks import NestedUNet
-from tests.bundle_utils import copy_bundle
+from tests.bundle_utils import copy_bundle, run_folders
 
 if os.environ.get("MLBSEG_REQUIRE_MONAILABEL") != "1":
     pytest.importorskip("monailabel", reason="monailabel is not installed (.ci/run installs it)")
 
 
 def bundle_infer_task():
-    """monailabel's BundleInferTask class. Its module imports torchvision at import time for a debug transform only;
-    the CPU torch build has no working torchvision, so a stub stands in during that import and is removed after."""
-    try:
-        import torchvision  # noqa: F401
+    """monailabel's BundleInferTask class (imported with a torchvision stand-in where none works with this torch)."""
+    from monai_mlbseg.monailabel import import_without_torchvision
 
-        stub = False
-    except Exception:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        stub = True
-    if stub:
-        tv, tvu = types.ModuleType("torchvision"), types.ModuleType("torchvision.utils")
-        tvu.make_grid = tvu.save_image = None
-        tv.utils = tvu
-        sys.modules.update({"torchvision": tv, "torchvision.utils": tvu})
-    try:
-        from monailabel.tasks.infer.bundle import BundleInferTask
-    finally:
-        if stub:
-            sys.modules.pop("torchvision", None)
-            sys.modules.pop("torchvision.utils", None)
-    return BundleInferTask
+    return import_without_torchvision("monailabel.tasks.infer.bundle", "BundleInferTask")
 
 
 def write_pairs(folder, n=3, shape=(40, 36, 8)):
@@ -54,13 +34,6 @@ def write_pairs(folder, n=3, shape=(40, 36, 8)):
         nib.save(nib.Nifti1Image(label, affine), folder / f"lab{i}.nii.gz")
         pairs.append({"image": str(folder / f"img{i}.nii.gz"), "label": str(folder / f"lab{i}.nii.gz")})
     return pairs
-
-
-@pytest.fixture
-def restore_sys_path():
-    before = list(sys.path)
-    yield
-    sys.path[:] = before
 
 
 @pytest.mark.parametrize("name", ["mlbseg_la", "mlbseg_prostate"])
@@ -107,7 +80,7 @@ def test_bundle_train_task_trains_from_labeled_pairs_only(tmp_path, restore_sys_
     after = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert after.keys() == before.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "training updated the weights"
-    run = next((bundle / "work").iterdir())
+    run = run_folders(bundle)[0]
     final = [p.name for p in (run / "stage2").glob("*final*.pt")]
     assert final, "the trainer ran to completion and saved its final checkpoint"
     checkpoint = torch.load(run / "stage2" / final[0], weights_only=True)
