@@ -38,9 +38,10 @@ def run_stage(
     With ``skip_if_done`` and an existing ``model_path`` the stage is not run again; its weights are loaded into
     ``network`` instead, unless the file is damaged (its digest or a non-finite value, see
     :py:func:`~monai_mlbseg.engines.load_weights`): then the stage runs again, with a warning naming the file, and
-    resumes from its newest intact checkpoint (at its end, for a finished stage) to write the weights again. An interrupted stage continues from its last checkpoint when the trainer carries a
-    :py:class:`~monai_mlbseg.engines.ResumeFromCheckpoint` handler. Under ``torch.distributed`` only rank 0
-    writes, and all ranks wait for it.
+    resumes from its newest intact checkpoint (at its end, for a finished stage) to write the weights again. An
+    interrupted stage continues from its last checkpoint when the trainer carries a
+    :py:class:`~monai_mlbseg.engines.ResumeFromCheckpoint` handler. Under ``torch.distributed`` only rank 0 writes,
+    and all ranks wait for it.
 
     Args:
         trainer: a MONAI trainer (``run()``, ``network``); an empty one (no data) is skipped.
