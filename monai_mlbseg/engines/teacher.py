@@ -23,9 +23,9 @@ class MeanTeacherHandler:
 
     The MLB-Seg reference restarts ``t`` every epoch, re-copying the student into the teacher at each epoch's first
     batch; here ``t`` is global (a documented difference). The teacher's parameters never require gradients. At
-    ``Events.STARTED`` of a fresh run (iteration 0) the teacher is initialised with the student's weights and
-    buffers; a resumed run keeps the teacher restored from the checkpoint (include it in the checkpoint's
-    ``save_dict``).
+    the first iteration of a fresh run, after the ``STARTED`` handlers (checkpoint loaders among them), the teacher is
+    initialised with the student's weights and buffers; a resumed run keeps the teacher restored from the
+    checkpoint (include it in the checkpoint's ``save_dict``).
 
     Args:
         teacher: the teacher network (same architecture as the student).
@@ -62,7 +62,7 @@ class MeanTeacherHandler:
         """Register the start-up copy and the EMA updates with ``engine``."""
         default = (MetaIterationEvents.REAL_STEP_COMPLETED, MetaIterationEvents.CLEAN_STEP_COMPLETED)
         events: Sequence = default if self.events is None else self.events
-        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_STARTED(once=1), self.start)
         for event in events:
             engine.add_event_handler(event, self)
 
@@ -70,8 +70,10 @@ class MeanTeacherHandler:
         return unwrap_network(self.student if self.student is not None else engine.network)  # type: ignore[attr-defined]
 
     def start(self, engine: Engine) -> None:
-        """Copy the student into the teacher at the start of a fresh (not resumed) run."""
-        if engine.state.iteration == 0:
+        """Copy the student into the teacher at the start of a fresh (not resumed) run: at its first iteration,
+        after every ``STARTED`` handler, so that weights a checkpoint loader put into the student at ``STARTED``
+        (MONAI Label inserts one) are the teacher's too."""
+        if engine.state.iteration <= 1:
             self.teacher.load_state_dict(self._student(engine).state_dict())
 
     def alpha(self, iteration: int) -> float:

@@ -282,3 +282,34 @@ def test_stage2_improves_over_stage1_with_corrupted_initial_labels():
     gains = [s2 - s1 for s1, s2 in results]
     assert all(g > 0.03 for g in gains), results
     assert sum(gains) / len(gains) > 0.1, results
+
+
+@pytest.mark.parametrize("attached", ["first train handler", "after the trainer is built"])
+def test_the_teacher_starts_from_the_weights_a_checkpoint_loader_puts_into_the_student(
+    make_trainer, tmp_path, attached
+):
+    """MONAI Label inserts a ``CheckpointLoader`` first among the train handlers, which loads ``models/model.pt``
+    into the student at ``STARTED``; a user may attach one to a built trainer, after the teacher's handlers. Either
+    way the teacher must start from the loaded weights, not from the pre-load ones."""
+    from ignite.engine import Events
+    from monai.handlers import CheckpointLoader
+
+    from monai_mlbseg.networks import NestedUNet
+
+    torch.manual_seed(123)
+    current = NestedUNet(2, features=(4, 8)).state_dict()
+    torch.save({"network": current}, tmp_path / "model.pt")
+    net = NestedUNet(2, features=(4, 8))
+    loader = CheckpointLoader(str(tmp_path / "model.pt"), {"network": net}, strict=True)
+    handlers = [loader] if attached == "first train handler" else []
+    trainer = make_trainer(method="weak_to_strong", net=net, train_handlers=handlers, iterations=1)
+    if not handlers:
+        loader.attach(trainer)
+    started = {}
+
+    def teacher_at_first_iteration(engine):
+        started.update({k: v.clone() for k, v in trainer.teacher.state_dict().items()})
+
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=1), teacher_at_first_iteration)
+    trainer.run()
+    assert started and all(torch.equal(started[k], v) for k, v in current.items()), "the loaded weights"
