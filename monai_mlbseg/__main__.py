@@ -105,6 +105,32 @@ def evaluate(predictions: Sequence[str], labels: Sequence[str], out: str = ".", 
     return str(Path(out).resolve() / f"{prefix}.json")
 
 
+def monailabel_app(out: str, bundles: str | Sequence[str] = "mlbseg_la") -> str:
+    """
+    Write a MONAI Label app folder: ``main.py`` and the bundles under ``model/<name>/``, ready for
+    ``monailabel start_server --app OUT --studies STUDIES --conf models NAME``. Rewriting an existing app keeps its
+    bundles' trained weights (``models/``) and runs (``work/``).
+
+    Args:
+        out: the app folder.
+        bundles: the bundle names (``mlbseg_la``, ``mlbseg_prostate``), comma-separated or a list.
+
+    Returns:
+        the app folder.
+
+    Example::
+
+        python -m monai_mlbseg monailabel_app apps/mlbseg
+    """
+    from monai_mlbseg.monailabel import write_app
+
+    names = tuple(_paths(bundles))
+    folder = write_app(out, names).resolve()
+    print(f"wrote the MONAI Label app {folder}; start it with")
+    print(f"  monailabel start_server --app {folder} --studies <studies folder> --conf models {','.join(names)}")
+    return str(folder)
+
+
 COMMANDS = {
     "demo": _cli(demo, _show_demo),
     **{
@@ -115,6 +141,7 @@ COMMANDS = {
             "synth": synth,
             "evaluate": evaluate,
             "bundles": bundles,
+            "monailabel_app": monailabel_app,
         }.items()
     },
 }

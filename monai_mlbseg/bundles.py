@@ -171,6 +171,10 @@ RUN_IDS = {
     "stage1_dir": "where stage 1's weights, checkpoints and the initial labels are (default: `run_dir`); give an "
     "earlier run's folder to keep its stage 1 after correcting labels",
     "ckpt_dir": "where the final `model.pt` is written",
+    "init_weights": "weights loaded into the network before stage 1 (`null`: none); MONAI Label's train task passes "
+    "the current `models/model.pt`",
+    "train_options": "the `/train` options the package's MONAI Label app shows in 3D Slicer's panel, with their "
+    "defaults (method, budgets, unlabeled studies)",
     "progress": "progress bars while the slices are cached",
 }
 #: the markers around the table of run ids in a bundle's ``docs/README.md``

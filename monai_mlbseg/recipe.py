@@ -45,6 +45,7 @@ __all__ = [
 #: the steps of a bundle's ``training`` list, in order, and their top-level ids
 TRAINING_STEPS = {
     "data check": "check_data",
+    "initial weights": "load_init",
     "stage 1": "run_stage1",
     "bootstrap": "run_bootstrap",
     "stage 2": "run_stage2",
