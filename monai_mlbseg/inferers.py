@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.utils import convert_to_dst_type
 
-__all__ = ["MinMaxSlidingWindowInferer", "SliceResizeInferer", "minmax_slices"]
+__all__ = ["MinMaxSlidingWindowInferer", "SliceResizeInferer", "minmax_slices", "ple_disagreement"]
 
 
 def minmax_slices(x: torch.Tensor) -> torch.Tensor:
@@ -146,3 +146,53 @@ class MinMaxSlidingWindowInferer(SlidingWindowInferer):
                 convert_to_dst_type(scaled, inputs, dtype=scaled.dtype)[0] if isinstance(inputs, MetaTensor) else scaled
             )
         return super().__call__(inputs, network, *args, **kwargs)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def ple_disagreement(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    volume: torch.Tensor,
+    inferer: SliceResizeInferer,
+    views: Any = None,
+    coverage: float = 1e-3,
+) -> float:
+    """
+    How much the network's predictions of a volume disagree across MLB-Seg's PLE views (the original, a zoom-in, two
+    zoom-outs and a flip, :py:class:`~monai_mlbseg.transforms.PLEViews`): every slice goes through ``inferer``'s path
+    (min-max scaling, resize to its ``roi_size``), each view's probability is mapped back to the slice, and the
+    standard deviation over the views is averaged over the pixels that every view sees (a zoom-in view crops the
+    slice's border away). 0 when every view gives the same prediction; at most about 0.55. An active-learning
+    signal from the method's own pseudo-label ensemble: the volume whose views disagree most is the one whose
+    pseudo label is least trustworthy.
+
+    Args:
+        network: the 2D network (eval mode), ``[N, 1, H, W] -> [N, 1, H, W]`` logits.
+        volume: ``[C, X, Y, Z]`` image.
+        inferer: the bundle's slice inferer.
+        views: the PLE view transform (default: ``PLEViews(spatial_dims=2)`` seeded with 0, so scores repeat).
+        coverage: a pixel counts when every view, mapped back, covers it to within this fraction.
+
+    Returns:
+        the mean disagreement.
+
+    Example::
+
+        score = ple_disagreement(net.eval(), image, SliceResizeInferer(roi_size=(144, 144)))
+    """
+    from monai_mlbseg.transforms import PLEViews, warp_from_views
+
+    views = PLEViews(spatial_dims=2).set_random_state(seed=0) if views is None else views
+    total = {"spread": 0.0, "pixels": 0.0}
+
+    def spread(chunk: torch.Tensor) -> torch.Tensor:
+        probs = torch.sigmoid(network(views(chunk)).float())
+        back = warp_from_views(probs, views.params).reshape(chunk.shape[0], views.num_views, *probs.shape[1:])
+        seen = warp_from_views(torch.ones_like(probs), views.params).reshape(back.shape)
+        covered = (seen > 1 - coverage).all(dim=1)  # pixels every view sees (a zoom-in crops the border away)
+        total["spread"] += float(back.std(dim=1)[covered].sum())
+        total["pixels"] += float(covered.sum())
+        return probs[:: views.num_views]
+
+    data = volume.as_tensor() if isinstance(volume, MetaTensor) else torch.as_tensor(volume)
+    inferer(data[None].float(), spread)
+    return total["spread"] / max(total["pixels"], 1.0)

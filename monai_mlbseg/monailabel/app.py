@@ -21,6 +21,7 @@ from monai_mlbseg import __version__
 from monai_mlbseg.bundles import BUNDLE_NAMES, write_bundle
 from monai_mlbseg.utils import atomic_write_text
 
+from .activelearning import MostDisagreement, PLEDisagreementScoring
 from .compat import import_without_torchvision
 from .train import SemiSupervisedTrainTask
 
@@ -46,7 +47,8 @@ class MLBSegApp(MONAILabelApp):
     with a final label and the unlabeled studies, through the bundle's whole training. ``/infer`` runs the bundle's
     inference with the latest ``models/model.pt``; a model whose first weights a ``/train`` wrote while the server
     ran is offered at once, without a restart (MONAI Label builds its model list when it starts). Active learning
-    offers MONAI Label's ``random`` and ``first``.
+    offers MONAI Label's ``random`` and ``first``, and ``ple_disagreement``: the unlabeled study whose PLE views
+    disagree most under the current model (:py:class:`~monai_mlbseg.monailabel.MostDisagreement`).
 
     Args:
         app_dir: the app folder.
@@ -70,6 +72,7 @@ class MLBSegApp(MONAILabelApp):
                 "`python -m monai_mlbseg monailabel_app <folder>`, or pass --conf models <bundle folder name>"
             )
         self.bundles = {name: str(folder / name) for name in names}
+        self._scorings: dict[str, PLEDisagreementScoring] = {}
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -94,10 +97,19 @@ class MLBSegApp(MONAILabelApp):
         return {name: SemiSupervisedTrainTask(path, self.conf) for name, path in self.bundles.items()}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        """MONAI Label's ``random`` and ``first``, and ``ple_disagreement`` (of the first bundle):
+        :py:class:`~monai_mlbseg.monailabel.MostDisagreement`."""
+        first_bundle = next(iter(self.bundles.values()))
+        return {"random": Random(), "first": First(), "ple_disagreement": MostDisagreement(self._scoring(first_bundle))}
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        return {}
+        """``ple_disagreement`` scores of every bundle's unlabeled studies (``POST /scoring/<name>``)."""
+        return {f"ple_disagreement_{name}": self._scoring(path) for name, path in self.bundles.items()}
+
+    def _scoring(self, path: str) -> PLEDisagreementScoring:
+        if path not in self._scorings:
+            self._scorings[path] = PLEDisagreementScoring(path)
+        return self._scorings[path]
 
     def _refresh_infers(self) -> None:
         """Offer the models whose weights appeared since the server started (written by a ``/train``)."""

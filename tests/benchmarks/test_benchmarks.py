@@ -166,3 +166,19 @@ def test_iteration_clock_steps_one_iteration_at_a_time():
     for done in (1, 2, 3):
         assert clock.step() > 0
         assert len(clock.times) == engine.state.iteration == done
+
+
+def test_active_learning_loop_trains_round_0_once_and_each_strategy_picks_by_its_rule(tmp_path):
+    from benchmarks.experiments.active_learning import main, pick
+
+    results = main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--threads", "1"])
+    disagreement, chance = results["ple_disagreement"][0], results["random"][0]
+    assert disagreement[0]["cases"] == chance[0]["cases"], "round 0 is shared by the strategies"
+    assert list((tmp_path / "seed0").iterdir()) == [tmp_path / "seed0" / "round0"]
+    scores = disagreement[0]["scores"]
+    assert sorted(scores) == sorted(set(scores)) and len(scores) == 5, "every unlabeled study of the pool is scored"
+    assert disagreement[0]["picked"] == [max(scores, key=scores.get)], "the most disagreeing study"
+    assert disagreement[1]["labeled"] == sorted(disagreement[0]["labeled"] + disagreement[0]["picked"])
+    assert pick("random", ["a", "b", "c"], 2, 0, 1, {}) == pick("random", ["c", "b", "a"], 2, 0, 1, {}), "seeded"
+    table = (tmp_path / "table.md").read_text()
+    assert "| random |" in table and "| ple_disagreement |" in table and "round 1" in table

@@ -280,3 +280,34 @@ def test_bootstrap_postprocess_keeps_the_largest_component(tmp_path):
     mask_lcc = np.asarray(nib.load(lcc[0]["label"]).dataobj)
     assert mask_raw.sum() == 6 * 6 * 4 + 2 * 2 * 2 and mask_raw[9:11, 9:11, 1:3].all()
     assert mask_lcc.sum() == 6 * 6 * 4 and mask_lcc[1:7, 1:7].all() and mask_lcc.dtype == np.uint8
+
+
+class _Constant(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x[:, :1])
+
+
+class _Position(torch.nn.Module):
+    """A prediction tied to the absolute column: a zoom or a flip moves the image, not the prediction."""
+
+    def forward(self, x):
+        return torch.linspace(-3, 3, x.shape[-1]).expand_as(x[:, :1]).clone()
+
+
+def test_ple_disagreement_is_zero_when_the_views_agree_and_grows_when_they_do_not():
+    from monai_mlbseg.inferers import ple_disagreement
+    from monai_mlbseg.transforms import PLEViews
+
+    volume = torch.rand(1, 40, 36, 8, generator=torch.Generator().manual_seed(0))
+    inferer = SliceResizeInferer(roi_size=(32, 32))
+    assert ple_disagreement(_Constant(), volume, inferer) < 1e-6, "identical views (the cropped border not counted)"
+    moved = ple_disagreement(_Position(), volume, inferer)
+    assert moved > 0.1
+    # independent computation: with zooms of about 1, only the flip view (of the columns) differs, and the std of
+    # 4 equal values a and one b is |a - b| / sqrt(5); the zoom-in still crops the outermost column on either side,
+    # which is not counted
+    views = PLEViews(2, zoom_in_range=(1.0001, 1.0002), zoom_out_range=(0.9998, 0.9999), flip_axes=[1])
+    probs = torch.sigmoid(torch.linspace(-3, 3, 32))
+    expected = float((probs - probs.flip(0)).abs()[1:-1].mean()) / 5**0.5
+    assert ple_disagreement(_Position(), volume, inferer, views=views) == pytest.approx(expected, rel=1e-3)
+    assert ple_disagreement(_Position(), volume, inferer) == moved, "seeded views: the score repeats"

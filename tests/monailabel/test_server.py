@@ -96,6 +96,8 @@ def test_label_train_next_sample_and_infer_over_http(server, tmp_path):
 
     suggested = httpx.post(f"{url}/activelearning/random", json={}, timeout=30).json()
     assert suggested["id"] in ("s3", "s4"), suggested
+    uncertain = httpx.post(f"{url}/activelearning/ple_disagreement", json={}, timeout=120).json()
+    assert uncertain["id"] in ("s3", "s4") and uncertain["weight"] >= 0, uncertain
 
     inferred = httpx.post(
         f"{url}/infer/mlbseg_la",
