@@ -39,12 +39,15 @@ def kill_while_writing(nth: int) -> None:
 
 
 def pause_at_iteration(trainer, iteration: int, marker: str, seconds: float = 300.0):
-    """Write ``marker`` and sleep when ``trainer`` completes ``iteration``: a run that holds its folder meanwhile."""
+    """Write ``marker`` and wait when ``trainer`` completes ``iteration``: a run that holds its folder meanwhile. It
+    goes on when ``marker`` is removed, or after ``seconds``."""
 
     def pause(engine) -> None:
         with open(marker, "w") as f:
             f.write("paused")
-        time.sleep(seconds)
+        deadline = time.time() + seconds
+        while os.path.exists(marker) and time.time() < deadline:
+            time.sleep(0.2)
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), pause)
     return trainer

@@ -123,7 +123,7 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_finish
 
     marker = tmp_path / "paused"
     bundle, data, split, pause = hooked(
-        tmp_path, f"$crash_hooks.pause_at_iteration(@stage1#trainer, 2, {str(marker)!r}, 20)"
+        tmp_path, f"$crash_hooks.pause_at_iteration(@stage1#trainer, 2, {str(marker)!r}, 120)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command(bundle, data, split, pause), env=env, cwd=REPO, text=True,
@@ -139,6 +139,7 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_finish
         said = second.stdout + second.stderr
         assert str(work) in said and f"in use by process {first.pid}" in said, said[-3000:]
         assert "Traceback" not in said
+        marker.unlink()  # the first run goes on
         out, _ = first.communicate(timeout=600)
         assert first.returncode == 0, out[-3000:]
     finally:
