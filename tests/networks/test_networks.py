@@ -73,3 +73,17 @@ def test_bad_arguments():
         NestedUNet(1)
     with pytest.raises(ValueError, match="two levels"):
         NestedUNet(2, features=(8,))
+
+
+def test_dropout_samples_in_train_mode_only():
+    """MONAI Label's epistemic scoring sets ``network_def#dropout`` and runs the network in train mode: the dropout
+    the network is built with must then draw, and never in eval mode; the default network has none."""
+    torch.manual_seed(0)
+    net = NestedUNet(2, features=(4, 8), dropout=0.2)
+    x = torch.rand(2, 1, 32, 32)
+    net.train()
+    assert not torch.equal(net(x), net(x))
+    net.eval()
+    assert torch.equal(net(x), net(x))
+    default = NestedUNet(2, features=(4, 8))
+    assert not [m for m in default.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
