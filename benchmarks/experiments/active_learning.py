@@ -13,9 +13,10 @@ is revealed for the next round:
 - ``ple_disagreement``: the studies whose PLE views disagree most under the round's model
   (:py:func:`monai_mlbseg.inferers.ple_disagreement`, what the app's ``ple_disagreement`` strategy computes).
 
-Resumable: every round writes ``<out>/<strategy>/seed<N>/round<R>/result.json`` (metrics, labeled ids, the
-disagreement scores of the unlabeled pool; round 0, the same for every strategy, once per seed in
-``<out>/seed<N>/round0``); a rerun skips finished rounds and continues an interrupted one from its checkpoints.
+Resumable: every round writes ``<out>/<strategy>/seed<N>/round<R>/result.json`` (metrics, labeled ids; round 0,
+the same for every strategy, once per seed in ``<out>/seed<N>/round0``) and, where a strategy ranks by them, the
+disagreement scores of the unlabeled pool (``scores.json``); a rerun skips finished rounds and continues an
+interrupted one from its checkpoints.
 ``table.md`` / ``table.json`` (Dice per round and strategy, paired per case against random) are rebuilt at the end
 of every run.
 
@@ -43,6 +44,7 @@ import torch
 from benchmarks.experiments.real_la import evaluate
 from monai_mlbseg.bundles import write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list, resolve_datalist
+from monai_mlbseg.engines import load_weights
 from monai_mlbseg.inferers import ple_disagreement
 from monai_mlbseg.recipe import parsed, run_training_step, training_workflow
 from monai_mlbseg.utils import atomic_write_json, atomic_write_text
@@ -121,28 +123,47 @@ class Loop:
         network, inferer, load = (parsed(workflow, k) for k in ("network", "inferer", "load_volume"))
         items = resolve_datalist(datalist, self.data_dir)
         metrics = evaluate(network, inferer, items["validation"], load, self.device)
+        result = {**metrics, "labeled": labeled, "train_s": train_s, "folder": str(folder)}
+        atomic_write_json(result_file, result)
+        dice = 100 * metrics["summary"]["dice"]["mean"]
+        logger.info(f"seed {self.seed} round {round_} ({len(labeled)} labeled, {folder}): Dice {dice:.2f}")
+        return result
+
+    def scores(self, result: dict, pool: list[str]) -> dict[str, float]:
+        """The disagreement of the round's model on every unlabeled study of the pool (kept in ``scores.json`` of
+        the round's folder; only the strategies that rank by it ask)."""
+        folder = Path(result["folder"])
+        kept = folder / "scores.json"
+        if kept.is_file():
+            return json.loads(kept.read_text(encoding="utf-8"))["scores"]
+        workflow = training_workflow(self.bundle, self.overrides(folder, folder / "datalist.json"))
+        network, inferer, load = (parsed(workflow, k) for k in ("network", "inferer", "load_volume"))
+        load_weights(network, folder / "model.pt", map_location=self.device)
         network.eval()
         start = time.perf_counter()
+        unlabeled = [case for case in pool if case not in result["labeled"]]
+        items = resolve_datalist(build_datalist(self.data_dir, "uamt_h5", unlabeled=unlabeled), self.data_dir)
         scores = {
             item["case_id"]: ple_disagreement(
                 network, load({"image": item["image"], "case_id": item["case_id"]})["image"].to(self.device), inferer
             )
             for item in items["unlabeled"]
         }
-        result = {**metrics, "labeled": labeled, "scores": scores, "train_s": train_s}
-        atomic_write_json(result_file, {**result, "score_s": time.perf_counter() - start})
-        dice = 100 * metrics["summary"]["dice"]["mean"]
-        logger.info(f"seed {self.seed} round {round_} ({len(labeled)} labeled, {folder}): Dice {dice:.2f}")
-        return result
+        atomic_write_json(kept, {"scores": scores, "score_s": time.perf_counter() - start})
+        return scores
 
     def run(self, pool: list[str], validation: list[str]) -> list[dict]:
         """Every round of the strategy: its training result and the studies it picked after it."""
         labeled, results = list(pool[: self.args.start]), []
         for round_ in range(self.args.rounds + 1):
             result = self.trained(round_, labeled, pool, validation)
+            if round_ == self.args.rounds:  # the last round: evaluated, nothing more to label
+                results.append({**result, "picked": [], "scores": {}})
+                break
             unlabeled = [case for case in pool if case not in labeled]
-            picked = pick(self.strategy, unlabeled, self.args.add, self.seed, round_, result["scores"])
-            results.append({**result, "picked": picked})
+            scores = self.scores(result, pool) if self.strategy == "ple_disagreement" else {}
+            picked = pick(self.strategy, unlabeled, self.args.add, self.seed, round_, scores)
+            results.append({**result, "picked": picked, "scores": scores})
             labeled = sorted(set(labeled) | set(picked), key=pool.index)
         atomic_write_json(self.out / "rounds.json", [{k: r[k] for k in ("labeled", "picked")} for r in results])
         return results
