@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.experiments.real_la import evaluate
+from benchmarks.experiments.real_la import data_folder, evaluate, split_ids
 from monai_mlbseg.bundles import write_bundle
-from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list, resolve_datalist
+from monai_mlbseg.data import build_datalist, resolve_datalist
 from monai_mlbseg.engines import load_weights
 from monai_mlbseg.inferers import ple_disagreement
 from monai_mlbseg.recipe import parsed, run_training_step, training_workflow
@@ -54,12 +54,6 @@ logger = logging.getLogger("active_learning")
 STRATEGIES = ("random", "ple_disagreement")
 
 QUICK = {"num_cases": 9, "num_validation": 2, "image_size": 32, "features": (4, 8), "volume_shape": (40, 36, 8)}
-
-
-def pool_and_validation(train_list: Path, num_validation: int) -> tuple[list[str], list[str]]:
-    """The pool (``train.list`` without its last ``num_validation`` ids) and the validation ids."""
-    ids = read_case_list(train_list)
-    return ids[: len(ids) - num_validation], ids[len(ids) - num_validation :]
 
 
 def pick(
@@ -239,16 +233,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
-    if args.quick:
-        data_dir = out / "data"
-        if not (data_dir / "train.list").is_file():
-            ids = make_synthetic_dataset(data_dir, "uamt_h5", num_cases=QUICK["num_cases"], shape=QUICK["volume_shape"])
-            atomic_write_text(data_dir / "train.list", "\n".join(ids) + "\n")
-    elif args.data_dir is None:
-        raise SystemExit("--data_dir is required (or --quick)")
-    else:
-        data_dir = Path(args.data_dir)
-    pool, validation = pool_and_validation(data_dir / "train.list", args.num_validation)
+    data_dir = data_folder(args, out, QUICK)
+    split = split_ids(data_dir / "train.list", 0, args.num_validation)
+    pool, validation = split["unlabeled"], split["validation"]
     atomic_write_json(out / "settings.json", {**vars(args), "pool": pool, "validation": validation})
     results: dict[str, dict[int, list[dict]]] = {}
     for seed in args.seeds:

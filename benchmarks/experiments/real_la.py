@@ -116,6 +116,20 @@ def split_ids(train_list: Path, num_labeled: int, num_validation: int) -> dict[s
     }
 
 
+def data_folder(args: argparse.Namespace, out: Path, quick: dict[str, Any]) -> Path:
+    """``--data_dir``, or with ``--quick`` a synthetic UA-MT folder with its ``train.list`` under ``out/data``
+    (``quick``: ``num_cases`` and ``volume_shape``), made once."""
+    if args.quick:
+        data_dir = out / "data"
+        if not (data_dir / "train.list").is_file():
+            ids = make_synthetic_dataset(data_dir, "uamt_h5", num_cases=quick["num_cases"], shape=quick["volume_shape"])
+            atomic_write_text(data_dir / "train.list", "\n".join(ids) + "\n")
+        return data_dir
+    if args.data_dir is None:
+        raise SystemExit("--data_dir is required (or --quick)")
+    return Path(args.data_dir)
+
+
 def evaluate(network: torch.nn.Module, inferer: Any, items: Sequence[dict], load: Any, device: torch.device) -> dict:
     """Per-case metrics (voxels) of ``network`` on ``items``: ``{"cases": [...], "summary": {...}}``."""
     report = SegmentationReport()
@@ -443,15 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return results
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
-    if args.quick:
-        data_dir = out / "data"
-        if not (data_dir / "train.list").is_file():
-            ids = make_synthetic_dataset(data_dir, "uamt_h5", num_cases=QUICK["num_cases"], shape=QUICK["volume_shape"])
-            atomic_write_text(data_dir / "train.list", "\n".join(ids) + "\n")
-    elif args.data_dir is None:
-        raise SystemExit("--data_dir is required (or --quick)")
-    else:
-        data_dir = Path(args.data_dir)
+    data_dir = data_folder(args, out, QUICK)
     train_list = Path(args.train_list) if args.train_list else data_dir / "train.list"
     variants = {}
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
