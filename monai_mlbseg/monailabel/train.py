@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import monai.bundle
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.train.bundle import BundleTrainTask
 
 from monai_mlbseg.data import get_format
+from monai_mlbseg.recipe import training_workflow
 from monai_mlbseg.utils import MANIFEST_FILE, atomic_write_json, run_fingerprint
 
 __all__ = ["SemiSupervisedTrainTask", "STUDY_FORMATS", "TRAIN_OPTIONS"]
@@ -147,14 +147,7 @@ class SemiSupervisedTrainTask(BundleTrainTask):
         """
         overrides = self.overrides(request, datastore)
         logger.info(f"train request {dict(request)}: bundle overrides {overrides}")
-        workflow = monai.bundle.ConfigWorkflow(
-            config_file=self.bundle_config_path,
-            meta_file=self.bundle_metadata_path,
-            workflow_type="train",
-            run_id="training",
-            **overrides,
-        )
-        workflow.initialize()
+        workflow = training_workflow(self.bundle_path, overrides)
         workflow.run()
         run_dir = Path(workflow.parser.get_parsed_content("run_dir"))
         workflow.finalize()
