@@ -182,3 +182,26 @@ def test_active_learning_loop_trains_round_0_once_and_each_strategy_picks_by_its
     assert pick("random", ["a", "b", "c"], 2, 0, 1, {}) == pick("random", ["c", "b", "a"], 2, 0, 1, {}), "seeded"
     table = (tmp_path / "table.md").read_text()
     assert "| random |" in table and "| ple_disagreement |" in table and "round 1" in table
+
+
+def test_monailabel_benchmark_trains_both_arms_through_the_server_at_equal_steps(tmp_path):
+    pytest.importorskip("monailabel.interfaces.app", reason="MONAI Label's server is not installed")
+    import nibabel as nib
+
+    from benchmarks.experiments.monailabel_la import LA_SPACING, main
+
+    results = main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    semi, supervised = results["semi_supervised"][0], results["supervised"][0]
+    assert semi["trained_on"] == {"labeled": 2, "unlabeled": 4} and supervised["trained_on"]["unlabeled"] == 0
+    steps = semi["request"]["stage1_iterations"] + semi["request"]["stage2_steps"]
+    assert supervised["request"]["stage2_steps"] == steps, "the same number of optimizer steps"
+    assert [row["case_id"] for row in semi["cases"]] == ["case006", "case007"], "the last cases of train.list"
+    studies = tmp_path / "studies"
+    assert sorted(p.name for p in (studies / "labels" / "final").iterdir()) == ["case000.nii.gz", "case001.nii.gz"]
+    image = nib.load(studies / "case003.nii.gz")
+    assert image.shape == (40, 36, 8) and image.header.get_zooms() == LA_SPACING
+    assert not (studies / "case006.nii.gz").exists(), "validation cases are never served"
+    assert (tmp_path / "seed0" / "supervised" / "model.pt").is_file()
+    again = main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    assert again["supervised"][0]["wall_s"] == supervised["wall_s"], "a rerun reads the finished arms"
+    assert "| semi_supervised |" in (tmp_path / "table.md").read_text()

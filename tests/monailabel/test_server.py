@@ -3,10 +3,6 @@ second ``/train`` meanwhile is refused), ask for the next study, infer on an unl
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.bundle_utils import REPO
+from benchmarks.experiments.monailabel_la import serve
 
 if os.environ.get("MLBSEG_REQUIRE_MONAILABEL") != "1":
     pytest.importorskip(
@@ -23,41 +19,12 @@ if os.environ.get("MLBSEG_REQUIRE_MONAILABEL") != "1":
 httpx = pytest.importorskip("httpx")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(app, tmp_path):
     """The app served by ``monailabel start_server`` (as its ``monailabel`` script runs it) on a free local port."""
     folder, studies, truths = app
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(folder), "--studies", str(studies)]
-    cmd += ["--conf", "models", "mlbseg_la", "--host", "127.0.0.1", "--port", str(port)]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+    with serve(folder, studies, tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"}) as url:
         yield url, folder, studies, truths
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_label_train_next_sample_and_infer_over_http(server, tmp_path):

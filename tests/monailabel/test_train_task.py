@@ -6,6 +6,7 @@ import os
 import shutil
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -71,13 +72,24 @@ def test_the_supervised_switch_trains_on_the_labeled_studies_only(app):
     assert (bundle / "models" / "model.pt").is_file()
 
 
-def test_a_broken_label_is_refused_by_name_and_the_datastore_is_unchanged(app):
+def shifted(label_file):
+    """The label moved 3 voxels along x in world space: the wrong geometry for its image."""
+    label = nib.load(label_file)
+    affine = label.affine.copy()
+    affine[0, 3] += 3 * affine[0, 0]
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), affine), label_file)
+
+
+@pytest.mark.parametrize(
+    "damage", [lambda f: f.write_bytes(f.read_bytes()[:200]), shifted], ids=["truncated", "wrong_geometry"]
+)
+def test_a_broken_label_is_refused_by_name_and_the_datastore_is_unchanged(app, damage):
     from monai_mlbseg.monailabel import SemiSupervisedTrainTask
     from monai_mlbseg.utils import InputError
 
     folder, studies, _ = app
     broken = studies / "labels" / "final" / "s1.nii.gz"
-    broken.write_bytes(broken.read_bytes()[:200])
+    damage(broken)
     store = datastore(studies)  # MONAI Label's own records (datastore_v2.json) are written here
     before = {p: p.read_bytes() for p in studies.rglob("*") if p.is_file()}
     task = SemiSupervisedTrainTask(str(folder / "model" / "mlbseg_la"), conf={})
