@@ -40,7 +40,7 @@ from ignite.engine import Events
 
 from monai_mlbseg.bundles import write_bundle
 from monai_mlbseg.data import build_datalist, make_synthetic_dataset, read_case_list, resolve_datalist
-from monai_mlbseg.engines import load_weights
+from monai_mlbseg.engines import load_weights, run_stage
 from monai_mlbseg.evaluation import SegmentationReport
 from monai_mlbseg.recipe import (
     STAGE2_OPTIONS,
@@ -105,9 +105,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def split_ids(train_list: Path, num_labeled: int, num_validation: int) -> dict[str, list[str]]:
-    """labeled = the first ``num_labeled`` ids, validation = the last ``num_validation``, unlabeled = the rest."""
+    """labeled = the first ``num_labeled`` ids, validation = the last ``num_validation``, unlabeled = the rest (none
+    for the all-labeled ceiling)."""
     ids = read_case_list(train_list)
-    if num_labeled + num_validation >= len(ids):
+    if num_labeled + num_validation > len(ids):
         raise SystemExit(f"{train_list}: {len(ids)} cases, too few for {num_labeled} labeled + {num_validation} val.")
     return {
         "labeled": ids[:num_labeled],
@@ -252,7 +253,10 @@ class Benchmark:
             workflow = training_workflow(self.bundle, self.stage1_overrides(seed))
             run_training_step(workflow, "data check")
             start = time.perf_counter()
-            run_training_step(workflow, "stage 1")
+            if self.datalist["unlabeled"]:
+                run_training_step(workflow, "stage 1")
+            else:  # the all-labeled ceiling: the bundle skips stage 1 (nothing to bootstrap); the recipe is kept alike
+                run_stage(parsed(workflow, "stage1#trainer"), parsed(workflow, "stage1#model"))
             train_s = time.perf_counter() - start
             logger.info(f"seed {seed}: stage 1 done in {train_s:.0f} s")
             network, inferer, load = (parsed(workflow, k) for k in ("network", "inferer", "load_volume"))

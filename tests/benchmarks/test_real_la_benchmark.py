@@ -16,8 +16,10 @@ def test_split_uses_train_list_only(tmp_path):
     assert split["labeled"] == ids[:4]
     assert split["validation"] == ids[-16:]
     assert split["unlabeled"] == ids[4:14]
+    ceiling = real_la.split_ids(tmp_path / "train.list", num_labeled=14, num_validation=16)
+    assert ceiling["labeled"] == ids[:14] and ceiling["unlabeled"] == [], "every case of the split labeled"
     with pytest.raises(SystemExit, match="too few"):
-        real_la.split_ids(tmp_path / "train.list", num_labeled=14, num_validation=16)
+        real_la.split_ids(tmp_path / "train.list", num_labeled=15, num_validation=16)
 
 
 def test_parse_variant_inherits_and_overrides():
@@ -33,13 +35,14 @@ def test_parse_variant_inherits_and_overrides():
         real_la.parse_variant('x=d_mlbseg:{"batch_norm": "frozen"}')
 
 
-def _quick_benchmark(tmp_path):
+def _quick_benchmark(tmp_path, num_labeled=None):
     from monai_mlbseg.data import make_synthetic_dataset
 
     data = tmp_path / "data"
     ids = make_synthetic_dataset(data, "uamt_h5", num_cases=10, shape=(40, 36, 8))
     (data / "train.list").write_text("\n".join(ids) + "\n")
     args = real_la.parse_args(["--quick", "--out", str(tmp_path / "bench")])
+    args.num_labeled = num_labeled or args.num_labeled
     return real_la.Benchmark(args, data, data / "train.list")
 
 
@@ -151,3 +154,13 @@ def test_report_mode_tables_every_row_of_every_seed_without_training(tmp_path):
     assert json.loads((out / "table.json").read_text())["figures"] == figures, "the main table is kept"
     with pytest.raises(SystemExit, match="no seed"):
         real_la.main(["--out", str(tmp_path / "empty"), "--report"])
+
+
+def test_the_all_labeled_ceiling_trains_stage_1_and_the_control_like_every_row(tmp_path):
+    """Every case of the split labeled (nothing to bootstrap): stage 1 still trains, and the control starts from it."""
+    bench = _quick_benchmark(tmp_path, num_labeled=7)
+    assert bench.datalist["unlabeled"] == [] and len(bench.datalist["labeled"]) == 7
+    weights, stage1 = bench.stage1(0)
+    assert stage1["iterations"] == real_la.QUICK["stage1_iterations"] and weights.is_file()
+    control = bench.stage2(0, "a_matched", real_la.VARIANTS["a_matched"], weights)
+    assert control["optimizer_steps"] == 2 * real_la.QUICK["stage2_iterations"] and len(control["cases"]) == 3
