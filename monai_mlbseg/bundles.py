@@ -162,7 +162,7 @@ RUN_IDS = {
     "decays per epoch)",
     "stage2_method": "the stage-2 method, a key of `monai_mlbseg.engines.STAGE2_METHODS`",
     "stage2_options": "options on top of the method (`grad_clip`, `student_augment`, `clean_augment`, `weighting`, "
-    "`cutmix`, `feature_dropout`, `reuse_meta_grad`, `meta_params`)",
+    "`cutmix`, `feature_dropout`, `copy_paste`, `reuse_meta_grad`, `meta_params`)",
     "stage2_control": "train the labeled-only control matched to the method instead of the method",
     "use_unlabeled": "read the unlabeled cases (`false`: no stage 1 or bootstrap, stage 2 on the labeled cases)",
     "output_dir": "where runs are kept, one folder per data and settings",

@@ -20,7 +20,7 @@ from torch import nn
 
 from monai_mlbseg.engines import WEIGHTINGS, load_weights, pixel_weighting, stage2_method
 from monai_mlbseg.engines.methods import as_matched_control
-from monai_mlbseg.engines.stage2 import MetaWeighting, StepSchedule, TwoSteps
+from monai_mlbseg.engines.stage2 import BidirectionalCopyPasteTerm, MetaWeighting, StepSchedule, TwoSteps
 from monai_mlbseg.transforms import CutMix, FeatureDropout, StrongIntensityAugment
 from monai_mlbseg.utils import InputError, Problem, atomic_write_json, find_input_error
 
@@ -162,6 +162,7 @@ STAGE2_OPTIONS = (
     "weighting",
     "cutmix",
     "feature_dropout",
+    "copy_paste",
 )
 
 
@@ -201,6 +202,9 @@ def stage2_parts(
     - ``cutmix`` / ``feature_dropout``: a probability: the method's perturbations (student's and labeled views',
       those it has) followed by :py:class:`~monai_mlbseg.transforms.FeatureDropout` and then
       :py:class:`~monai_mlbseg.transforms.CutMix` with it.
+    - ``copy_paste``: bidirectional copy-paste between labeled and unlabeled views, one more unlabeled term
+      (:py:class:`~monai_mlbseg.engines.stage2.BidirectionalCopyPasteTerm`): its weight, or its arguments as a
+      mapping; it needs the method's mean teacher and does not combine with ``cutmix``.
 
     Args:
         method: a key of :py:data:`~monai_mlbseg.engines.STAGE2_METHODS`.
@@ -213,13 +217,15 @@ def stage2_parts(
         ``{argument: value}`` for :py:class:`~monai_mlbseg.engines.MetaTrainer`.
 
     Raises:
-        ValueError: for an unknown method, option or weighting.
+        ValueError: for an unknown method, option or weighting, or ``copy_paste`` with ``cutmix``.
 
     Example::
 
         trainer = MetaTrainer(..., **stage2_parts("weak_to_strong", options={"cutmix": 0.5}))
     """
     options = check_stage2_options(options or {})
+    if options.get("copy_paste") is not None and options.get("cutmix") is not None:
+        raise ValueError("the stage-2 options copy_paste and cutmix do not combine: both paste boxes between images.")
     parts = stage2_method(method, teacher, **{k: options[k] for k in ("grad_clip",) if k in options})
     for key in ("student_augment", "clean_augment"):
         if key in options:
@@ -235,6 +241,14 @@ def stage2_parts(
             parts[key] = CutMix(parts[key], float(options["cutmix"]))
     if options.get("weighting") is not None:
         parts["weighting"] = pixel_weighting(str(options["weighting"]))
+    copy_paste = options.get("copy_paste")
+    if copy_paste is not None:
+        term = (
+            BidirectionalCopyPasteTerm(**copy_paste)
+            if isinstance(copy_paste, Mapping)
+            else BidirectionalCopyPasteTerm(float(copy_paste))
+        )
+        parts["terms"] = [*parts["terms"], term]
     return as_matched_control(parts) if control else parts
 
 

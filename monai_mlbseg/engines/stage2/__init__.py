@@ -24,7 +24,7 @@ from .perturbations import Perturbation
 from .schedules import JointStep, LabeledOnly, StepLosses, StepSchedule, TwoSteps, WeightedStepOnly
 from .sources import InitialLabels, LabelSource, PseudoLabels, TeacherLabels
 from .teacher import MeanTeacher
-from .terms import MeanTeacherTerm, UnlabeledTerm, ViewConsistencyTerm
+from .terms import BidirectionalCopyPasteTerm, MeanTeacherTerm, UnlabeledTerm, ViewConsistencyTerm, weighted_dice_bce
 from .trainer import STAGE2_PHASES, STAGE2_TERMS, MetaTrainer, stage2_terms
 from .weightings import (
     WEIGHTINGS,
@@ -43,6 +43,7 @@ __all__ = [
     "STAGE2_TERMS",
     "WEIGHTINGS",
     "ConfidenceWeighting",
+    "BidirectionalCopyPasteTerm",
     "InitialLabels",
     "JointStep",
     "LabelSource",
@@ -70,5 +71,6 @@ __all__ = [
     "per_pixel",
     "pixel_weighting",
     "stage2_terms",
+    "weighted_dice_bce",
     "weight_shape",
 ]

@@ -37,12 +37,14 @@ class LabeledViews(NamedTuple):
         logits: ``[N, 1, *S]`` the student's logits on what it saw of the views.
         probs: their sigmoid.
         teacher: the mean teacher's probabilities of views (``None``: no mean teacher).
+        student: the student's logits of other images (a further forward, with a graph; ``None``: not offered).
     """
 
     batch: ViewBatch
     logits: torch.Tensor
     probs: torch.Tensor
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+    student: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def teacher_probs(self) -> torch.Tensor:
         """

@@ -354,7 +354,7 @@ class MetaTrainer(SupervisedTrainer):
             batch, student_views = self._clean_views(batch)
             with self.clean_perturbation.forward(self.network):
                 logits = self.forward(student_views)
-            return self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits), self._teacher))
+            return self._clean_loss(LabeledViews(batch, logits, torch.sigmoid(logits), self._teacher, self.forward))
 
     @property
     def _teacher(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -566,7 +566,7 @@ class MetaTrainer(SupervisedTrainer):
             with self.clean_perturbation.forward(self.network):
                 logits = self.state.output[Keys.PRED] = self.forward(student_views)
             self.fire_event(IterationEvents.FORWARD_COMPLETED)
-            views = LabeledViews(batch, logits, torch.sigmoid(logits), self._teacher)
+            views = LabeledViews(batch, logits, torch.sigmoid(logits), self._teacher, self.forward)
             loss = self.state.output[Keys.LOSS] = self._clean_loss(views)
             self.fire_event(IterationEvents.LOSS_COMPLETED)
             self.step(loss, "clean-step loss", IterationEvents.BACKWARD_COMPLETED, self.schedule.grad_clip)
