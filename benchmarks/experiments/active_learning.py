@@ -194,6 +194,20 @@ def table(results: dict[str, dict[int, list[dict]]]) -> tuple[str, dict]:
     return "\n".join(lines), figures
 
 
+def collected(out: Path) -> dict[str, dict[int, list[dict]]]:
+    """Every finished round under ``out`` by strategy and seed (round 0 from the seed's shared folder), in order."""
+    results: dict[str, dict[int, list[dict]]] = {}
+    for strategy in STRATEGIES:
+        for folder in sorted((out / strategy).glob("seed*"), key=lambda f: int(f.name[4:])):
+            seed = int(folder.name[4:])
+            files = [out / f"seed{seed}" / "round0" / "result.json"]
+            files += sorted(folder.glob("round*/result.json"), key=lambda f: int(f.parent.name[5:]))
+            rounds = [json.loads(f.read_text(encoding="utf-8")) for f in files if f.is_file()]
+            if rounds:
+                results.setdefault(strategy, {})[seed] = rounds
+    return results
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data_dir", default=None, help="UA-MT layout folder (<case>/mri_norm2.h5) with train.list")
@@ -211,6 +225,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="tiny synthetic smoke run (no real data needed)")
+    p.add_argument(
+        "--report", action="store_true", help="train nothing: rebuild table.md / table.json from the rounds under --out"
+    )
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     args.strategies = [s.strip() for s in str(args.strategies).split(",") if s.strip()]
@@ -233,6 +250,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
+    if args.report:
+        results = collected(out)
+        text, figures = table(results)
+        atomic_write_text(out / "table.md", text + "\n")
+        seeds = sorted({seed for seeds in results.values() for seed in seeds})
+        atomic_write_json(out / "table.json", {"figures": figures, "settings": {**vars(args), "seeds": seeds}})
+        print(text)
+        return results
     data_dir = data_folder(args, out, QUICK)
     split = split_ids(data_dir / "train.list", 0, args.num_validation)
     pool, validation = split["unlabeled"], split["validation"]

@@ -279,6 +279,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds one /train may take")
     p.add_argument("--quick", action="store_true", help="tiny synthetic smoke run (no real data needed)")
+    p.add_argument(
+        "--report", action="store_true", help="train nothing: rebuild table.md / table.json from the arms under --out"
+    )
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     args.features = tuple(int(f) for f in str(args.features).split(",") if f.strip())
@@ -296,6 +299,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     out = Path(args.out).resolve()
+    if args.report:
+        results: dict[str, dict[int, dict]] = {}
+        for arm in ARMS:
+            for file in sorted(out.glob(f"seed*/{arm}/result.json"), key=lambda f: int(f.parent.parent.name[4:])):
+                results.setdefault(arm, {})[int(file.parent.parent.name[4:])] = json.loads(file.read_text())
+        text, figures = table(results)
+        atomic_write_text(out / "table.md", text + "\n")
+        atomic_write_json(
+            out / "table.json",
+            {
+                "figures": figures,
+                "settings": {**vars(args), "seeds": sorted({seed for seeds in results.values() for seed in seeds})},
+            },
+        )
+        print(text)
+        return results
     data_dir = data_folder(args, out, QUICK)
     split = split_ids(data_dir / "train.list", args.num_labeled, args.num_validation)
     studies = out / "studies"
@@ -303,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_studies(data_dir, studies, split["labeled"], split["unlabeled"])
     validation_datalist = write_validation(data_dir, out / "validation", split["validation"])
     atomic_write_json(out / "settings.json", {**vars(args), **split})
-    results: dict[str, dict[int, dict]] = {}
+    results = {}
     for seed in args.seeds:
         app = app_for_seed(out, args, seed)
         pending = [arm for arm in ARMS if not (out / f"seed{seed}" / arm / "result.json").is_file()]

@@ -182,6 +182,10 @@ def test_active_learning_loop_trains_round_0_once_and_each_strategy_picks_by_its
     assert pick("random", ["a", "b", "c"], 2, 0, 1, {}) == pick("random", ["c", "b", "a"], 2, 0, 1, {}), "seeded"
     table = (tmp_path / "table.md").read_text()
     assert "| random |" in table and "| ple_disagreement |" in table and "round 1" in table
+    (tmp_path / "table.md").unlink()
+    reported = main(["--out", str(tmp_path), "--report"])  # from the result files alone: no data, no training
+    assert (tmp_path / "table.md").read_text() == table
+    assert [r["cases"] for r in reported["ple_disagreement"][0]] == [r["cases"] for r in disagreement]
 
 
 def test_monailabel_benchmark_trains_both_arms_through_the_server_at_equal_steps(tmp_path):
@@ -204,4 +208,8 @@ def test_monailabel_benchmark_trains_both_arms_through_the_server_at_equal_steps
     assert (tmp_path / "seed0" / "supervised" / "model.pt").is_file()
     again = main(["--quick", "--out", str(tmp_path), "--threads", "1"])
     assert again["supervised"][0]["wall_s"] == supervised["wall_s"], "a rerun reads the finished arms"
-    assert "| semi_supervised |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| semi_supervised |" in table
+    (tmp_path / "table.md").unlink()
+    main(["--out", str(tmp_path), "--report"])  # from the result files alone: no data, no server
+    assert (tmp_path / "table.md").read_text() == table
