@@ -200,12 +200,12 @@ def requests(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def app_for_seed(out: Path, args: argparse.Namespace, seed: int) -> Path:
     """The app folder of ``seed``, its bundle's configs set to the benchmark's sizes and seed (both configs alike,
-    so ``/infer`` serves the trained network)."""
+    so ``/infer`` serves the trained network); everything else is the shipped bundle's."""
     from monai_mlbseg.monailabel import write_app  # MONAI Label's server is an optional dependency
 
     app = write_app(out / f"seed{seed}" / "app")
     sizes = {"image_size": [args.image_size] * 2, "features": list(args.features), "num_workers": 0, "seed": seed}
-    sizes |= {"progress": False, "max_epoch_length": 200}
+    sizes["progress"] = False  # no progress bars in the server's log
     for config in ("train.json", "inference.json"):
         path = app / "model" / "mlbseg_la" / "configs" / config
         atomic_write_text(path, json.dumps({**json.loads(path.read_text(encoding="utf-8")), **sizes}, indent=4))
