@@ -8,7 +8,8 @@ isotropic spacing), the first ``--num_labeled`` cases with their final label in 
 list but its last ``--num_validation`` cases unlabeled beside them. The validation cases are written apart (MSD
 layout, never served). The package's app (``python -m monai_mlbseg monailabel_app``) is served by
 ``monailabel start_server`` on 127.0.0.1, with the bundle's sizes set in its configs (``--image_size``,
-``--features``), and each arm is one ``POST /train/mlbseg_la`` over HTTP, timed from the request to the task's end:
+``--features``), and each arm is one ``POST /train/mlbseg_la`` over HTTP, timed from the request to the task's end
+(wall time, and the CPU time of the server's train process, which does not depend on what else the machine runs):
 
 - ``semi_supervised``: the default request (``use_unlabeled`` true): stage 1 for ``--stage1_iterations``, the initial
   labels of the unlabeled studies, stage 2 with the bundle's default method for ``--stage2_steps`` optimizer steps;
@@ -44,7 +45,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -107,14 +108,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served(NamedTuple):
+    """A running server: its URL and its process id."""
+
+    url: str
+    pid: int
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time of process ``pid`` and of its children that have ended (MONAI Label runs each ``/train`` in a
+    child process it waits for), in seconds: a cost that does not depend on what else the machine runs."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 @contextlib.contextmanager
 def serve(
     app: Path, studies: Path, log_file: Path, env: Mapping[str, str] | None = None, start_timeout: float = 180
-) -> Iterator[str]:
+) -> Iterator[Served]:
     """
     ``monailabel start_server`` (as MONAI Label's script runs it) with ``app``, ``studies`` and ``--conf models
-    mlbseg_la`` on a free port of 127.0.0.1, its output in ``log_file``; yields its URL once ``/info/`` answers and
-    stops it (its whole process group) on exit.
+    mlbseg_la`` on a free port of 127.0.0.1, its output in ``log_file``; yields its URL and process id once
+    ``/info/`` answers and stops it (its whole process group) on exit.
 
     Raises:
         RuntimeError: with the end of the server's log, when it exits or does not answer within ``start_timeout``.
@@ -145,7 +162,7 @@ def serve(
                 raise RuntimeError(f"the server exited ({proc.returncode}):\n{log_file.read_text()[-3000:]}")
             if time.time() > deadline:
                 raise RuntimeError(f"the server did not answer in {start_timeout} s:\n{log_file.read_text()[-3000:]}")
-            yield url
+            yield Served(url, proc.pid)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -155,17 +172,18 @@ def serve(
                 proc.wait()
 
 
-def train(url: str, request: Mapping[str, Any], timeout: float) -> tuple[dict, float]:
+def train(server: Served, request: Mapping[str, Any], timeout: float) -> tuple[dict, float, float]:
     """
     ``POST /train/mlbseg_la`` with ``request``, waiting for the task to end; returns the task's result (the train
-    task's return value, from its log) and the wall time from the request to the end.
+    task's return value, from its log), the wall time from the request to the end and the CPU time it took
+    (:py:func:`cpu_seconds` of the server).
 
     Raises:
         RuntimeError: with the end of the task's log, when the task fails or outlasts ``timeout``.
     """
     import httpx
 
-    start = time.perf_counter()
+    url, start, cpu = server.url, time.perf_counter(), cpu_seconds(server.pid)
     started = httpx.post(f"{url}/train/mlbseg_la", params={"run_sync": False}, json=dict(request), timeout=60)
     if started.status_code != 200:
         raise RuntimeError(f"/train refused ({started.status_code}): {started.text[-2000:]}")
@@ -176,12 +194,12 @@ def train(url: str, request: Mapping[str, Any], timeout: float) -> tuple[dict, f
         if time.perf_counter() - start > timeout:
             raise RuntimeError(f"/train did not finish in {timeout} s")
         time.sleep(2)
-    wall_s = time.perf_counter() - start
+    wall_s, cpu_s = time.perf_counter() - start, cpu_seconds(server.pid) - cpu
     details = status.get("details", [])
     lines = [line for line in details if " - Result: " in line]
     if status["status"] != "DONE" or not lines:
         raise RuntimeError(f"/train ended {status['status']}:\n" + "\n".join(details)[-3000:])
-    return json.loads(lines[-1].split(" - Result: ")[1]), wall_s
+    return json.loads(lines[-1].split(" - Result: ")[1]), wall_s, cpu_s
 
 
 def requests(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -232,7 +250,7 @@ def validate(app: Path, validation_dir: Path, datalist_file: Path, device: torch
 def table(results: dict[str, dict[int, dict]]) -> tuple[str, dict]:
     """Mean per-case Dice/95HD/ASD per arm over seeds, the paired Dice difference against ``supervised`` and the wall
     time of each ``/train``."""
-    lines = ["| arm | Dice | 95HD (vox) | ASD (vox) | paired Dice vs supervised | /train wall time (min) |"]
+    lines = ["| arm | Dice | 95HD (vox) | ASD (vox) | paired Dice vs supervised | /train wall / CPU time (min) |"]
     lines.append("|---|---|---|---|---|---|")
     figures: dict[str, Any] = {}
     for arm, seeds in results.items():
@@ -251,7 +269,10 @@ def table(results: dict[str, dict[int, dict]]) -> tuple[str, dict]:
         better = sum(d > 0 for d in diffs)
         wall = [result["wall_s"] / 60 for result in seeds.values()]
         gain_text = f"{gain:+.2f} ({better}/{len(diffs)} better)" if gain is not None else "-"
-        walls = ", ".join(f"{w:.1f}" + (" (resumed)" if r.get("resumed") else "") for w, r in zip(wall, seeds.values()))
+        walls = ", ".join(
+            f"{r['wall_s'] / 60:.1f} / {r['cpu_s'] / 60:.1f}" + (" (resumed)" if r.get("resumed") else "")
+            for r in seeds.values()
+        )
         distances = f"{mean['hd95_voxel']:.2f} | {mean['asd_voxel']:.2f}"
         lines.append(f"| {arm} | {100 * mean['dice']:.2f} | {distances} | {gain_text} | {walls} |")
         figures[arm] = {
@@ -260,6 +281,7 @@ def table(results: dict[str, dict[int, dict]]) -> tuple[str, dict]:
             "asd_voxel": mean["asd_voxel"],
             "paired_dice_vs_supervised": gain,
             "wall_min": wall,
+            "cpu_min": [result["cpu_s"] / 60 for result in seeds.values()],
         }
     return "\n".join(lines), figures
 
@@ -332,15 +354,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if pending:
             with serve(
                 app, studies, out / f"seed{seed}" / "server.log", env={"OMP_NUM_THREADS": str(args.threads)}
-            ) as url:
+            ) as server:
                 for arm in pending:
                     folder = out / f"seed{seed}" / arm
                     folder.mkdir(parents=True, exist_ok=True)
                     resumed = (folder / "started").is_file()
                     atomic_write_text(folder / "started", time.strftime("%Y-%m-%d %H:%M:%S\n"))
                     request = requests(args)[arm]
-                    logger.info(f"seed {seed} {arm}: POST {url}/train/mlbseg_la {request}")
-                    task, wall_s = train(url, request, args.timeout)
+                    logger.info(f"seed {seed} {arm}: POST {server.url}/train/mlbseg_la {request}")
+                    task, wall_s, cpu_s = train(server, request, args.timeout)
                     metrics = validate(app, out / "validation", validation_datalist, torch.device(args.device))
                     model = app / "model" / "mlbseg_la" / "models" / "model.pt"
                     (folder / "model.pt").write_bytes(model.read_bytes())
@@ -349,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "arm": arm,
                         "request": request,
                         "wall_s": wall_s,
+                        "cpu_s": cpu_s,
                         "resumed": resumed,
                         "trained_on": {"labeled": len(task["labeled"]), "unlabeled": len(task["unlabeled"])},
                         "run_dir": task["run_dir"],

@@ -206,6 +206,7 @@ def test_monailabel_benchmark_trains_both_arms_through_the_server_at_equal_steps
     assert image.shape == (40, 36, 8) and image.header.get_zooms() == LA_SPACING
     assert not (studies / "case006.nii.gz").exists(), "validation cases are never served"
     assert (tmp_path / "seed0" / "supervised" / "model.pt").is_file()
+    assert 0 < semi["cpu_s"] and 0 < supervised["cpu_s"], "the CPU time of the server's train process"
     again = main(["--quick", "--out", str(tmp_path), "--threads", "1"])
     assert again["supervised"][0]["wall_s"] == supervised["wall_s"], "a rerun reads the finished arms"
     table = (tmp_path / "table.md").read_text()

@@ -23,8 +23,8 @@ httpx = pytest.importorskip("httpx")
 def server(app, tmp_path):
     """The app served by ``monailabel start_server`` (as its ``monailabel`` script runs it) on a free local port."""
     folder, studies, truths = app
-    with serve(folder, studies, tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"}) as url:
-        yield url, folder, studies, truths
+    with serve(folder, studies, tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"}) as served:
+        yield served.url, folder, studies, truths
 
 
 def test_label_train_next_sample_and_infer_over_http(server, tmp_path):
