@@ -164,8 +164,9 @@ class Loop:
 
 
 def table(results: dict[str, dict[int, list[dict]]]) -> tuple[str, dict]:
-    """Mean validation Dice per strategy and round over seeds and cases, and the per-case paired difference against
-    ``random`` (same seed, round and case)."""
+    """Mean validation Dice per strategy and round over cases and the seeds that every strategy has finished that
+    round for (an unfinished seed never mixes into a row), and the per-case paired difference against ``random``
+    (same seed, round and case)."""
     lines = [
         "| strategy | "
         + " | ".join(f"round {r}" for r in range(max(len(v) for s in results.values() for v in s.values())))
@@ -177,18 +178,19 @@ def table(results: dict[str, dict[int, list[dict]]]) -> tuple[str, dict]:
         rounds = max(len(v) for v in seeds.values())
         cells, per_round = [], []
         for r in range(rounds):
-            dice = [row["dice"] for runs in seeds.values() if len(runs) > r for row in runs[r]["cases"]]
+            paired = [s for s in seeds if all(len(other.get(s, [])) > r for other in results.values())]
+            dice = [row["dice"] for seed in paired for row in seeds[seed][r]["cases"]]
             mean = 100 * statistics.fmean(dice) if dice else float("nan")
             diffs = []
             if strategy != "random" and "random" in results:
-                for seed, runs in seeds.items():
-                    base = results["random"].get(seed, [])
-                    if len(runs) > r and len(base) > r:
-                        ref = {row["case_id"]: row["dice"] for row in base[r]["cases"]}
-                        diffs += [100 * (row["dice"] - ref[row["case_id"]]) for row in runs[r]["cases"]]
+                for seed in paired:
+                    ref = {row["case_id"]: row["dice"] for row in results["random"][seed][r]["cases"]}
+                    diffs += [100 * (row["dice"] - ref[row["case_id"]]) for row in seeds[seed][r]["cases"]]
             gain = f" ({statistics.fmean(diffs):+.2f})" if diffs else ""
             cells.append(f"{mean:.2f}{gain}")
-            per_round.append({"dice": mean, "paired_gain_vs_random": statistics.fmean(diffs) if diffs else None})
+            per_round.append(
+                {"dice": mean, "paired_gain_vs_random": statistics.fmean(diffs) if diffs else None, "seeds": paired}
+            )
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
         figures[strategy] = per_round
     return "\n".join(lines), figures

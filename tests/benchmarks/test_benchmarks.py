@@ -214,3 +214,20 @@ def test_monailabel_benchmark_trains_both_arms_through_the_server_at_equal_steps
     (tmp_path / "table.md").unlink()
     main(["--out", str(tmp_path), "--report"])  # from the result files alone: no data, no server
     assert (tmp_path / "table.md").read_text() == table
+
+
+def test_active_learning_table_averages_only_the_seeds_every_strategy_finished():
+    from benchmarks.experiments.active_learning import table
+
+    def run(*dice):
+        return {"cases": [{"case_id": f"c{i}", "dice": d} for i, d in enumerate(dice)]}
+
+    results = {
+        "random": {0: [run(0.5, 0.7), run(0.6, 0.8)], 1: [run(0.9, 0.9), run(0.1, 0.1)]},
+        "ple_disagreement": {0: [run(0.5, 0.7), run(0.7, 0.9)], 1: [run(0.9, 0.9)]},
+    }
+    text, figures = table(results)
+    assert figures["random"][0] == {"dice": 75.0, "paired_gain_vs_random": None, "seeds": [0, 1]}
+    assert figures["random"][1]["dice"] == pytest.approx(70.0), "seed 1's round 1 waits for the other strategy"
+    assert figures["ple_disagreement"][1]["paired_gain_vs_random"] == pytest.approx(10.0)
+    assert "| ple_disagreement | 75.00 (+0.00) | 80.00 (+10.00) |" in text
